@@ -1,0 +1,121 @@
+"""Checkpoint directories: written under a temporary name and renamed once complete, so a
+checkpoint cut off mid-write is never loaded; the newest `keep_last` are kept.
+
+Layout: `checkpoints/step_00000120/` holding the backend's state (model, optimizer, schedule;
+sharded where the backend shards), `rng/rank_<r>.pt` and `trainer_state.json` (written last:
+its presence marks a complete checkpoint).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import shutil
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from vicuna_exp import distributed as D
+from vicuna_exp.tracking import write_json_atomic
+
+log = logging.getLogger(__name__)
+STATE_FILE = "trainer_state.json"
+_PREFIX = "step_"
+
+
+@dataclass
+class TrainerState:
+    """What the loop needs besides the backend's tensors to continue exactly where it stopped."""
+
+    step: int = 0  # optimizer steps completed
+    tokens_seen: int = 0
+    supervised_tokens_seen: int = 0
+    wall_s: float = 0.0  # over all attempts
+    best_eval_loss: float | None = None
+    last_eval_loss: float | None = None
+    last_loss: float | None = None
+    world_size: int = 1
+    backend: str = "single"
+    config_hash: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def capture_rng() -> dict[str, Any]:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def step_dir_name(step: int) -> str:
+    return f"{_PREFIX}{step:08d}"
+
+
+class CheckpointManager:
+    def __init__(self, root: Path, *, keep_last: int, dist: D.DistInfo) -> None:
+        self.root = root
+        self.keep_last = keep_last
+        self.dist = dist
+
+    def complete(self) -> list[Path]:
+        """Complete checkpoints, oldest first. Temporary (`.tmp-*`) dirs are never listed."""
+        if not self.root.is_dir():
+            return []
+        dirs = [p for p in self.root.iterdir() if p.is_dir() and p.name.startswith(_PREFIX)]
+        return sorted((p for p in dirs if (p / STATE_FILE).is_file()), key=lambda p: p.name)
+
+    def save(self, state: TrainerState, save_backend: Callable[[Path], None]) -> Path:
+        """Every rank calls this; rank 0 owns the directory's life cycle."""
+        final = self.root / step_dir_name(state.step)
+        tmp = self.root / f".tmp-{final.name}"
+        if self.dist.is_main:
+            if tmp.exists():
+                shutil.rmtree(tmp)
+            (tmp / "rng").mkdir(parents=True)
+        D.barrier()
+        save_backend(tmp)
+        torch.save(capture_rng(), tmp / "rng" / f"rank_{self.dist.rank}.pt")
+        D.barrier()
+        if self.dist.is_main:
+            write_json_atomic(tmp / STATE_FILE, asdict(state))
+            if final.exists():  # a re-save of the same step (e.g. interrupted right after a periodic save)
+                shutil.rmtree(final)
+            tmp.rename(final)
+            self._prune()
+        D.barrier()
+        return final
+
+    def _prune(self) -> None:
+        for old in self.complete()[: -self.keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
+        for stale in self.root.glob(".tmp-*"):
+            shutil.rmtree(stale, ignore_errors=True)
+
+    def load_latest(self, load_backend: Callable[[Path], None], *, candidates: list[Path] | None = None
+                    ) -> TrainerState | None:
+        """Newest checkpoint that loads; a corrupt one is skipped with a warning naming it."""
+        for ckpt in reversed(candidates if candidates is not None else self.complete()):
+            try:
+                state = TrainerState(**json.loads((ckpt / STATE_FILE).read_text()))
+                load_backend(ckpt)
+                rng_file = ckpt / "rng" / f"rank_{self.dist.rank}.pt"
+                if rng_file.exists():
+                    restore_rng(torch.load(rng_file, weights_only=False))
+                return state
+            except Exception as e:  # noqa: BLE001 - any failure means: fall back to an older one
+                log.warning("checkpoint %s cannot be loaded (%s: %s); trying the previous one",
+                            ckpt, type(e).__name__, e)
+        return None

@@ -1,0 +1,27 @@
+"""One set of exit codes for every command, and the error that carries code 2.
+
+A `UsageError` means nothing was started: bad usage, config, data or path. Commands
+turn it into one line on stderr and exit 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 75  # EX_TEMPFAIL: interrupted, resumable from the last checkpoint
+
+
+class UsageError(Exception):
+    """Bad usage, config, data or path, detected before any work started (exit 2).
+
+    The message must name the key, file or record at fault and what to do about it.
+    """
+
+    exit_code = EXIT_USAGE
+
+
+class TrainingInterrupted(Exception):
+    """Raised inside the loop when a stop signal or the time limit ended the run cleanly (exit 75)."""
+
+    exit_code = EXIT_INTERRUPTED

@@ -1,0 +1,143 @@
+"""Run a task function as a Hydra app over `conf/`, with the project's exit codes.
+
+Hydra composes (every job of a multirun before running any) and then calls the task, which
+returns an exit code. Errors Hydra finds while composing mean nothing started: they become one
+line and exit 2. A multirun's code is 0 when every job completed, else 1; a failing job never
+stops the others, because task functions catch their own errors.
+"""
+
+from __future__ import annotations
+
+import importlib
+import re
+import sys
+import traceback
+from collections.abc import Callable
+
+from omegaconf import DictConfig
+
+from vicuna_exp.config import conf_dir, register_configs, validate
+from vicuna_exp.errors import EXIT_FAILED, EXIT_OK, EXIT_USAGE, UsageError
+
+_INFO_FLAGS = {"-h", "--help", "--hydra-help", "-c", "--cfg", "-i", "--info", "--version", "-p", "--package",
+               "--shell-completion", "-sc"}
+_MULTIRUN_FLAGS = {"-m", "--multirun"}
+
+
+def _load(target: str) -> Callable[[DictConfig], int]:
+    module, _, func = target.partition(":")
+    return getattr(importlib.import_module(module), func)
+
+
+def quote_numeric_choices(args: list[str]) -> list[str]:
+    """`context=2048` names the option file `context/2048.yaml`; Hydra would read an int and refuse."""
+    groups = {p.name for p in conf_dir().iterdir() if p.is_dir()}
+    out = []
+    for arg in args:
+        key, sep, value = arg.partition("=")
+        if sep and key.lstrip("+~") in groups and re.fullmatch(r"[\w.\-]+(,[\w.\-]+)*", value):
+            value = ",".join(f"'{v}'" if re.fullmatch(r"-?\d+", v) else v for v in value.split(","))
+            arg = f"{key}={value}"
+        out.append(arg)
+    return out
+
+
+def compose(overrides: list[str], *, return_hydra_config: bool = False) -> DictConfig:
+    """Compose the config as the CLI would (for tests, notebooks and the pre-check)."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    register_configs()
+    with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3", job_name="compose"):
+        return hydra_compose("config", overrides=quote_numeric_choices(overrides),
+                             return_hydra_config=return_hydra_config)
+
+
+def explain_config_error(err: BaseException) -> str:
+    """Turn Hydra/OmegaConf composition errors into one line that names the key and the choices."""
+    from omegaconf.errors import OmegaConfBaseException
+
+    text = str(err).strip()
+    cause = err.__cause__ or err.__context__
+    if isinstance(cause, OmegaConfBaseException) and getattr(cause, "full_key", None):
+        key = cause.full_key
+        if "not in struct" in str(cause) or "Key '" in str(cause) and "not" in str(cause):
+            parent = key.rsplit(".", 1)[0] if "." in key else ""
+            return f"unknown key '{key}'" + (f"; valid keys of '{parent}': {', '.join(_keys_of(parent))}" if parent else
+                                            f"; valid top-level keys: {', '.join(_keys_of(''))}")
+        msg = str(cause).splitlines()[0]
+        return f"{key}: {msg}"
+    m = re.search(r"Could not find '([^']+)'", text)
+    if m:
+        group, _, option = m.group(1).rpartition("/")
+        options = re.findall(r"^\s+(\S+)$", text, flags=re.M)
+        return f"unknown option '{option}' for {group or 'config'}; choose one of: {', '.join(options) or '(none)'}"
+    first = " ".join(line.strip() for line in text.splitlines() if line.strip())
+    return first
+
+
+def _keys_of(dotted: str) -> list[str]:
+    from omegaconf import OmegaConf
+
+    from vicuna_exp.config import VicunaConfig
+
+    node = OmegaConf.structured(VicunaConfig)
+    for part in filter(None, dotted.split(".")):
+        node = node[part]
+    return list(node.keys())
+
+
+def run_task(target: str, cfg: DictConfig, prog: str) -> int:
+    """Validate, then run. Errors become exit codes here so a multirun keeps going."""
+    try:
+        validate(cfg)
+        return int(_load(target)(cfg) or EXIT_OK)
+    except UsageError as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except Exception as e:  # a crash while running: one line here, the traceback in the job log
+        import logging
+
+        logging.getLogger("vicuna_exp").debug("".join(traceback.format_exception(e)))
+        print(f"{prog}: failed: {type(e).__name__}: {e}", file=sys.stderr)
+        return EXIT_FAILED
+
+
+def run_hydra_app(target: str, argv: list[str], *, prog: str) -> int:
+    import hydra
+
+    register_configs()
+    argv = quote_numeric_choices(argv)
+    multirun = any(a in _MULTIRUN_FLAGS for a in argv)
+    info_only = any(a.split("=")[0] in _INFO_FLAGS for a in argv)
+    if not multirun and not info_only:
+        try:
+            compose([a for a in argv if not a.startswith("-")])
+        except UsageError:
+            raise
+        except Exception as e:
+            raise UsageError(explain_config_error(e)) from None
+
+    codes: list[int] = []
+
+    def task(cfg: DictConfig) -> int:
+        code = run_task(target, cfg, prog)
+        codes.append(code)
+        return code
+
+    app = hydra.main(version_base="1.3", config_path=str(conf_dir()), config_name="config")(task)
+    saved_argv = sys.argv
+    sys.argv = [prog, *argv]
+    try:
+        app()
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else EXIT_FAILED
+        # Hydra exits 1 for errors it finds while composing, before any job started.
+        return EXIT_USAGE if (code == EXIT_FAILED and not codes) else code
+    finally:
+        sys.argv = saved_argv
+    if not codes:
+        return EXIT_OK  # --help, --cfg and friends
+    if multirun:
+        return EXIT_OK if all(c == EXIT_OK for c in codes) else EXIT_FAILED
+    return codes[0]

@@ -1,0 +1,140 @@
+"""Which model to build, and how: architecture, attention kernel, checkpointing, dtype.
+
+Backends decide *where* the weights live (one device, sharded, offloaded); this module only
+says what the model is, so a `ModelSpec` can be built on a real device or on the meta device.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig
+
+from vicuna_exp.errors import UsageError
+
+
+def resolve_attn_implementation(requested: str, device: torch.device) -> str:
+    """`auto` = flash_attention_2 when it can run, else sdpa: transformers raises instead of falling back."""
+    flash_ok = device.type == "cuda" and importlib.util.find_spec("flash_attn") is not None
+    if requested == "auto":
+        return "flash_attention_2" if flash_ok else "sdpa"
+    if requested == "flash_attention_2" and not flash_ok:
+        where = "no CUDA device" if device.type != "cuda" else "the flash-attn package is not installed (pip install '.[gpu]')"
+        raise UsageError(f"model.attn_implementation=flash_attention_2 cannot run here: {where}; use auto or sdpa")
+    return requested
+
+
+def resolve_precision(requested: str, device: torch.device) -> str:
+    """`auto` = bf16 compute over fp32 master weights on a bf16 GPU, plain fp32 elsewhere."""
+    if requested == "auto":
+        return "bf16_mixed" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+    if requested in ("bf16", "bf16_mixed") and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise UsageError(f"trainer.precision={requested}: this GPU does not support bf16; use fp32")
+    return requested
+
+
+def check_model_dir(path: str, key: str = "model.path") -> Path:
+    p = Path(path).expanduser()
+    if not p.is_dir():
+        raise UsageError(f"{key}={path}: no such directory")
+    if not (p / "config.json").is_file():
+        raise UsageError(f"{key}={path}: not a Hugging Face model directory (no config.json)")
+    if not any(p.glob("*.safetensors")) and not any(p.glob("*.bin")):
+        raise UsageError(f"{key}={path}: no weights (*.safetensors or *.bin) in the directory")
+    return p
+
+
+@dataclass
+class ModelSpec:
+    """Everything needed to build the model, on any device, the same way on every rank."""
+
+    hf_config: object  # transformers.LlamaConfig (or the pretrained model's config)
+    init: str  # random | pretrained
+    path: Path | None
+    gradient_checkpointing: bool
+    param_dtype: torch.dtype  # dtype the weights are stored in during training
+
+    def build(self, device: torch.device | str) -> torch.nn.Module:
+        """A ready model on `device`; pretrained weights are read straight from model.path."""
+        from transformers import AutoModelForCausalLM
+
+        if self.init == "pretrained":
+            model = AutoModelForCausalLM.from_pretrained(
+                str(self.path), config=self.hf_config, dtype=self.param_dtype, device_map={"": str(device)}
+            )
+        else:
+            with torch.device(device):
+                model = AutoModelForCausalLM.from_config(self.hf_config, dtype=self.param_dtype)
+        return self.finish(model)
+
+    def build_meta(self) -> torch.nn.Module:
+        """Parameters without storage, for backends that shard before they materialise."""
+        from transformers import AutoModelForCausalLM
+
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(self.hf_config, dtype=self.param_dtype)
+        return self.finish(model)
+
+    def finish(self, model: torch.nn.Module) -> torch.nn.Module:
+        model.config.use_cache = False  # with the cache on, packed rows attend across example boundaries
+        if self.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.train()
+        return model
+
+    @property
+    def decoder_layer_class(self) -> str:
+        return "LlamaDecoderLayer"
+
+
+def make_model_spec(model_cfg: DictConfig, *, vocab_size: int, device: torch.device, precision: str) -> ModelSpec:
+    from transformers import AutoConfig, LlamaConfig
+
+    attn = resolve_attn_implementation(str(model_cfg.attn_implementation.value
+                                           if hasattr(model_cfg.attn_implementation, "value")
+                                           else model_cfg.attn_implementation), device)
+    param_dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    if model_cfg.init == "pretrained":
+        path = check_model_dir(model_cfg.path)
+        try:
+            hf_config = AutoConfig.from_pretrained(str(path))
+        except Exception as e:  # a config.json transformers cannot read
+            raise UsageError(f"model.path={model_cfg.path}: config.json cannot be loaded ({e})") from None
+        hf_config._attn_implementation = attn
+        hf_config.use_cache = False
+        model_vocab = getattr(hf_config, "vocab_size", None)
+        if model_vocab is not None and model_vocab < vocab_size:
+            raise UsageError(f"model.tokenizer: the tokenizer has {vocab_size} tokens but model.path={model_cfg.path} "
+                             f"has an embedding for {model_vocab}")
+        return ModelSpec(hf_config, "pretrained", path, bool(model_cfg.gradient_checkpointing), param_dtype)
+    hf_config = LlamaConfig(
+        vocab_size=model_cfg.vocab_size or vocab_size,
+        hidden_size=model_cfg.hidden_size,
+        intermediate_size=model_cfg.intermediate_size,
+        num_hidden_layers=model_cfg.num_hidden_layers,
+        num_attention_heads=model_cfg.num_attention_heads,
+        num_key_value_heads=model_cfg.num_key_value_heads or model_cfg.num_attention_heads,
+        max_position_embeddings=model_cfg.max_position_embeddings,
+        rms_norm_eps=model_cfg.rms_norm_eps,
+        rope_theta=model_cfg.rope_theta,
+        tie_word_embeddings=model_cfg.tie_word_embeddings,
+        initializer_range=model_cfg.initializer_range,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+        use_cache=False,
+        attn_implementation=attn,
+    )
+    return ModelSpec(hf_config, "random", None, bool(model_cfg.gradient_checkpointing), param_dtype)
+
+
+def count_parameters(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def read_hf_config(path: Path) -> dict:
+    return json.loads((path / "config.json").read_text())
