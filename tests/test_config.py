@@ -95,7 +95,7 @@ def test_unknown_group_option_lists_choices(capsys: pytest.CaptureFixture) -> No
         ("optim.lr=-1", "optim.lr"),
         ("trainer.micro_batch_size=0", "trainer.micro_batch_size"),
         ("context.length=0", "context.length"),
-        ("trainer.global_batch_size=12", "trainer.global_batch_size"),  # not divisible by micro 8
+        ("trainer.global_batch_size=6", "trainer.global_batch_size"),  # not divisible by micro 4
         ("model=llama-7b", "model.path"),  # a real model without weights
     ],
 )

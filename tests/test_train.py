@@ -58,8 +58,8 @@ def test_metrics_lines_have_the_documented_fields(default_run: Path) -> None:
             assert key in row, key
     steps = [r["step"] for r in train]
     assert steps == list(range(1, len(steps) + 1))
-    assert all(b["tokens"] > a["tokens"] for a, b in zip(train, train[1:]))
-    assert all(b["supervised_tokens"] > a["supervised_tokens"] for a, b in zip(train, train[1:]))
+    assert all(b["tokens"] > a["tokens"] for a, b in zip(train, train[1:], strict=False))
+    assert all(b["supervised_tokens"] > a["supervised_tokens"] for a, b in zip(train, train[1:], strict=False))
     assert all(0 < r["supervised_tokens"] < r["tokens"] for r in train)
     assert all(set(r) >= {"step", "eval_loss"} for r in evals)
     assert max(r["lr"] for r in train) == pytest.approx(3e-3, rel=1e-6)  # warmup reaches the peak

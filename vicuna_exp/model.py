@@ -7,7 +7,6 @@ says what the model is, so a `ModelSpec` can be built on a real device or on the
 from __future__ import annotations
 
 import importlib.util
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -136,5 +135,15 @@ def count_parameters(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def read_hf_config(path: Path) -> dict:
-    return json.loads((path / "config.json").read_text())
+def model_facts_of(spec: ModelSpec, model_cfg: DictConfig) -> object:
+    """The planner's view of the model actually built (FLOPs per token, parameter counts)."""
+    from vicuna_exp.plan.facts import ModelFacts
+
+    c = spec.hf_config
+    return ModelFacts(
+        name=str(model_cfg.name), vocab_size=c.vocab_size, hidden_size=c.hidden_size,
+        intermediate_size=c.intermediate_size, num_hidden_layers=c.num_hidden_layers,
+        num_attention_heads=c.num_attention_heads,
+        num_key_value_heads=getattr(c, "num_key_value_heads", None) or c.num_attention_heads,
+        tie_word_embeddings=bool(getattr(c, "tie_word_embeddings", False)),
+        attn_implementation=c._attn_implementation or "sdpa", gradient_checkpointing=spec.gradient_checkpointing)

@@ -13,6 +13,7 @@ import netrc
 import os
 import sys
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -99,7 +100,7 @@ class Tracker:
                                         f"backend={cfg.backend.name}"]
         # The run id is stable per run dir, so a resumed run continues the same wandb run.
         run_id_file = run_dir / ".wandb_run_id"
-        run_id = run_id_file.read_text().strip() if run_id_file.exists() else wandb.util.generate_id()
+        run_id = run_id_file.read_text().strip() if run_id_file.exists() else uuid.uuid4().hex[:8]
         run_id_file.write_text(run_id)
         return wandb.init(
             project=cfg.logger.project, entity=cfg.logger.entity, group=cfg.logger.group,
@@ -147,7 +148,7 @@ class Tracker:
             self._bar.close()
         self._file.close()
         if self._wandb is not None:
-            self._wandb.finish(exit_code=exit_code, quiet=True)
+            self._wandb.finish(exit_code=exit_code)
             self._wandb = None
 
 

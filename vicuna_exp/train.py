@@ -116,7 +116,7 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> int:
     except Exception as e:
         error = f"{type(e).__name__}: {e}"
         recipe.traceback = traceback.format_exc()
-        log.error("training failed: %s\n%s", error, recipe.traceback)
+        log.error("training failed: %s (traceback in %s)", error, run_dir / "summary.json")
     recipe.finish(status, error, code)
     return code
 
@@ -144,17 +144,20 @@ class Recipe:
         from vicuna_exp.backends import OptimizerSpec, backend_class, lr_multiplier
         from vicuna_exp.checkpoint import CheckpointManager, TrainerState
         from vicuna_exp.data.tokenizer import load_tokenizer
-        from vicuna_exp.model import make_model_spec, resolve_precision
+        from vicuna_exp.model import make_model_spec, model_facts_of, resolve_precision
+        from vicuna_exp.plan.flops import peak_tflops
         from vicuna_exp.preemption import StopFlags
         from vicuna_exp.tracking import Tracker
 
         cfg, dist = self.cfg, self.dist
         self.device = D.select_device(cfg.trainer.device, dist)
         self.precision = resolve_precision(_str(cfg.trainer.precision), self.device)
-        self._check_plan()
         tok_key = "model.tokenizer" if cfg.model.tokenizer else "model.path"
         self.tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.path, key=tok_key)
+        self._check_plan()
         self.spec = spec = make_model_spec(cfg.model, vocab_size=len(self.tokenizer), device=self.device, precision=self.precision)
+        self.facts = model_facts_of(spec, cfg.model)
+        self.peak_tflops = peak_tflops(cfg.hardware, self.precision)
         self.data = self._prepare_data()
         D.init_process_group(dist, self.device, cfg.launcher.dist_backend)
         self.started = True
@@ -170,7 +173,7 @@ class Recipe:
                                     min_ratio=cfg.optim.min_lr_ratio))
         self.backend = backend_class(cfg)(cfg, dist, self.device, self.precision)
         self.model = self.backend.setup(spec, optim)
-        self.n_params = sum(p.numel() for p in spec.build_meta().parameters())
+        self.n_params = self.facts.total_params
 
         self.checkpoints = CheckpointManager(self.run_dir / "checkpoints", keep_last=cfg.trainer.keep_last, dist=dist)
         self.state = self._resume() or TrainerState(world_size=dist.world_size, backend=cfg.backend.name,
@@ -256,6 +259,7 @@ class Recipe:
 
     # ---- the loop ----------------------------------------------------------------------------
     def train(self) -> None:
+        from vicuna_exp.plan.flops import achieved_tflops, mfu
         from vicuna_exp.preemption import StopNow
 
         cfg, state, backend = self.cfg, self.state, self.backend
@@ -278,19 +282,24 @@ class Recipe:
             if t.loss_spike_guard and not math.isfinite(loss):
                 raise FloatingPointError(f"non-finite loss {loss} at step {step} (epoch {epoch}); "
                                          f"last checkpoint: {self._latest_ckpt_name()}; weights were not updated")
+            lr = backend.current_lr()  # the rate this step's update uses
             grad_norm = backend.step()
             step_s = time.perf_counter() - t0
             state.step, state.last_loss = step, loss
             state.tokens_seen += int(n_tokens)
             state.supervised_tokens_seen += int(n_supervised)
             self.stop.observe_step(step_s)
+            state.extra["model_flops"] = state.extra.get("model_flops", 0.0) + self.step_flops
+            state.extra["step_s"] = state.extra.get("step_s", 0.0) + step_s
             if step % t.log_every_steps == 0 or step == self.total_steps:
                 self.tracker.log({
                     "step": step, "epoch": round(epoch + (index + 1) / self.steps_per_epoch[epoch], 4),
-                    "loss": loss, "lr": backend.current_lr(), "grad_norm": grad_norm,
+                    "loss": loss, "lr": lr, "grad_norm": grad_norm,
                     "tokens": state.tokens_seen, "supervised_tokens": state.supervised_tokens_seen,
                     "tokens_per_s": n_tokens / step_s, "supervised_tokens_per_s": n_supervised / step_s,
                     "tokens_per_s_per_device": n_tokens / step_s / W, "step_s": step_s,
+                    "tflops_per_device": achieved_tflops(self.step_flops, step_s, W),
+                    "mfu": mfu(self.step_flops, step_s, W, self.peak_tflops),
                     "elapsed_s": self.wall_s(), **self._memory()})
             if t.eval_every_steps and step % t.eval_every_steps == 0 and step < self.total_steps:
                 self.evaluate()
@@ -319,8 +328,9 @@ class Recipe:
         from vicuna_exp import distributed as D
 
         counts = torch.tensor([float(sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro)),
-                               float(sum(b["num_tokens"] for b in micro))])
-        n_supervised, n_tokens = D.all_reduce(counts).tolist()
+                               float(sum(b["num_tokens"] for b in micro)),
+                               float(sum(b["model_flops"] for b in micro))], dtype=torch.float64)
+        n_supervised, n_tokens, self.step_flops = D.all_reduce(counts).tolist()
         loss_sum = torch.zeros((), device=self.device)
         for i, batch in enumerate(micro):
             with self.backend.accumulate(is_last=i == len(micro) - 1):
@@ -346,15 +356,18 @@ class Recipe:
         return pad_id(self.tokenizer)
 
     def collate(self, rows: list[list[int]], dataset: Any = None) -> dict[str, Any]:
-        """Tensors on the device, plus `num_tokens`: the real (unpadded) tokens of these rows."""
+        """Tensors on the device, plus the real (unpadded) token count and model FLOPs of these rows."""
         from vicuna_exp.data.batching import collate
+        from vicuna_exp.plan.flops import batch_flops
 
         dataset = self.data.train if dataset is None else dataset
         # flash-attention's varlen path sees example boundaries only in a single flattened row
         flatten = self.cfg.data.packing and self.spec.hf_config._attn_implementation == "flash_attention_2"
         batch = collate(dataset, rows, pad_id=self.pad_id, flatten=flatten)
         out: dict[str, Any] = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
-        out["num_tokens"] = int(self.lengths(dataset)[[i for row in rows for i in row]].sum())
+        seq_lens = self.lengths(dataset)[[i for row in rows for i in row]]
+        out["num_tokens"] = int(seq_lens.sum())
+        out["model_flops"] = batch_flops(self.facts, seq_lens.tolist())
         return out
 
     def lengths(self, dataset: Any) -> Any:
@@ -440,6 +453,17 @@ class Recipe:
 
         return {"peak_mem_gb": psutil.Process().memory_info().rss / 2**30}
 
+    def _utilisation(self) -> dict[str, float | None]:
+        """Mean model TFLOP/s per device and MFU over all training steps (evaluation excluded)."""
+        from vicuna_exp.plan.flops import achieved_tflops, mfu
+
+        extra = self.state.extra if self.state else {}
+        if not extra.get("step_s"):
+            return {"tflops_per_device": None, "mfu": None}
+        W = self.dist.world_size
+        return {"tflops_per_device": achieved_tflops(extra["model_flops"], extra["step_s"], W),
+                "mfu": mfu(extra["model_flops"], extra["step_s"], W, self.peak_tflops)}
+
     def _latest_ckpt_name(self) -> str:
         done = self.checkpoints.complete()
         return str(done[-1]) if done else "none"
@@ -490,6 +514,7 @@ class Recipe:
                     "config_hash": config_hash(self.cfg),
                     "run_dir": str(self.run_dir),
                     "derived": self._derived_facts() if self.backend is not None else None,
+                    **self._utilisation(),
                     "data_stats": getattr(getattr(self, "data", None), "stats", None),
                     "provenance": provenance(data_hash=getattr(getattr(self, "data", None), "data_hash", None)),
                     **self.summary_extra,
