@@ -93,6 +93,9 @@ class TrainerConfig:
     tokens_per_step: int | None = None  # if set, global_batch_size = tokens_per_step / context.length
     epochs: float = 3.0
     max_steps: int | None = None  # stop after this many optimizer steps (None: run all epochs)
+    # Token slots (rows x context) to train on, replacing `epochs`: arms of a sweep that hold
+    # tokens_per_step fixed then take the same number of steps on the same budget.
+    token_budget: int | None = None
     max_minutes: float | None = None  # end cleanly as interrupted (exit 75) after this long
     grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
     precision: Precision = Precision.auto
@@ -169,6 +172,18 @@ class VicunaConfig:
 
 
 SCHEMA_NAME = "vicuna_schema"
+JOB_DIRNAME_RESOLVER = "vicuna_exp_job_dirname"
+
+
+def job_dirname(override_dirname: str) -> str:
+    """A multirun job's dir from Hydra's `override_dirname`, minus the quotes numeric group options
+    need (`context='512'` -> `context=512`) and with no `/` (a value must not nest dirs)."""
+    name = override_dirname.replace("'", "").replace('"', "").replace("/", "_")
+    return name or "default"
+
+
+# At import, so Hydra finds it inside jobs that run in other processes (joblib, submitit).
+OmegaConf.register_new_resolver(JOB_DIRNAME_RESOLVER, job_dirname, replace=True)
 
 
 def register_configs() -> None:
@@ -255,6 +270,8 @@ def validate(cfg: DictConfig) -> None:
          f"{gbs} rows per step is not divisible by world size {ws} x micro_batch_size {t.micro_batch_size}")
     need(t.epochs > 0, "trainer.epochs", f"must be > 0, got {t.epochs}")
     need(t.max_steps is None or t.max_steps > 0, "trainer.max_steps", f"must be > 0 or null, got {t.max_steps}")
+    need(t.token_budget is None or t.token_budget >= gbs * cfg.context.length, "trainer.token_budget",
+         f"{t.token_budget} is less than one step ({gbs} rows x {cfg.context.length} tokens)")
     need(t.max_minutes is None or t.max_minutes > 0, "trainer.max_minutes", f"must be > 0 or null, got {t.max_minutes}")
     need(t.grad_clip >= 0, "trainer.grad_clip", f"must be >= 0 (0 disables), got {t.grad_clip}")
     need(t.keep_last >= 1, "trainer.keep_last", f"must be >= 1, got {t.keep_last}")

@@ -9,14 +9,19 @@ stops the others, because task functions catch their own errors.
 from __future__ import annotations
 
 import importlib
+import os
 import re
+import shutil
 import sys
+import tempfile
+import time
 import traceback
 from collections.abc import Callable
+from pathlib import Path
 
 from omegaconf import DictConfig
 
-from vicuna_exp.config import conf_dir, register_configs, validate
+from vicuna_exp.config import conf_dir, register_configs
 from vicuna_exp.errors import EXIT_FAILED, EXIT_OK, EXIT_USAGE, UsageError
 
 _INFO_FLAGS = {"-h", "--help", "--hydra-help", "-c", "--cfg", "-i", "--info", "--version", "-p", "--package",
@@ -88,9 +93,11 @@ def _keys_of(dotted: str) -> list[str]:
 
 
 def run_task(target: str, cfg: DictConfig, prog: str) -> int:
-    """Validate, then run. Errors become exit codes here so a multirun keeps going."""
+    """Run one job; errors become exit codes here, so a multirun keeps going.
+
+    Value checks are the task's own (`train` validates the whole recipe; `plan` needs no weights).
+    """
     try:
-        validate(cfg)
         return int(_load(target)(cfg) or EXIT_OK)
     except UsageError as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
@@ -118,12 +125,12 @@ def run_hydra_app(target: str, argv: list[str], *, prog: str) -> int:
         except Exception as e:
             raise UsageError(explain_config_error(e)) from None
 
-    codes: list[int] = []
+    # Jobs may run in other processes (joblib): each leaves its exit code in a file here.
+    codes_dir = Path(tempfile.mkdtemp(prefix="vicuna-exp-codes-"))
+    os.environ[_CODES_ENV] = str(codes_dir)
 
     def task(cfg: DictConfig) -> int:
-        code = run_task(target, cfg, prog)
-        codes.append(code)
-        return code
+        return _job(target, prog, cfg)
 
     app = hydra.main(version_base="1.3", config_path=str(conf_dir()), config_name="config")(task)
     saved_argv = sys.argv
@@ -133,11 +140,30 @@ def run_hydra_app(target: str, argv: list[str], *, prog: str) -> int:
     except SystemExit as e:
         code = e.code if isinstance(e.code, int) else EXIT_FAILED
         # Hydra exits 1 for errors it finds while composing, before any job started.
-        return EXIT_USAGE if (code == EXIT_FAILED and not codes) else code
+        return EXIT_USAGE if (code == EXIT_FAILED and not _codes(codes_dir)) else code
     finally:
         sys.argv = saved_argv
+        os.environ.pop(_CODES_ENV, None)
+    codes = _codes(codes_dir)
+    shutil.rmtree(codes_dir, ignore_errors=True)
     if not codes:
         return EXIT_OK  # --help, --cfg and friends
     if multirun:
         return EXIT_OK if all(c == EXIT_OK for c in codes) else EXIT_FAILED
     return codes[0]
+
+
+_CODES_ENV = "VICUNA_EXP_JOB_CODES_DIR"
+
+
+def _job(target: str, prog: str, cfg: DictConfig) -> int:
+    """One job; its exit code also goes to a file, since launchers may run jobs in other processes."""
+    code = run_task(target, cfg, prog)
+    codes_dir = os.environ.get(_CODES_ENV)
+    if codes_dir and Path(codes_dir).is_dir():
+        (Path(codes_dir) / f"{os.getpid()}-{time.monotonic_ns()}.code").write_text(str(code))
+    return code
+
+
+def _codes(codes_dir: Path) -> list[int]:
+    return [int(p.read_text()) for p in sorted(codes_dir.glob("*.code"))]

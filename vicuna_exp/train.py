@@ -24,7 +24,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from vicuna_exp.config import config_hash, global_batch_size, grad_accumulation_steps
+from vicuna_exp.config import config_hash, global_batch_size, grad_accumulation_steps, validate
 from vicuna_exp.errors import (
     EXIT_FAILED,
     EXIT_INTERRUPTED,
@@ -33,6 +33,7 @@ from vicuna_exp.errors import (
     TrainingInterrupted,
     UsageError,
 )
+from vicuna_exp.tracking import write_json_atomic
 
 log = logging.getLogger(__name__)
 RESOLVED_CONFIG = "resolved_config.yaml"
@@ -48,6 +49,13 @@ def main(cfg: DictConfig) -> int:
     hc = HydraConfig.get()
     run_dir = Path(hc.runtime.output_dir)
     overrides = list(hc.overrides.task)
+    try:
+        validate(cfg)
+    except UsageError as e:  # recorded, so a report over a multirun shows why this job did not run
+        write_json_atomic(run_dir / "summary.json", {
+            "status": "failed", "exit_code": EXIT_USAGE, "error": str(e), "steps": 0, "overrides": overrides,
+            "config_hash": config_hash(cfg), "run_dir": str(run_dir)})
+        raise
     finished = completed_summary(run_dir, config_hash(cfg))
     if finished is not None and cfg.trainer.resume == "auto":
         print(f"already completed: {run_dir} (final_loss {finished.get('final_loss')}); skipping. "
@@ -204,19 +212,25 @@ class Recipe:
 
     def _plan_steps(self) -> tuple[int, list[int]]:
         """Optimizer steps per epoch from each epoch's exact rows; the last partial batch is dropped."""
-        cfg = self.cfg
+        cfg, t = self.cfg, self.cfg.trainer
         gbs = global_batch_size(cfg)
-        epochs = math.ceil(cfg.trainer.epochs)
         self._rows: dict[int, list[list[int]]] = {}
-        per_epoch = [len(self.epoch_rows(e)) // gbs for e in range(epochs)]
-        if per_epoch[0] == 0:
+        first = len(self.epoch_rows(0)) // gbs
+        if first == 0:
             raise UsageError(f"trainer.global_batch_size: {gbs} rows per step but the training split has only "
                              f"{len(self.epoch_rows(0))} rows; lower the batch size or add data")
-        frac = cfg.trainer.epochs - (epochs - 1)
-        per_epoch[-1] = max(1, int(per_epoch[-1] * frac))
-        total = sum(per_epoch)
-        if cfg.trainer.max_steps is not None:
-            total = min(total, cfg.trainer.max_steps)
+        if t.token_budget is not None:  # as many steps (and epochs) as the budget of token slots buys
+            total = max(1, t.token_budget // (gbs * cfg.context.length))
+            per_epoch = []
+            while sum(per_epoch) < total:
+                per_epoch.append(len(self.epoch_rows(len(per_epoch))) // gbs)
+        else:
+            epochs = math.ceil(t.epochs)
+            per_epoch = [len(self.epoch_rows(e)) // gbs for e in range(epochs)]
+            per_epoch[-1] = max(1, int(per_epoch[-1] * (t.epochs - (epochs - 1))))
+            total = sum(per_epoch)
+        if t.max_steps is not None:
+            total = min(total, t.max_steps)
         return total, per_epoch
 
     def epoch_rows(self, epoch: int) -> list[list[int]]:
@@ -243,11 +257,30 @@ class Recipe:
             if state is None:
                 raise UsageError(f"trainer.resume={resume}: no loadable checkpoint there")
         else:
+            self._set_aside_foreign_checkpoints()
             state = self.checkpoints.load_latest(self.backend.load)
         if state is not None:
             log.info("resumed from step %d (%s)", state.step, self.checkpoints.root)
             self.summary_extra["resumed_from_step"] = state.step
         return state
+
+    def _set_aside_foreign_checkpoints(self) -> None:
+        """Checkpoints of another configuration in this run dir are moved aside, not resumed:
+        a job whose configuration changed trains again from the start."""
+        from vicuna_exp import distributed as D
+
+        done = self.checkpoints.complete()
+        if not done:
+            return
+        theirs = json.loads((done[-1] / "trainer_state.json").read_text()).get("config_hash")
+        ours = config_hash(self.cfg)
+        if theirs and theirs != ours:
+            if self.dist.is_main:
+                aside = self.run_dir / f"checkpoints.config-{theirs}"
+                log.warning("checkpoints in %s are of another configuration (%s, now %s): moved to %s; "
+                            "training from the start", self.checkpoints.root, theirs, ours, aside)
+                self.checkpoints.root.rename(aside)
+            D.barrier()
 
     def _derived_facts(self) -> dict[str, Any]:
         cfg = self.cfg
