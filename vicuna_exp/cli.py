@@ -79,6 +79,17 @@ def main(argv: list[str] | None = None) -> int:
             print(f"usage: vicuna-exp eval {{{'|'.join(EVAL_COMMANDS)}}} [overrides]", file=sys.stderr)
             return EXIT_OK if rest and rest[0] in ("-h", "--help") else EXIT_USAGE
         cmd, rest, prog = EVAL_COMMANDS[rest[0]], rest[1:], f"vicuna-exp eval {rest[0]}"
+    if name == "plan":
+        from vicuna_exp.plan.multi import wants_table
+
+        if wants_table(rest):  # a whole sweep: one table, no jobs run
+            cmd = Command("vicuna_exp.plan.multi:main", cmd.help, False)
+    if name == "sky" and "--sweep" in rest:  # `sky --sweep NAME` is `sky sky.sweep=NAME`
+        i = rest.index("--sweep")
+        if i + 1 >= len(rest):
+            print("usage: vicuna-exp sky [--sweep NAME] [overrides]", file=sys.stderr)
+            return EXIT_USAGE
+        rest = [*rest[:i], f"sky.sweep={rest[i + 1]}", *rest[i + 2:]]
     try:
         if cmd.hydra:
             from vicuna_exp.hydra_app import run_hydra_app

@@ -23,7 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 from vicuna_exp.data.config import DataConfig, TemplateConfig
 from vicuna_exp.errors import UsageError
 from vicuna_exp.eval.config import EvalConfig
-from vicuna_exp.plan.config import HardwareConfig, PlanConfig
+from vicuna_exp.plan.config import HardwareConfig, PlanConfig, SkyConfig
 
 
 class AttnImpl(str, Enum):
@@ -110,6 +110,7 @@ class TrainerConfig:
     log_every_steps: int = 1
     device: str = "auto"  # auto | cpu | cuda
     export_dtype: str = "bf16"  # dtype of final/ (bf16 | fp16 | fp32)
+    export_shard_mb: int = 5120  # largest safetensors file of final/; the writing rank buffers at most this
     save_final: bool = True
     loss_spike_guard: bool = True  # a non-finite loss stops the run before the optimizer step
 
@@ -168,6 +169,7 @@ class VicunaConfig:
     hardware: HardwareConfig = field(default_factory=HardwareConfig)
     plan: PlanConfig = field(default_factory=PlanConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    sky: SkyConfig = field(default_factory=SkyConfig)
     experiment: str | None = None  # name of the experiment preset, for the record
 
 
@@ -205,7 +207,7 @@ def conf_dir() -> Path:
 # Keys that do not change what is trained: excluded from the config hash, so a rerun that only
 # changes where metrics go, or how it resumes, is still recognised as the same job.
 _HASH_EXCLUDED = ("logger", "trainer.resume", "launcher.rdzv_endpoint", "launcher.rdzv_id",
-                  "launcher.node_rank", "launcher.monitor_interval_s", "eval", "plan", "hardware")
+                  "launcher.node_rank", "launcher.monitor_interval_s", "eval", "plan", "hardware", "sky")
 
 
 def config_hash(cfg: DictConfig) -> str:

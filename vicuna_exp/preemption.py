@@ -1,7 +1,7 @@
 """Stopping cleanly when the machine is about to go away.
 
-SIGTERM (spot preemption, torchrun passing on a stop), SIGINT (Ctrl-C) and SIGUSR1 (SLURM's early
-warning before a time limit) ask the loop to stop. It finishes the current step when that is
+SIGTERM (spot preemption, torchrun passing on a stop), SIGINT (Ctrl-C) and SIGUSR1/SIGUSR2 (SLURM's
+early warning before a time limit; submitit asks for USR2) ask the loop to stop. It finishes the current step when that is
 expected to fit in `trainer.preempt_grace_s`; otherwise, in a single process, the step is
 abandoned at once and the state of the last completed step is saved. With several processes
 the decision is taken at the end of the step by all ranks together (a rank leaving a collective
@@ -16,7 +16,7 @@ import time
 from collections.abc import Iterator
 from types import FrameType
 
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2)
 
 
 class StopNow(Exception):

@@ -1,0 +1,212 @@
+"""The planner's arithmetic against cases that arithmetic settles, and against DeepSpeed's estimator."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+from plan_helpers import make_cfg
+
+from vicuna_exp.errors import UsageError
+from vicuna_exp.plan import check_fits, flops_per_token, make_plan, mfu, predicted_state_bytes, table
+from vicuna_exp.plan.estimate import GIB, setup_from_config
+from vicuna_exp.plan.facts import model_facts
+
+
+def test_llama_parameter_counts_match_published_sizes():
+    assert model_facts(make_cfg("llama-7b").model).total_params == 6_738_415_616
+    assert model_facts(make_cfg("llama-13b").model).total_params == 13_015_864_320
+
+
+def test_adamw_full_finetuning_is_16_bytes_per_param_unsharded():
+    cfg = make_cfg("llama-7b", trainer__precision="bf16_mixed", trainer__global_batch_size=128)
+    state = predicted_state_bytes(cfg)
+    n = model_facts(cfg.model).total_params
+    assert sum(state.values()) == pytest.approx(16 * n)
+    plan = make_plan(cfg)
+    assert not plan.memory.fits  # 108 GB of state alone: no 80 GB GPU holds it
+    assert plan.memory.model_states > 80 * GIB
+
+
+def test_7b_unsharded_refused_with_breakdown_and_advice():
+    cfg = make_cfg("llama-7b", trainer__precision="bf16_mixed")
+    with pytest.raises(UsageError) as err:
+        check_fits(cfg)
+    msg = str(err.value)
+    assert "does not fit" in msg and "a100-80gb" in msg and "optimizer" in msg
+    assert "backend=fsdp" in msg and "plan.enforce=false" in msg
+    check_fits(make_cfg("llama-7b", trainer__precision="bf16_mixed", plan__enforce=False))  # overridden: no error
+
+
+@pytest.mark.parametrize("backend", ["fsdp", "deepspeed"])
+def test_13b_sharded_over_8x80gb_fits(backend):
+    cfg = make_cfg("llama-13b", backend__name=backend, backend__zero_stage=3, launcher__nproc_per_node=8,
+                   context__length=2048, trainer__micro_batch_size=2, trainer__precision="bf16_mixed")
+    plan = make_plan(cfg)
+    assert plan.memory.fits, plan.memory
+    n = model_facts(cfg.model).total_params
+    assert plan.memory.model_states == pytest.approx((16 if backend == "fsdp" else 18) * n / 8)
+    check_fits(cfg)
+
+
+def test_sharding_divides_state_by_world_size_and_hybrid_by_node():
+    one = predicted_state_bytes(make_cfg("llama-7b", backend__name="fsdp", launcher__nproc_per_node=1))
+    eight = predicted_state_bytes(make_cfg("llama-7b", backend__name="fsdp", launcher__nproc_per_node=8))
+    hybrid = predicted_state_bytes(make_cfg("llama-7b", backend__name="fsdp", backend__sharding="hybrid",
+                                            launcher__nproc_per_node=8, launcher__nnodes=2))
+    for key in one:
+        assert eight[key] == pytest.approx(one[key] / 8)
+        assert hybrid[key] == pytest.approx(eight[key])
+
+
+def test_checkpointing_and_micro_batch_move_activations():
+    base = dict(backend__name="fsdp", launcher__nproc_per_node=8, context__length=2048)
+    on = make_plan(make_cfg("llama-7b", **base)).memory
+    off = make_plan(make_cfg("llama-7b", model__gradient_checkpointing=False, **base)).memory
+    assert off.activations == on.activations_no_ckpt > 5 * on.activations
+    mb1 = make_plan(make_cfg("llama-7b", trainer__micro_batch_size=1, **base)).memory
+    assert mb1.activations == pytest.approx(on.activations / 2)
+    assert mb1.logits == pytest.approx(on.logits / 2)
+    eager = make_plan(make_cfg("llama-7b", model__attn_implementation="eager", model__gradient_checkpointing=False,
+                               **base)).memory
+    assert eager.activations > off.activations + 32 * 32 * 2048 * 4096 * 4  # the seq x seq scores
+
+
+@pytest.mark.parametrize("offload", [False, True])
+@pytest.mark.parametrize("gpus,nodes", [(8, 1), (8, 2), (4, 1)])
+def test_zero2_model_states_match_deepspeed_estimator(capsys, gpus, nodes, offload):
+    from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs_all_cold
+
+    cfg = make_cfg("llama-7b", backend__name="deepspeed", backend__zero_stage=2, backend__offload_optimizer=offload,
+                   launcher__nproc_per_node=gpus, launcher__nnodes=nodes, trainer__precision="bf16_mixed")
+    s = setup_from_config(cfg)
+    estimate_zero2_model_states_mem_needs_all_cold(s.model.total_params, num_gpus_per_node=gpus, num_nodes=nodes)
+    per_gpu = _deepspeed_rows(capsys.readouterr().out)[f"offload_optimizer={'cpu' if offload else 'none'}"]
+    mem = make_plan(cfg).memory
+    assert mem.model_states / GIB == pytest.approx(per_gpu, rel=0.05)
+
+
+@pytest.mark.parametrize("gpus,nodes", [(8, 1), (8, 4), (2, 1)])
+@pytest.mark.parametrize("offload_optimizer,offload_params", [(False, False), (True, False), (True, True)])
+def test_zero3_model_states_match_deepspeed_estimator(capsys, gpus, nodes, offload_optimizer, offload_params):
+    from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs_all_cold
+
+    cfg = make_cfg("llama-13b", backend__name="deepspeed", backend__zero_stage=3,
+                   backend__offload_optimizer=offload_optimizer, backend__offload_params=offload_params,
+                   launcher__nproc_per_node=gpus, launcher__nnodes=nodes, trainer__precision="bf16_mixed")
+    s = setup_from_config(cfg)
+    estimate_zero3_model_states_mem_needs_all_cold(s.model.total_params, s.model.largest_module_params,
+                                                   num_gpus_per_node=gpus, num_nodes=nodes)
+    key = (f"offload_param={'cpu' if offload_params else 'none'},"
+           f"offload_optimizer={'cpu' if offload_optimizer else 'none'},zero_init=1")
+    per_gpu = _deepspeed_rows(capsys.readouterr().out)[key]
+    mem = make_plan(cfg).memory
+    # DeepSpeed counts the gathered largest layer (params + grads) as model-state memory.
+    assert (mem.model_states + mem.gathered) / GIB == pytest.approx(per_gpu, rel=0.05)
+    # What the planner adds on top of DeepSpeed's figure: activations, logits, buffers, overhead.
+    assert mem.total > (mem.model_states + mem.gathered) + mem.activations + mem.logits
+
+
+def _deepspeed_rows(printed: str) -> dict[str, float]:
+    """{options: per-GPU GB} from the table DeepSpeed's *_all_cold estimators print."""
+    rows = {}
+    for line in printed.splitlines():
+        m = re.match(r"\s*([\d.]+)GB \|\s*([\d.]+)GB \| (.+)$", line)
+        if m:
+            rows[m.group(3).replace(" ", "").replace("OffloadDeviceEnum.", "")] = float(m.group(2))
+    assert rows, printed
+    return rows
+
+
+def test_fsdp_offload_moves_state_to_host_and_checks_host_ram():
+    cfg = make_cfg("llama-13b", backend__name="fsdp", backend__cpu_offload=True, launcher__nproc_per_node=8,
+                   hardware="a100-40gb")
+    mem = make_plan(cfg).memory
+    assert mem.params == mem.grads == mem.optim == 0
+    n = model_facts(cfg.model).total_params
+    assert mem.cpu_per_node == pytest.approx(16 * n * 1.1)  # all 8 ranks' shards + fragmentation
+    small_host = make_cfg("llama-13b", backend__name="fsdp", backend__cpu_offload=True, launcher__nproc_per_node=8,
+                          hardware="a100-40gb", hardware__cpu_memory_gb=64)
+    plan = make_plan(small_host)
+    assert not plan.memory.fits
+    with pytest.raises(UsageError, match="host RAM"):
+        check_fits(small_host)
+
+
+def test_flops_per_token_is_6n_plus_attention_over_each_example():
+    m = model_facts(make_cfg("llama-7b").model)
+    n = m.matmul_params
+    assert flops_per_token(m, [2048]) == pytest.approx(6 * n + 12 * 32 * 4096 * 2048)
+    # A packed row of two 1024-token examples: attention per token at 1024, not 2048.
+    assert flops_per_token(m, [1024, 1024]) == pytest.approx(6 * n + 12 * 32 * 4096 * 1024)
+    mixed = flops_per_token(m, [1536, 512])
+    assert mixed == pytest.approx(6 * n + 12 * 32 * 4096 * (1536**2 + 512**2) / 2048)
+    # The cfg.model node works as well as ModelFacts.
+    assert flops_per_token(make_cfg("llama-7b").model, [2048]) == flops_per_token(m, [2048])
+
+
+def test_mfu_from_step_flops_time_and_devices():
+    m = model_facts(make_cfg("llama-7b").model)
+    fpt = flops_per_token(m, [2048])
+    tokens_per_s_per_gpu = 0.5 * 312e12 / fpt
+    step_flops = fpt * tokens_per_s_per_gpu * 8 * 2.0  # 8 GPUs for 2 s
+    assert mfu(step_flops, 2.0, 8, 312) == pytest.approx(0.5)
+
+
+def test_time_and_cost_follow_tokens_throughput_and_prices():
+    cfg = make_cfg("llama-7b", backend__name="fsdp", launcher__nproc_per_node=8, context__length=2048,
+                   plan__tokens_per_epoch=100_000_000, trainer__epochs=3)
+    plan = make_plan(cfg)
+    expected_tps = 0.40 * 312e12 / flops_per_token(model_facts(cfg.model), [2048]) * 8
+    assert plan.tokens_per_s == pytest.approx(expected_tps)
+    assert plan.hours_total == pytest.approx(3 * 100e6 / expected_tps / 3600)
+    assert plan.usd_on_demand == pytest.approx(plan.hours_total * 8 * 5.07)
+    assert plan.usd_spot == pytest.approx(plan.hours_total * 8 * 1.60)
+    assert plan.tokens_source == "plan.tokens_per_epoch"
+    assert "70,000 conversations" in make_plan(make_cfg("llama-7b", backend__name="fsdp",
+                                                        launcher__nproc_per_node=8)).tokens_source
+    assert make_plan(cfg, dataset_tokens=5).tokens_source == "plan.tokens_per_epoch"
+    no_cfg = make_cfg("llama-7b", backend__name="fsdp", launcher__nproc_per_node=8)
+    assert make_plan(no_cfg, dataset_tokens=12345).tokens_per_epoch == 12345
+
+
+def test_table_has_one_row_per_config_and_totals():
+    cfgs = [make_cfg("llama-7b", backend__name="fsdp", launcher__nproc_per_node=8, context__length=c)
+            for c in (512, 2048)] + [make_cfg("llama-7b")]
+    text = table(cfgs, labels=["context=512", "context=2048", "single"])
+    lines = text.splitlines()
+    assert len(lines) == 2 + 3 + 1
+    assert "DOES NOT FIT" in lines[4] and "fits" in lines[2]
+    assert lines[-1].startswith("3 jobs") and "1 do not fit" in lines[-1]
+
+
+def test_bad_input_messages_name_the_problem():
+    with pytest.raises(UsageError, match=r"global_batch_size=128 is not divisible .* = 6"):
+        make_plan(make_cfg("llama-7b", backend__name="fsdp", launcher__nproc_per_node=3))
+    with pytest.raises(UsageError, match="hardware.gpu_memory_gb"):
+        make_plan(make_cfg("llama-7b", hardware__gpu_memory_gb=0))
+    with pytest.raises(UsageError, match="hardware.device"):
+        make_plan(make_cfg("llama-7b", hardware__device="tpu"))
+    with pytest.raises(UsageError, match="gpus_per_node"):
+        make_plan(make_cfg("llama-7b", backend__name="fsdp", launcher__nproc_per_node=16))
+    with pytest.raises(UsageError) as err:
+        make_plan(make_cfg("llama-7b", model__hidden_size=None, model__intermediate_size=None))
+    assert "model.hidden_size, model.intermediate_size" in str(err.value) and "llama-7b" in str(err.value)
+    with pytest.raises(UsageError, match="num_key_value_heads"):
+        make_plan(make_cfg("llama-7b", model__num_key_value_heads=5))
+
+
+def test_missing_facts_filled_from_local_config_json(tmp_path):
+    (tmp_path / "config.json").write_text('{"vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 11008, '
+                                          '"num_hidden_layers": 32, "num_attention_heads": 32}')
+    cfg = make_cfg("llama-7b", model__hidden_size=None, model__intermediate_size=None, model__path=str(tmp_path))
+    assert model_facts(cfg.model).total_params == 6_738_415_616
+
+
+def test_render_says_fits_or_does_not_fit_in_words():
+    from vicuna_exp.plan import render
+
+    text = render(make_plan(make_cfg("llama-7b", backend__name="fsdp", launcher__nproc_per_node=8)))
+    assert "Verdict: fits, with" in text and "per epoch" in text and "on spot" in text
+    text = render(make_plan(make_cfg("llama-7b")))
+    assert "Verdict: does not fit" in text and "To make it fit" in text

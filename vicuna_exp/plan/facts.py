@@ -1,0 +1,138 @@
+"""The architecture facts the planner reasons with, read from `cfg.model` without loading a model.
+
+Facts left null in the config are filled from `model.path`'s config.json (and the vocabulary from
+the tokenizer) when those files exist locally; otherwise the planner names the missing keys.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from vicuna_exp.errors import UsageError
+
+REQUIRED = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+PACKAGED_TOKENIZER_DIR = Path(__file__).resolve().parent.parent / "assets" / "tokenizer"
+
+
+@dataclass(frozen=True)
+class ModelFacts:
+    """A LLaMA-style decoder: embedding, L x (attention + SwiGLU MLP + 2 RMSNorms), norm, lm_head."""
+
+    name: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    tie_word_embeddings: bool = False
+    attn_implementation: str = "sdpa"
+    gradient_checkpointing: bool = False
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @property
+    def kv_dim(self) -> int:
+        return self.num_key_value_heads * self.head_dim
+
+    @property
+    def layer_params(self) -> int:
+        """One decoder layer: q,o (h x h), k,v (h x kv), gate/up/down (h x i), two RMSNorm weights."""
+        h = self.hidden_size
+        return 2 * h * h + 2 * h * self.kv_dim + 3 * h * self.intermediate_size + 2 * h
+
+    @property
+    def embedding_params(self) -> int:
+        return self.vocab_size * self.hidden_size
+
+    @property
+    def total_params(self) -> int:
+        """Every trainable parameter, a tied lm_head counted once (what optimizers and DeepSpeed count)."""
+        head = 0 if self.tie_word_embeddings else self.embedding_params
+        return self.embedding_params + self.num_hidden_layers * self.layer_params + self.hidden_size + head
+
+    @property
+    def matmul_params(self) -> int:
+        """Parameters used in a matmul per token: all but the embedding lookup and the norm weights.
+
+        This is the N of the 6N FLOPs rule (the lm_head matmul is real work, the lookup is not).
+        """
+        h = self.hidden_size
+        layer = self.layer_params - 2 * h
+        return self.num_hidden_layers * layer + self.embedding_params
+
+    @property
+    def largest_module_params(self) -> int:
+        """The biggest single submodule (embedding / lm_head here): what ZeRO-3 must gather at once."""
+        h = self.hidden_size
+        return max(self.embedding_params, h * self.intermediate_size, h * h)
+
+
+def _hf_config(path: str | None) -> Mapping[str, Any]:
+    if not path:
+        return {}
+    file = Path(path).expanduser() / "config.json"
+    if not file.is_file():
+        return {}
+    try:
+        return json.loads(file.read_text())
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"model.path={path}: cannot read config.json: {exc}") from exc
+
+
+def _tokenizer_vocab(model_cfg: Any) -> int | None:
+    """Vocabulary size from the run's tokenizer.json (the packaged one when none is named)."""
+    candidates = [d for d in (model_cfg.tokenizer, model_cfg.path) if d] or [str(PACKAGED_TOKENIZER_DIR)]
+    for directory in candidates:
+        file = Path(directory).expanduser() / "tokenizer.json"
+        if file.is_file():
+            from tokenizers import Tokenizer
+
+            return int(Tokenizer.from_file(str(file)).get_vocab_size(with_added_tokens=True))
+    return None
+
+
+def model_facts(model_cfg: Any) -> ModelFacts:
+    """Facts from `cfg.model`, completed from local files; UsageError naming whatever is still missing."""
+    hf = _hf_config(model_cfg.path)
+    values: dict[str, Any] = {}
+    for key in REQUIRED + ("num_key_value_heads",):
+        value = model_cfg[key] if key in model_cfg else None
+        values[key] = value if value is not None else hf.get(key)
+    if values["vocab_size"] is None:
+        values["vocab_size"] = _tokenizer_vocab(model_cfg)
+    missing = [k for k in REQUIRED if values[k] is None]
+    if missing:
+        keys = ", ".join(f"model.{k}" for k in missing)
+        raise UsageError(
+            f"plan: model '{model_cfg.name}' lacks the architecture facts {keys}; set them in "
+            f"conf/model/{model_cfg.name}.yaml or on the command line (e.g. model.hidden_size=4096), "
+            f"or point model.path at a local model directory with a config.json")
+    for key in REQUIRED:
+        if int(values[key]) <= 0:
+            raise UsageError(f"model.{key}: must be a positive integer, got {values[key]}")
+    h, heads = int(values["hidden_size"]), int(values["num_attention_heads"])
+    if h % heads:
+        raise UsageError(f"model.hidden_size: {h} is not divisible by model.num_attention_heads={heads}")
+    kv = int(values["num_key_value_heads"] or heads)
+    if heads % kv:
+        raise UsageError(f"model.num_key_value_heads: {kv} does not divide model.num_attention_heads={heads}")
+    attn = str(getattr(model_cfg.attn_implementation, "value", model_cfg.attn_implementation))
+    return ModelFacts(
+        name=str(model_cfg.name),
+        vocab_size=int(values["vocab_size"]),
+        hidden_size=h,
+        intermediate_size=int(values["intermediate_size"]),
+        num_hidden_layers=int(values["num_hidden_layers"]),
+        num_attention_heads=heads,
+        num_key_value_heads=kv,
+        tie_word_embeddings=bool(model_cfg.tie_word_embeddings),
+        attn_implementation="sdpa" if attn == "auto" else attn,
+        gradient_checkpointing=bool(model_cfg.gradient_checkpointing),
+    )

@@ -1,0 +1,59 @@
+"""Model FLOPs and utilisation: the numbers that say how well a run uses its hardware.
+
+Convention (PaLM, appendix B): a token costs 6N FLOPs for its matmuls (forward 2N, backward 4N)
+plus 12 * L * h * s for attention over a sequence of s tokens (QK^T and AV, forward and
+backward, counted in full although causal kernels skip half). Recomputation by activation
+checkpointing is not counted: MFU measures useful model work, not hardware work.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from vicuna_exp.plan.facts import ModelFacts, model_facts
+
+ModelLike = Any  # ModelFacts, or a `cfg.model` node to read them from
+
+
+def _facts(model: ModelLike) -> ModelFacts:
+    return model if isinstance(model, ModelFacts) else model_facts(model)
+
+
+def batch_flops(model: ModelLike, seq_lens: Sequence[int]) -> float:
+    """Training FLOPs (forward + backward) of examples of these lengths.
+
+    In a padding-free packed row each example attends only to itself, so pass the lengths of the
+    examples, not of the row; padding tokens are not useful work and are not passed.
+    """
+    m = _facts(model)
+    tokens = sum(seq_lens)
+    squares = sum(s * s for s in seq_lens)
+    return 6.0 * m.matmul_params * tokens + 12.0 * m.num_hidden_layers * m.hidden_size * squares
+
+
+def flops_per_token(model: ModelLike, seq_lens: Sequence[int]) -> float:
+    """Mean training FLOPs per real token for examples of these lengths (see `batch_flops`)."""
+    tokens = sum(seq_lens)
+    if tokens <= 0:
+        raise ValueError("flops_per_token needs at least one token")
+    return batch_flops(model, seq_lens) / tokens
+
+
+def peak_tflops(hardware: Any, precision: str) -> float:
+    """The datasheet peak of one device for the precision the matmuls run in."""
+    return float(hardware.fp32_tflops if precision == "fp32" else hardware.bf16_tflops)
+
+
+def achieved_tflops(model_flops: float, seconds: float, n_devices: int) -> float:
+    """Model TFLOP/s per device: total model FLOPs of a step over its wall time and devices."""
+    if seconds <= 0 or n_devices <= 0:
+        return 0.0
+    return model_flops / seconds / n_devices / 1e12
+
+
+def mfu(model_flops: float, seconds: float, n_devices: int, peak_tflops_per_device: float) -> float:
+    """Model FLOPs utilisation in [0, 1]: achieved model TFLOP/s per device over the peak."""
+    if peak_tflops_per_device <= 0:
+        return 0.0
+    return achieved_tflops(model_flops, seconds, n_devices) / peak_tflops_per_device
