@@ -16,6 +16,8 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/python -m pip install --quiet --upgrade "pip>=24"
 	# torch is pinned on the same line so nothing can pull a CUDA build in behind it.
 	$(BIN)/python -m pip install --quiet -c constraints.txt "torch==2.13.0" -e ".[dev]"
+	# DeepSpeed compiles its C++ ops on first use (30-110 s each): build them once, here.
+	$(BIN)/python -m vicuna_exp.backends.build_ops
 	touch $(STAMP)
 
 train: $(STAMP)

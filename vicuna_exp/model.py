@@ -62,9 +62,9 @@ class ModelSpec:
         from transformers import AutoModelForCausalLM
 
         if self.init == "pretrained":
-            model = AutoModelForCausalLM.from_pretrained(
-                str(self.path), config=self.hf_config, dtype=self.param_dtype, device_map={"": str(device)}
-            )
+            # No device_map: it needs `accelerate`, which is not a dependency.
+            model = AutoModelForCausalLM.from_pretrained(str(self.path), config=self.hf_config,
+                                                         dtype=self.param_dtype).to(device)
         else:
             with torch.device(device):
                 model = AutoModelForCausalLM.from_config(self.hf_config, dtype=self.param_dtype)

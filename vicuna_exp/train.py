@@ -143,6 +143,7 @@ class Recipe:
         self.wall_before = 0.0
         self.summary_extra: dict[str, Any] = {}
         self._lengths: dict[int, Any] = {}
+        self.n_params: int | None = None
 
     # ---- setup: each step builds one part from one config section --------------------------
     def setup(self) -> None:
@@ -165,6 +166,7 @@ class Recipe:
         self._check_plan()
         self.spec = spec = make_model_spec(cfg.model, vocab_size=len(self.tokenizer), device=self.device, precision=self.precision)
         self.facts = model_facts_of(spec, cfg.model)
+        self.n_params = self.facts.total_params
         self.peak_tflops = peak_tflops(cfg.hardware, self.precision)
         self.data = self._prepare_data()
         D.init_process_group(dist, self.device, cfg.launcher.dist_backend)
@@ -181,7 +183,6 @@ class Recipe:
                                     min_ratio=cfg.optim.min_lr_ratio))
         self.backend = backend_class(cfg)(cfg, dist, self.device, self.precision)
         self.model = self.backend.setup(spec, optim)
-        self.n_params = self.facts.total_params
 
         self.checkpoints = CheckpointManager(self.run_dir / "checkpoints", keep_last=cfg.trainer.keep_last, dist=dist)
         self.state = self._resume() or TrainerState(world_size=dist.world_size, backend=cfg.backend.name,
@@ -511,7 +512,7 @@ class Recipe:
         import torch
 
         from vicuna_exp import distributed as D
-        from vicuna_exp.data.template import to_jinja
+        from vicuna_exp.export import write_tokenizer_files
 
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[self.cfg.trainer.export_dtype]
         if self.dist.is_main:
@@ -519,9 +520,7 @@ class Recipe:
         D.barrier()
         self.backend.export(out_dir, dtype)
         if self.dist.is_main:
-            self.tokenizer.chat_template = to_jinja(self.cfg.template)
-            self.tokenizer.save_pretrained(str(out_dir))
-            (out_dir / "vicuna_template.yaml").write_text(OmegaConf.to_yaml(self.cfg.template))
+            write_tokenizer_files(self.cfg, self.tokenizer, out_dir)
         D.barrier()
 
     # ---- the end, whatever happened ----------------------------------------------------------
@@ -546,7 +545,7 @@ class Recipe:
                     "overrides": self.overrides,
                     "config_hash": config_hash(self.cfg),
                     "run_dir": str(self.run_dir),
-                    "derived": self._derived_facts() if self.backend is not None else None,
+                    "derived": self._derived_facts() if getattr(self, "total_steps", None) else None,
                     **self._utilisation(),
                     "data_stats": getattr(getattr(self, "data", None), "stats", None),
                     "provenance": provenance(data_hash=getattr(getattr(self, "data", None), "data_hash", None)),

@@ -50,7 +50,8 @@ class OptimizerSpec:
         decay, no_decay = [], []
         for p in model.parameters():
             if p.requires_grad:
-                (decay if p.ndim >= 2 else no_decay).append(p)
+                # ZeRO-3 partitions are flat: ds_shape keeps the parameter's real shape
+                (decay if len(getattr(p, "ds_shape", p.shape)) >= 2 else no_decay).append(p)
         return [{"params": decay, "weight_decay": self.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
     def build_adamw(self, model: torch.nn.Module) -> torch.optim.Optimizer:

@@ -1,0 +1,96 @@
+"""DistributedDataParallel: a whole replica per rank, gradients all-reduced after the last micro-batch.
+
+The baseline a sharding backend must beat on memory: every rank holds all parameters, gradients
+and optimizer state. Pretrained weights go straight from the safetensors files into each rank's
+device memory, one tensor at a time (no second full copy in host memory). Checkpoints use the
+same torch.distributed.checkpoint layout as `single` and `fsdp`, so any of the three resumes any other.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+
+from vicuna_exp.backends.base import Backend, OptimizerSpec, tensor_bytes
+from vicuna_exp.backends.dcp_state import load_state, save_state
+from vicuna_exp.model import ModelSpec
+
+
+class DDPBackend(Backend):
+    name = "ddp"
+
+    def setup(self, spec: ModelSpec, optim: OptimizerSpec) -> torch.nn.Module:
+        from torch.nn.parallel import DistributedDataParallel
+
+        from vicuna_exp.weights import load_full_tensors, rebuild_buffers
+
+        if spec.init == "pretrained":
+            module = spec.build_meta()
+            module.to_empty(device=self.device)
+            rebuild_buffers(module)
+            self.elements_loaded = load_full_tensors(module, spec.path)
+        else:
+            module = spec.build(self.device)
+        self.module = module
+        ids = [self.device.index] if self.device.type == "cuda" else None
+        self.model = DistributedDataParallel(module, device_ids=ids, bucket_cap_mb=int(self.cfg.backend.bucket_size_mb))
+        self.optimizer = optim.build_adamw(module)
+        self.scheduler = optim.build_scheduler(self.optimizer)
+        return self.model
+
+    @contextlib.contextmanager
+    def accumulate(self, is_last: bool) -> Iterator[None]:
+        with contextlib.nullcontext() if is_last else self.model.no_sync():
+            yield
+
+    def backward(self, loss: torch.Tensor) -> None:
+        (loss * self.dist.world_size).backward()  # DDP averages over ranks; the loop wants the sum
+
+    def step(self) -> float:
+        clip = float(self.cfg.trainer.grad_clip)
+        params = [p for p in self.module.parameters() if p.grad is not None]
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm=clip if clip > 0 else float("inf"))
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return float(norm)
+
+    def current_lr(self) -> float:
+        return float(self.scheduler.get_last_lr()[0])
+
+    def save(self, ckpt_dir: Path) -> None:
+        save_state(ckpt_dir, self.model, self.optimizer, self.scheduler, is_main=self.dist.is_main)
+
+    def load(self, ckpt_dir: Path) -> None:
+        load_state(ckpt_dir, self.model, self.optimizer, self.scheduler)
+
+    def export(self, out_dir: Path, dtype: torch.dtype) -> None:
+        from vicuna_exp.export import drop_tied, export_shard_bytes, write_hf_config, write_tensors
+
+        if not self.dist.is_main:  # every replica is the same; no collective needed
+            self.log_facts(None)
+            return
+        names = set(drop_tied([n for n, _ in self.module.named_parameters()], self.module.config))
+        tensors = ((n, p.detach()) for n, p in self.module.named_parameters() if n in names)
+        writer = write_tensors(tensors, out_dir, dtype, is_writer=True, max_shard_bytes=export_shard_bytes(self.cfg))
+        write_hf_config(self.module.config, out_dir, str(self.cfg.trainer.export_dtype))
+        self.export_peak_bytes = writer.peak_bytes if writer is not None else 0
+        self.log_facts(writer)
+
+    def log_facts(self, writer: object | None) -> None:
+        from vicuna_exp.backends.shard_facts import log_facts, optimizer_elements
+
+        n = sum(p.numel() for p in self.module.parameters())
+        log_facts(backend="ddp", rank=self.dist.rank, world_size=self.dist.world_size, params_local=n, params_total=n,
+                  optim_local=optimizer_elements(self.optimizer), elements_loaded=getattr(self, "elements_loaded", None),
+                  export_peak_bytes=getattr(writer, "peak_bytes", None), export_bytes=getattr(writer, "total_bytes", None))
+
+    def state_bytes(self) -> dict[str, int]:
+        params = list(self.module.parameters())
+        grads = [p.grad for p in params if p.grad is not None]
+        optim = [v for s in self.optimizer.state.values() for v in s.values() if torch.is_tensor(v) and v.ndim > 0]
+        return {"params": tensor_bytes(iter(params)), "grads": tensor_bytes(iter(grads)),
+                "optim": tensor_bytes(iter(optim))}

@@ -1,0 +1,330 @@
+"""The Hydra job's side of a multi-process run: check the hardware, start torchrun on
+`python -m vicuna_exp.worker RUN_DIR`, pass stop signals on, and make `summary.json` and the
+exit code say what the workers did.
+
+Hydra runs once, here; the ranks read the resolved config the job saved in its run dir, so
+there is exactly one run dir and no Hydra (or argv clash) inside the ranks. One node starts
+torchrun `--standalone`; several nodes rendezvous at `launcher.rdzv_endpoint` (node 0's
+host:port) with fixed ranks (`launcher.node_rank`), all writing to one shared run dir:
+
+    vicuna-exp train backend=fsdp launcher.nproc_per_node=8
+    vicuna-exp train backend=fsdp launcher.nproc_per_node=8 launcher.nnodes=2 launcher.node_rank=$NODE \\
+        launcher.rdzv_endpoint=node0:29500 hydra.run.dir=/shared/runs/13b
+
+If a worker dies, torchrun stops the others (SIGTERM, then SIGKILL after the shutdown timeout);
+this job then records status `failed` with the first worker's error. Signals to this job
+(SIGTERM, SIGINT, SIGUSR1) go to torchrun once, which hands them to every worker: they stop
+at the end of the step, save, and the job exits 75.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig
+
+from vicuna_exp.errors import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, UsageError
+
+log = logging.getLogger(__name__)
+WORKER_STATUS_DIR = ".workers"  # one JSON per rank: exit code and error, written as the rank ends
+LAUNCH_LOG = "launch.log"  # torchrun's own stderr (the workers' stderr passes through it too)
+FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+SAVE_MARGIN_S = 120  # beyond trainer.preempt_grace_s, for the final checkpoint before SIGKILL
+
+
+def launch(cfg: DictConfig, run_dir: Path) -> int:
+    """Start the workers and wait for them; returns the job's exit code."""
+    check_hardware(cfg)
+    check_run_dir_shared(cfg, hydra_overrides())
+    cmd = torchrun_command(cfg, run_dir)
+    env = worker_env(os.environ)
+    started = time.time()
+    (run_dir / WORKER_STATUS_DIR).mkdir(parents=True, exist_ok=True)
+    log.info("starting %s", " ".join(cmd))
+    proc = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, start_new_session=True,
+                            preexec_fn=_die_with_parent)
+    tail: list[str] = []
+    tee = threading.Thread(target=_tee, args=(proc.stderr, run_dir / LAUNCH_LOG, tail), daemon=True)
+    tee.start()
+    previous = {sig: signal.signal(sig, lambda s, f: _forward(proc, s)) for sig in FORWARDED_SIGNALS}
+    try:
+        rc = proc.wait()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        if proc.poll() is None:  # the job itself is going away: take torchrun (and its workers) with it
+            proc.terminate()
+            proc.wait()
+    tee.join(timeout=5)
+    return conclude(cfg, run_dir, rc, started, "".join(tail))
+
+
+# --------------------------------------------------------------------------------------------
+# Before any worker starts
+# --------------------------------------------------------------------------------------------
+def check_hardware(cfg: DictConfig) -> None:
+    """What cannot run here, said once, before workers start (UsageError names the key)."""
+    import torch
+
+    nproc, t, b = int(cfg.launcher.nproc_per_node), cfg.trainer, cfg.backend
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    device = str(t.device)
+    comm = str(cfg.launcher.dist_backend)
+    if device == "cuda" and gpus == 0:
+        raise UsageError("trainer.device=cuda, but no CUDA device is visible; use trainer.device=auto or cpu")
+    on_gpu = device == "cuda" or (device == "auto" and gpus > 0)
+    if comm not in ("auto", "nccl", "gloo"):
+        raise UsageError(f"launcher.dist_backend={comm!r}: choose auto, nccl or gloo")
+    if comm == "nccl" and not on_gpu:
+        why = "trainer.device=cpu" if gpus else "no CUDA device is visible"
+        raise UsageError(f"launcher.dist_backend=nccl needs GPUs, but {why}; use launcher.dist_backend=auto (gloo on CPU)")
+    if on_gpu and nproc > gpus:
+        raise UsageError(f"launcher.nproc_per_node={nproc}, but this node has {gpus} GPU(s): one process per GPU")
+    precision = _value(t.precision)
+    if on_gpu and precision in ("bf16", "bf16_mixed") and not torch.cuda.is_bf16_supported():
+        raise UsageError(f"trainer.precision={precision}: {torch.cuda.get_device_name(0)} does not support bf16; "
+                         "use trainer.precision=fp32")
+    if b.name == "deepspeed":
+        check_deepspeed(cfg, on_gpu)
+
+
+def check_deepspeed(cfg: DictConfig, on_gpu: bool) -> None:
+    b = cfg.backend
+    if int(b.zero_stage) not in (2, 3):
+        raise UsageError(f"backend.zero_stage={b.zero_stage}: choose 2 or 3")
+    if b.offload_params and int(b.zero_stage) != 3:
+        raise UsageError("backend.offload_params=true needs backend.zero_stage=3")
+    try:
+        from vicuna_exp.backends.build_ops import op_status, use_extensions_dir
+
+        use_extensions_dir()
+        needed = (["CPUAdamBuilder"] if b.offload_optimizer else []) + ([] if on_gpu else ["ShareMemCommBuilder"])
+        for op in needed:
+            compatible, built = op_status(op)
+            if not compatible:
+                what = "ZeRO offload (backend.offload_optimizer=true) needs DeepSpeed's CPU Adam op" \
+                    if op == "CPUAdamBuilder" else "DeepSpeed on CPU needs its shared-memory communication op"
+                raise UsageError(f"{what}, which cannot be built here (no C++ compiler or ninja?); see `ds_report`, "
+                                 "or choose backend=deepspeed_zero3 / fsdp_offload")
+            if not built:
+                log.warning("DeepSpeed op %s is not pre-built: every rank will compile it now (1-2 minutes); "
+                            "`python -m vicuna_exp.backends.build_ops` builds it once", op)
+    except ImportError as e:
+        raise UsageError(f"backend=deepspeed: deepspeed cannot be imported ({e})") from None
+
+
+def check_run_dir_shared(cfg: DictConfig, hydra_overrides: list[str]) -> None:
+    """Several nodes must agree on one run dir; Hydra's default is a timestamp, different on each node."""
+    if int(cfg.launcher.nnodes) <= 1:
+        return
+    if not cfg.launcher.rdzv_endpoint:
+        raise UsageError("launcher.nnodes > 1 needs launcher.rdzv_endpoint=HOST:PORT of node 0")
+    if not any(o.startswith(("hydra.run.dir=", "hydra.sweep.dir=")) for o in hydra_overrides):
+        raise UsageError("launcher.nnodes > 1: pass the same hydra.run.dir=/shared/path on every node "
+                         "(the default run dir is a timestamp, which differs between nodes)")
+
+
+def hydra_overrides() -> list[str]:
+    """The `hydra.*` overrides of this job (kept apart from the task overrides by Hydra)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return []
+    return list(HydraConfig.get().overrides.hydra)
+
+
+def torchrun_command(cfg: DictConfig, run_dir: Path) -> list[str]:
+    la = cfg.launcher
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={int(la.nproc_per_node)}",
+           f"--nnodes={int(la.nnodes)}"]
+    if int(la.nnodes) == 1:
+        cmd.append("--standalone")
+    else:
+        host, _, port = str(la.rdzv_endpoint).rpartition(":")
+        cmd += ["--rdzv-backend=static", f"--rdzv-endpoint={la.rdzv_endpoint}", f"--node-rank={int(la.node_rank)}",
+                f"--master-addr={host}", f"--master-port={port}"]
+        if la.rdzv_id:
+            cmd.append(f"--rdzv-id={la.rdzv_id}")
+    cmd += [f"--max-restarts={int(la.max_restarts)}", f"--monitor-interval={float(la.monitor_interval_s)}",
+            "--signals-to-handle=" + ",".join(s.name for s in (*FORWARDED_SIGNALS, signal.SIGHUP, signal.SIGQUIT)),
+            f"--shutdown-timeout={int(float(cfg.trainer.preempt_grace_s)) + SAVE_MARGIN_S}",
+            "-m", "vicuna_exp.worker", str(run_dir)]
+    return cmd
+
+
+def worker_env(base: Any) -> dict[str, str]:
+    from vicuna_exp.backends.build_ops import default_extensions_dir
+
+    env = dict(base)
+    env.setdefault("TORCH_EXTENSIONS_DIR", str(default_extensions_dir()))  # the pre-built DeepSpeed ops
+    env.setdefault("OMP_NUM_THREADS", "1")  # torchrun's choice too, without its warning
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    return env
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+# --------------------------------------------------------------------------------------------
+# While they run
+# --------------------------------------------------------------------------------------------
+def _die_with_parent() -> None:
+    """torchrun gets SIGTERM if this job dies, even by SIGKILL, so no worker outlives the job."""
+    set_parent_death_signal(signal.SIGTERM)
+
+
+def set_parent_death_signal(sig: int) -> None:
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, int(sig))  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
+def _forward(proc: subprocess.Popen, sig: int) -> None:
+    if proc.poll() is None:
+        proc.send_signal(sig)
+
+
+def _tee(stream: Any, path: Path, tail: list[str]) -> None:
+    with open(path, "a", encoding="utf-8", errors="replace") as f:
+        for raw in iter(stream.readline, b""):
+            line = raw.decode("utf-8", errors="replace")
+            sys.stderr.write(line)
+            f.write(line)
+            tail.append(line)
+            del tail[:-400]
+
+
+# --------------------------------------------------------------------------------------------
+# After they end
+# --------------------------------------------------------------------------------------------
+def read_statuses(run_dir: Path, since: float) -> dict[int, dict[str, Any]]:
+    """This launch's worker status files (older ones belong to an earlier attempt)."""
+    out = {}
+    for f in (run_dir / WORKER_STATUS_DIR).glob("rank_*.json"):
+        try:
+            status = json.loads(f.read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+        if status.get("time", 0) >= since:
+            out[int(status["rank"])] = status
+    return out
+
+
+def dead_ranks(torchrun_stderr: str) -> dict[int, str]:
+    """Ranks torchrun reports as failed, with how (exit code or signal), from its failure report."""
+    out = {}
+    for m in re.finditer(r"rank\s*:\s*(\d+)[^\n]*\n\s*exitcode\s*:\s*(-?\d+)[^\n]*\n(?:.*\n){0,2}?\s*traceback\s*:\s*([^\n]*)",
+                         torchrun_stderr):
+        rank, code, how = int(m.group(1)), int(m.group(2)), m.group(3).strip()
+        if how.startswith("To enable traceback"):
+            how = f"exit code {code}"
+        out[rank] = how
+    return out
+
+
+def conclude(cfg: DictConfig, run_dir: Path, rc: int, started: float, torchrun_stderr: str) -> int:
+    """The job's exit code from the workers' own statuses; a failure gets its root cause in summary.json."""
+    world = int(cfg.launcher.nproc_per_node) * int(cfg.launcher.nnodes)
+    statuses = read_statuses(run_dir, started)
+    codes = {r: int(s["exit_code"]) for r, s in statuses.items()}
+    complete = len(codes) == world if int(cfg.launcher.nnodes) == 1 else 0 in codes
+    if complete and all(c == EXIT_OK for c in codes.values()) and rc == 0:
+        return EXIT_OK
+    if complete and all(c == EXIT_INTERRUPTED for c in codes.values()):
+        return EXIT_INTERRUPTED
+    if complete and codes and all(c in (EXIT_USAGE, EXIT_OK) for c in codes.values()) and EXIT_USAGE in codes.values():
+        return EXIT_USAGE  # rank 0 has written the summary with the message
+    if int(cfg.launcher.node_rank) != 0:
+        return EXIT_FAILED  # node 0's job writes the summary
+    error, errors = root_cause(world, statuses, dead_ranks(torchrun_stderr), rc)
+    mark_failed(cfg, run_dir, error, errors, started)
+    return EXIT_FAILED
+
+
+def root_cause(world: int, statuses: dict[int, dict[str, Any]], dead: dict[int, str],
+               rc: int) -> tuple[str, dict[str, str]]:
+    """A rank that vanished without a status (killed, crashed hard) caused what the others report;
+    otherwise the earliest failure is the cause."""
+    errors = {str(r): s.get("error") or f"exit code {s['exit_code']}" for r, s in statuses.items()
+              if int(s["exit_code"]) not in (EXIT_OK, EXIT_INTERRUPTED)}
+    vanished = sorted(set(range(world)) - set(statuses))
+    for r in vanished:
+        errors[str(r)] = f"died without reporting: {dead.get(r, 'killed or crashed (no status)')}"
+    if vanished:
+        r = next((r for r in vanished if r in dead), vanished[0])
+        return f"rank {r} {errors[str(r)]}", errors
+    failed = sorted((s for s in statuses.values() if int(s["exit_code"]) not in (EXIT_OK, EXIT_INTERRUPTED)),
+                    key=lambda s: s.get("time", 0))
+    if failed:
+        return f"rank {failed[0]['rank']}: {errors[str(failed[0]['rank'])]}", errors
+    return f"torchrun exited with code {rc}", errors
+
+
+def mark_failed(cfg: DictConfig, run_dir: Path, error: str, errors: dict[str, str], started: float) -> None:
+    """Keep what rank 0 wrote in this launch (steps, losses, provenance), with the root cause as the error."""
+    from vicuna_exp.tracking import write_json_atomic
+
+    path = run_dir / "summary.json"
+    summary: dict[str, Any] = {}
+    try:
+        if path.stat().st_mtime >= started:
+            summary = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        summary = {}
+    if not summary:
+        summary = _fresh_summary(cfg, run_dir)
+    elif summary.get("error") and summary["error"] != error:
+        summary["rank0_error"] = summary["error"]
+    summary.update({"status": "failed", "exit_code": EXIT_FAILED, "error": error, "worker_errors": errors})
+    write_json_atomic(path, summary)
+
+
+def _fresh_summary(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
+    """What can be said without rank 0: the progress of the latest complete checkpoint."""
+    from vicuna_exp.checkpoint import STATE_FILE
+    from vicuna_exp.config import config_hash
+    from vicuna_exp.provenance import provenance
+
+    state: dict[str, Any] = {}
+    ckpts = sorted(p for p in (run_dir / "checkpoints").glob("step_*") if (p / STATE_FILE).is_file())
+    if ckpts:
+        state = json.loads((ckpts[-1] / STATE_FILE).read_text())
+    return {"status": "failed", "steps": state.get("step", 0), "final_loss": state.get("last_loss"),
+            "final_eval_loss": state.get("last_eval_loss"), "best_eval_loss": state.get("best_eval_loss"),
+            "tokens_seen": state.get("tokens_seen", 0), "wall_s": state.get("wall_s"),
+            "overrides": _saved_overrides(run_dir), "config_hash": config_hash(cfg), "run_dir": str(run_dir),
+            "provenance": provenance(data_hash=None)}
+
+
+def _saved_overrides(run_dir: Path) -> list[str]:
+    from omegaconf import OmegaConf
+
+    from vicuna_exp.train import RESOLVED_CONFIG
+
+    try:
+        return list(OmegaConf.load(run_dir / RESOLVED_CONFIG).overrides)
+    except (OSError, AttributeError):
+        return []
+
+
+def _value(v: Any) -> str:
+    return v.value if hasattr(v, "value") else str(v)
