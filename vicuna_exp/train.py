@@ -66,7 +66,8 @@ def main(cfg: DictConfig) -> int:
         from vicuna_exp.launch import launch
 
         return launch(cfg, run_dir)
-    return run(cfg, run_dir, overrides)
+    code, _ = run(cfg, run_dir, overrides)
+    return code
 
 
 def completed_summary(run_dir: Path, cfg_hash: str) -> dict | None:
@@ -99,12 +100,14 @@ def load_resolved_config(run_dir: Path) -> tuple[DictConfig, list[str]]:
 # --------------------------------------------------------------------------------------------
 # One rank's whole run
 # --------------------------------------------------------------------------------------------
-def run(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> int:
-    """Set up, train, and always write the summary and close the tracker. Returns the exit code."""
+def run(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> tuple[int, str | None]:
+    """Set up, train, and always write the summary and close the tracker.
+
+    Returns (exit code, error). A usage error found before any work started is re-raised (exit 2).
+    """
     from vicuna_exp import distributed as D
 
-    dist = D.from_env()
-    recipe = Recipe(cfg, run_dir, overrides, dist)
+    recipe = Recipe(cfg, run_dir, overrides, D.from_env())
     status, error, code = "failed", None, EXIT_FAILED
     try:
         recipe.setup()
@@ -113,20 +116,17 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> int:
     except TrainingInterrupted as e:
         status, error, code = "interrupted", str(e), EXIT_INTERRUPTED
     except UsageError as e:
-        error, code = str(e), EXIT_USAGE
-        if recipe.started:
-            code = EXIT_FAILED
-        raise_usage = not recipe.started
+        error, code = str(e), (EXIT_FAILED if recipe.started else EXIT_USAGE)
         recipe.finish(status, error, code)
-        if raise_usage:
+        if code == EXIT_USAGE:
             raise
-        return code
+        return code, error
     except Exception as e:
         error = f"{type(e).__name__}: {e}"
         recipe.traceback = traceback.format_exc()
         log.error("training failed: %s (traceback in %s)", error, run_dir / "summary.json")
     recipe.finish(status, error, code)
-    return code
+    return code, error
 
 
 class Recipe:

@@ -23,17 +23,6 @@ from pathlib import Path
 from vicuna_exp.errors import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, UsageError
 
 
-class _LastError(logging.Handler):
-    """The loop logs its failure before returning an exit code; keep the message for the job."""
-
-    def __init__(self) -> None:
-        super().__init__(level=logging.ERROR)
-        self.message: str | None = None
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.message = record.getMessage().split("\n", 1)[0]
-
-
 def write_status(run_dir: Path, rank: int, code: int, error: str | None) -> None:
     from vicuna_exp.launch import WORKER_STATUS_DIR
     from vicuna_exp.tracking import write_json_atomic
@@ -55,16 +44,12 @@ def main(argv: list[str] | None = None) -> int:
     run_dir = Path(args[0])
     rank = int(os.environ.get("RANK", 0))
     logging.basicConfig(level=logging.INFO, format=f"[rank{rank}] %(levelname)s %(name)s: %(message)s")
-    last_error = _LastError()
-    logging.getLogger().addHandler(last_error)
     code, error = EXIT_FAILED, None
     try:
         from vicuna_exp.train import load_resolved_config, run
 
         cfg, overrides = load_resolved_config(run_dir)
-        code = run(cfg, run_dir, overrides)
-        if code not in (EXIT_OK, EXIT_INTERRUPTED):
-            error = last_error.message
+        code, error = run(cfg, run_dir, overrides)
     except UsageError as e:
         code, error = EXIT_USAGE, str(e)
         print(f"error: {e}", file=sys.stderr)
