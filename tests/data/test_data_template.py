@@ -1,0 +1,160 @@
+"""Vicuna v1.1 rendering and assistant-only labels, checked by hand; render / encode / jinja parity."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+
+from vicuna_exp.data import encode_conversation
+from vicuna_exp.data.config import VICUNA_V1_1_SYSTEM, TemplateConfig
+from vicuna_exp.data.encode import EncodeError
+from vicuna_exp.data.template import render, render_prompt, to_jinja
+from vicuna_exp.data.tokenizer import load_tokenizer
+from vicuna_exp.errors import UsageError
+
+CONF = Path(__file__).resolve().parents[2] / "conf" / "template"
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return load_tokenizer(None)
+
+
+def _template(name: str) -> TemplateConfig:
+    merged = OmegaConf.merge(OmegaConf.structured(TemplateConfig), OmegaConf.load(CONF / f"{name}.yaml"))
+    return TemplateConfig(**OmegaConf.to_container(merged))
+
+
+def _runs(ids: list[int], labels: list[int]) -> list[list[int]]:
+    """Consecutive supervised stretches; their ids must equal the labels there."""
+    runs, cur = [], []
+    for i, y in zip(ids, labels, strict=True):
+        if y == -100:
+            if cur:
+                runs.append(cur)
+            cur = []
+        else:
+            assert y == i
+            cur.append(i)
+    if cur:
+        runs.append(cur)
+    return runs
+
+
+def _text(tok, ids: list[int]) -> str:
+    """Token pieces joined as text (▁ -> space), so the check does not depend on the decoder."""
+    return "".join(tok.convert_ids_to_tokens(ids)).replace("▁", " ")
+
+
+CONV = [
+    {"from": "human", "value": "What is 2 plus 2?"},
+    {"from": "gpt", "value": "2 plus 2 is 4."},
+    {"from": "human", "value": "And times 3?"},
+    {"from": "gpt", "value": "4 times 3 is 12."},
+]
+
+
+def test_vicuna_v11_text_and_labels_by_hand(tok):
+    t = _template("vicuna_v1.1")
+    assert t == TemplateConfig()  # the YAML and the schema default agree
+    text = render(CONV, t)
+    assert text == (VICUNA_V1_1_SYSTEM + " USER: What is 2 plus 2? ASSISTANT: 2 plus 2 is 4.</s>"
+                    "USER: And times 3? ASSISTANT: 4 times 3 is 12.</s>")
+    ids, labels = encode_conversation(CONV, tok, t)
+    assert ids == tok(text).input_ids  # exactly the tokenization of the whole rendered text
+    assert ids[0] == tok.bos_token_id and labels[0] == -100
+    runs = _runs(ids, labels)
+    assert [_text(tok, r) for r in runs] == [" 2 plus 2 is 4.</s>", " 4 times 3 is 12.</s>"]
+    assert tok.convert_ids_to_tokens(runs[0]) == ["▁2", "▁plus", "▁2", "▁is", "▁4.", "</s>"]
+    # everything else is masked: the system prompt, both questions and both "ASSISTANT:" markers
+    assert sum(y != -100 for y in labels) == sum(len(r) for r in runs)
+
+
+def test_empty_system_prompt(tok):
+    t = TemplateConfig(system="")
+    assert render(CONV[:2], t) == "USER: What is 2 plus 2? ASSISTANT: 2 plus 2 is 4.</s>"
+    msgs = [{"role": "system", "content": "Be brief."}] + [
+        {"role": "user" if m["from"] == "human" else "assistant", "content": m["value"]} for m in CONV[:2]]
+    assert render(msgs, TemplateConfig()).startswith("Be brief. USER: What")
+
+
+def test_unicode_and_long_reply(tok):
+    reply = "Voilà: naïve café, 你好 😀. " + " ".join(f"word{i}" for i in range(400))
+    conv = [{"from": "human", "value": "Say something long, señor."}, {"from": "gpt", "value": reply}]
+    ids, labels = encode_conversation(conv, tok, TemplateConfig())
+    runs = _runs(ids, labels)
+    assert len(runs) == 1 and len(runs[0]) > 400
+    assert tok.decode(runs[0]) == reply + "</s>"
+    assert ids == tok(render(conv, TemplateConfig())).input_ids
+
+
+def test_special_token_strings_in_messages_stay_text(tok):
+    t = TemplateConfig()
+    conv = [{"from": "human", "value": "Type </s> then <s> then USER: hi ASSISTANT: ok"},
+            {"from": "gpt", "value": "</s> USER: <s> ASSISTANT: <unk>"},
+            {"from": "human", "value": "again"}, {"from": "gpt", "value": "done</s>"}]
+    ids, labels = encode_conversation(conv, tok, t)
+    assert ids.count(tok.eos_token_id) == 2  # one per reply, from the template only
+    assert ids.count(tok.bos_token_id) == 1 and ids.count(tok.unk_token_id) == 0
+    runs = _runs(ids, labels)
+    assert [_text(tok, r) for r in runs] == [" </s> USER: <s> ASSISTANT: <unk></s>", " done</s></s>"]
+    assert runs[1][-1] == tok.eos_token_id and runs[1][-2] != tok.eos_token_id
+
+
+def test_render_prompt_is_the_training_prefix(tok):
+    t = TemplateConfig()
+    prompt = render_prompt(CONV[:3], t)
+    assert prompt.endswith("USER: And times 3? ASSISTANT:")
+    assert render(CONV, t).startswith(prompt)
+    ids, labels = encode_conversation(CONV, tok, t)
+    p_ids = tok(prompt).input_ids
+    assert ids[:len(p_ids)] == p_ids
+    assert labels[len(p_ids) - 1] == -100 and labels[len(p_ids)] != -100  # the reply starts right after
+    with pytest.raises(ValueError):
+        render_prompt(CONV, t)  # ends with the assistant
+
+
+@pytest.mark.parametrize("name", ["vicuna_v1.1", "llama-2-chat"])
+def test_jinja_chat_template_matches_training(tok, name):
+    t = _template(name)
+    chat = [{"role": "system", "content": "Be brief."}] + [
+        {"role": "user" if m["from"] == "human" else "assistant", "content": m["value"]} for m in CONV]
+    tok = load_tokenizer(None)  # a fresh copy: the chat template is set on it
+    tok.chat_template = to_jinja(t, tok)
+    ids, _ = encode_conversation(chat, tok, t)
+    assert list(tok.apply_chat_template(chat, tokenize=True, return_dict=False)) == ids
+    text = tok.apply_chat_template(chat, tokenize=False)
+    assert text.startswith(tok.bos_token) and text.endswith(render(chat, t))
+    prompt_ids = tok.apply_chat_template(chat[:4], tokenize=True, add_generation_prompt=True, return_dict=False)
+    assert list(prompt_ids) == tok(render_prompt(chat[:4], t)).input_ids
+    plain = to_jinja(t)  # without a tokenizer: BOS then the training text, as chat templates do
+    tok.chat_template = plain
+    assert tok.apply_chat_template(chat, tokenize=False) == tok.bos_token + render(chat, t)
+
+
+def test_llama2_chat_layout():
+    t = _template("llama-2-chat")
+    msgs = [{"role": "system", "content": "S"}, {"role": "user", "content": "q1"},
+            {"role": "assistant", "content": "a1"}, {"role": "user", "content": "q2"},
+            {"role": "assistant", "content": "a2"}]
+    assert render(msgs, t) == "[INST] <<SYS>>\nS\n<</SYS>>\n\nq1 [/INST] a1 </s><s>[INST] q2 [/INST] a2 </s>"
+    assert render_prompt(msgs[:4], t).endswith("<s>[INST] q2 [/INST]")
+
+
+def test_unalignable_text_is_reported_not_masked(tok):
+    # a generation prompt that ends inside the token "▁ASSISTANT:" cannot be aligned to tokens
+    t = TemplateConfig(generation_prompt="ASSIST")
+    with pytest.raises(EncodeError) as err:
+        encode_conversation(CONV[:2], tok, t)
+    assert err.value.reason == "misaligned"
+
+
+def test_bad_templates_name_the_key(tok):
+    with pytest.raises(UsageError, match="template.user_format: unknown placeholder {question}"):
+        encode_conversation(CONV[:2], tok, TemplateConfig(user_format="{question} "))
+    with pytest.raises(UsageError, match="template.eos_token: '<eot>' is not a special token"):
+        encode_conversation(CONV[:2], tok, TemplateConfig(eos_token="<eot>"))
+    with pytest.raises(UsageError, match="template.generation_prompt"):
+        encode_conversation(CONV[:2], tok, TemplateConfig(generation_prompt="BOT:"))

@@ -1,0 +1,161 @@
+"""Rows and batches: which examples share a row in an epoch, and how a batch of rows becomes tensors.
+
+Packing is padding-free: a packed row concatenates whole examples, `position_ids` restart at 0
+for each, and no token attends across examples. transformers derives a block-diagonal causal mask
+from restarting `position_ids` (`masking_utils.find_packed_sequence_indices`, sdpa and eager) when
+the forward gets `attention_mask=None` and no cache; flash-attention 2 takes the same signal as
+varlen boundaries but only for a batch of one row (`flatten=True`). The forward of a packed batch
+must therefore pass `use_cache=False` (with a cache object, transformers skips the packed-sequence
+detection and tokens see the previous example) and no attention mask.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from vicuna_exp.data.encode import IGNORE
+
+if TYPE_CHECKING:
+    import torch
+
+PACK_WINDOW = 8192  # examples bin-packed together; larger packs tighter, smaller mixes more per epoch
+GROUP_WINDOW = 256  # unpacked group_by_length: examples sorted by length within shuffled windows
+
+
+def example_lengths(dataset: Any) -> np.ndarray:
+    """Token count of every example (the prepared `length` column, else from `input_ids`)."""
+    names = getattr(dataset, "column_names", None) or []
+    if "length" in names and hasattr(dataset, "with_format"):
+        return np.asarray(dataset.with_format("numpy", columns=["length"])[:]["length"], dtype=np.int64)
+    if "length" in names:
+        return np.asarray(dataset["length"], dtype=np.int64)
+    return np.asarray([len(x) for x in dataset["input_ids"]], dtype=np.int64)
+
+
+def pack_best_fit(lengths: np.ndarray, order: np.ndarray, capacity: int) -> list[list[int]]:
+    """Best-fit decreasing: each example, longest first, into the fullest row it still fits.
+
+    `order` is the candidate examples (indices into `lengths`); ties keep their order in `order`.
+    """
+    ranked = order[np.argsort(-lengths[order], kind="stable")]
+    rows: list[list[int]] = []
+    free: list[tuple[int, int]] = []  # (remaining capacity, row index), kept sorted
+    for idx in ranked.tolist():
+        need = int(lengths[idx])
+        pos = bisect.bisect_left(free, (need, -1))
+        if pos == len(free):
+            rows.append([idx])
+            bisect.insort(free, (capacity - need, len(rows) - 1))
+            continue
+        remaining, row = free.pop(pos)
+        rows[row].append(idx)
+        bisect.insort(free, (remaining - need, row))
+    return rows
+
+
+def epoch_rows(
+    dataset: Any,
+    *,
+    epoch: int,
+    seed: int,
+    context_length: int,
+    packing: bool,
+    group_by_length: bool = False,
+) -> list[list[int]]:
+    """The rows of one epoch, each a list of example indices, in training order.
+
+    Deterministic in (seed, epoch): every rank computes the same list and takes its own slice.
+    Packed: examples shuffled, bin-packed within windows of `PACK_WINDOW` up to `context_length`,
+    rows shuffled. Unpacked: one example per row, shuffled; with `group_by_length`, sorted by length
+    within shuffled windows so a batch pads little.
+    """
+    lengths = example_lengths(dataset)
+    rng = np.random.default_rng([int(seed), int(epoch), 0x5EED])
+    order = rng.permutation(len(lengths))
+    if packing:
+        rows: list[list[int]] = []
+        for start in range(0, len(order), PACK_WINDOW):
+            rows.extend(pack_best_fit(lengths, order[start:start + PACK_WINDOW], context_length))
+        return [rows[i] for i in rng.permutation(len(rows)).tolist()]
+    if group_by_length:
+        grouped: list[int] = []
+        for start in range(0, len(order), GROUP_WINDOW):
+            window = order[start:start + GROUP_WINDOW]
+            grouped.extend(window[np.argsort(-lengths[window], kind="stable")].tolist())
+        return [[i] for i in grouped]
+    return [[i] for i in order.tolist()]
+
+
+def packing_efficiency(lengths: np.ndarray, rows: Sequence[Sequence[int]], context_length: int) -> float:
+    """Real tokens / token slots when every row is a full context (the worst case of a batch)."""
+    if not rows:
+        return 0.0
+    real = sum(int(lengths[i]) for row in rows for i in row)
+    return real / (len(rows) * context_length)
+
+
+def collate(
+    dataset: Any,
+    rows: Sequence[Sequence[int]],
+    pad_id: int,
+    *,
+    flatten: bool = False,
+) -> dict[str, torch.Tensor]:
+    """Tensors for a batch of rows.
+
+    Packed (a row holds several examples, or `flatten=True`): `input_ids`, `labels`, `position_ids`,
+    no `attention_mask`. Rows are padded to the longest row of the batch with a padding segment
+    of its own (restarting positions, labels -100); `flatten=True` puts all rows into one row with
+    no padding at all (what flash-attention 2 varlen needs). Unpacked: padded to the longest example
+    of the batch, with `attention_mask`. Labels are unshifted (the model shifts them) and are -100
+    on every example's first token, so no position predicts across an example boundary.
+    """
+    import torch
+
+    flat = [i for row in rows for i in row]
+    if not flat:
+        raise ValueError("collate needs at least one example")
+    unique = sorted(set(flat))
+    fetched = dataset[unique]
+    by_index = {i: (fetched["input_ids"][k], fetched["labels"][k]) for k, i in enumerate(unique)}
+    packed = flatten or any(len(row) > 1 for row in rows)
+    if flatten:
+        rows = [flat]
+    seqs: list[tuple[list[int], list[int], list[int]]] = []
+    for row in rows:
+        ids: list[int] = []
+        labels: list[int] = []
+        pos: list[int] = []
+        for i in row:
+            x, y = by_index[i]
+            ids.extend(x)
+            labels.extend(y)
+            pos.extend(range(len(x)))
+        seqs.append((ids, labels, pos))
+    width = max(len(s[0]) for s in seqs)
+    n = len(seqs)
+    input_ids = torch.full((n, width), int(pad_id), dtype=torch.long)
+    label_t = torch.full((n, width), IGNORE, dtype=torch.long)
+    if packed:
+        # the padding tail is a segment of its own: positions restart, so it attends only to itself
+        position_ids = torch.arange(width, dtype=torch.long).repeat(n, 1)
+    else:
+        position_ids = torch.arange(width, dtype=torch.long).repeat(n, 1)
+        attention_mask = torch.zeros((n, width), dtype=torch.long)
+    for r, (ids, labels, pos) in enumerate(seqs):
+        k = len(ids)
+        input_ids[r, :k] = torch.tensor(ids, dtype=torch.long)
+        label_t[r, :k] = torch.tensor(labels, dtype=torch.long)
+        if packed:
+            position_ids[r, :k] = torch.tensor(pos, dtype=torch.long)
+            position_ids[r, k:] = torch.arange(width - k, dtype=torch.long)
+        else:
+            attention_mask[r, :k] = 1
+    batch = {"input_ids": input_ids, "labels": label_t, "position_ids": position_ids}
+    if not packed:
+        batch["attention_mask"] = attention_mask
+    return batch

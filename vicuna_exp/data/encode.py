@@ -1,0 +1,268 @@
+"""Encode rendered conversations: one tokenization of the whole text, labels from character offsets.
+
+The template's structural special tokens (`</s>` after a reply, a `<s>` between Llama-2 turns) are
+written into the text as private-use sentinel characters that a copy of the tokenizer knows as
+added tokens, while the real special-token strings are matched as plain text
+(`encode_special_tokens`). So a message that contains `</s>`, `<s>` or `USER:` stays text, and
+the text around each structural token is split exactly as the tokenizer splits around a special
+token. A token is supervised when its characters lie inside a supervised span of the rendering;
+a token that straddles a span's edge cannot be aligned and the conversation is reported, never
+silently masked.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from vicuna_exp.data.template import Segment, check_template, render_segments, to_turns
+from vicuna_exp.errors import UsageError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerFast
+
+    from vicuna_exp.data.config import TemplateConfig
+
+IGNORE = -100
+_SENTINEL_BASE = 0xF0000  # Supplementary Private Use Area-A: never in real text (checked anyway)
+
+
+class EncodeError(ValueError):
+    """A conversation that cannot be encoded exactly; `reason` is the stats.json drop reason."""
+
+    def __init__(self, reason: str, detail: str):
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+
+
+@dataclass
+class Rendered:
+    """A rendering ready to tokenize: sentinel text, supervised spans, where each pair starts."""
+
+    text: str
+    bounds: np.ndarray  # supervised spans as flat sorted [s0, e0, s1, e1, ...] (character offsets)
+    pair_chars: np.ndarray  # character offset where each (user, assistant) pair starts
+
+
+@dataclass
+class Encoded:
+    input_ids: np.ndarray  # int32
+    labels: np.ndarray  # int32, IGNORE where not supervised
+    pair_starts: np.ndarray  # index of the first token of each (user, assistant) pair (for splitting)
+    rendered: Rendered | None = None  # kept for stitching pieces of this conversation
+    encoding: Any = None  # the tokenizers.Encoding, idem
+
+
+_BACKENDS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # tokenizer -> {key: sentinel backend}
+
+
+def _sentinel_backend(tokenizer: Any, bos: str, eos: str) -> tuple[Any, dict[int, int], dict[str, str], bool]:
+    """A copy of the tokenizer's backend that knows the sentinels, made once per tokenizer and template tokens.
+
+    Returns (backend, sentinel id -> real id, special string -> sentinel character, any token strips spaces).
+    """
+    from tokenizers import AddedToken, Tokenizer
+
+    key = (bos, eos, len(tokenizer), tuple(sorted(str(t) for t in tokenizer.added_tokens_decoder.values())))
+    per_tok = _BACKENDS.setdefault(tokenizer, {})
+    if key in per_tok:
+        return per_tok[key]
+    backend = Tokenizer.from_str(tokenizer.backend_tokenizer.to_str())
+    backend.no_truncation()
+    backend.no_padding()
+    added = {t.content: t for t in tokenizer.added_tokens_decoder.values()}
+    sentinels: dict[str, str] = {}
+    sentinel_to_real: dict[int, int] = {}
+    strips = False
+    for i, (name, token) in enumerate((("template.bos_token", bos), ("template.eos_token", eos))):
+        real_id = tokenizer.convert_tokens_to_ids(token)
+        if token not in added or real_id is None:
+            raise UsageError(f"{name}: {token!r} is not a special token of the tokenizer "
+                             f"{getattr(tokenizer, 'name_or_path', '')!r}")
+        proto = added[token]
+        strips = strips or proto.lstrip or proto.rstrip
+        char = chr(_SENTINEL_BASE + i)
+        backend.add_tokens([AddedToken(char, single_word=proto.single_word, lstrip=proto.lstrip,
+                                       rstrip=proto.rstrip, normalized=False, special=False)])
+        sentinel_to_real[backend.token_to_id(char)] = int(real_id)
+        sentinels[token] = char
+    backend.encode_special_tokens = True  # special-token strings inside messages stay text
+    per_tok[key] = (backend, sentinel_to_real, sentinels, strips)
+    return per_tok[key]
+
+
+class ConversationEncoder:
+    """Batched, exact encoding of rendered segments with one tokenizer and one template."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerFast, template: TemplateConfig, *, stitch: bool = True):
+        check_template(template)
+        if not getattr(tokenizer, "is_fast", False):
+            raise UsageError("model.tokenizer: a fast tokenizer (tokenizer.json) is needed for offsets")
+        self.template = template
+        self.tokenizer = tokenizer
+        backend, sentinel_to_real, self.sentinels, strips = _sentinel_backend(
+            tokenizer, template.bos_token, template.eos_token)
+        self.backend = backend
+        self._map_from = np.array(sorted(sentinel_to_real), dtype=np.int64)
+        self._map_to = np.array([sentinel_to_real[k] for k in sorted(sentinel_to_real)], dtype=np.int64)
+        self.sentinel_chars = tuple(self.sentinels.values())
+        # Text between structural special tokens is tokenized independently of its neighbours (the
+        # tokenizer splits on added tokens first), so a piece of a conversation can reuse the whole
+        # conversation's tokens after its first special token. That holds when the special tokens
+        # strip no whitespace and the post-processor only adds tokens in front (BOS).
+        probe = backend.encode("a b", add_special_tokens=True).ids
+        bare = backend.encode("a b", add_special_tokens=False).ids
+        self.stitch = stitch and not strips and probe[len(probe) - len(bare):] == bare
+        self.word_cut = self.stitch and _word_boundaries_are_cuts(backend)
+
+    def render(self, segments: Sequence[Segment]) -> Rendered:
+        """Sentinel text and supervised spans of a rendering (EncodeError on a reserved character)."""
+        parts: list[str] = []
+        bounds: list[int] = []
+        pair_chars: list[int] = []
+        pos = 0
+        for seg in segments:
+            if seg.pair >= len(pair_chars):
+                pair_chars.append(pos)
+            text = self.sentinels[seg.text] if seg.special else seg.text
+            if not seg.special:
+                for ch in self.sentinel_chars:
+                    if ch in text:
+                        raise EncodeError("private_use_char", "message contains a reserved private-use character")
+            if seg.supervised:
+                if bounds and bounds[-1] == pos:
+                    bounds[-1] = pos + len(text)  # extend the previous span
+                else:
+                    bounds.extend((pos, pos + len(text)))
+            parts.append(text)
+            pos += len(text)
+        return Rendered("".join(parts), np.asarray(bounds, dtype=np.int64), np.asarray(pair_chars, dtype=np.int64))
+
+    def tokenize(self, items: Sequence[Rendered]) -> list[Any]:
+        """The batched (multi-core, GIL-free) tokenizer call; `label` turns its output into examples."""
+        return self.backend.encode_batch([r.text for r in items], add_special_tokens=True) if items else []
+
+    def label(self, items: Sequence[Rendered], encodings: Sequence[Any], *, keep: bool = False
+              ) -> list[Encoded | EncodeError]:
+        """Labels for tokenized renderings; `keep` retains what stitching pieces needs."""
+        out: list[Encoded | EncodeError] = []
+        for r, enc in zip(items, encodings, strict=True):
+            res = self._labels(enc, r)
+            if keep and isinstance(res, Encoded):
+                res.rendered, res.encoding = r, enc
+            out.append(res)
+        return out
+
+    def encode_rendered(self, items: Sequence[Rendered], *, keep: bool = False) -> list[Encoded | EncodeError]:
+        return self.label(items, self.tokenize(items), keep=keep)
+
+    def encode_many(self, renderings: Sequence[Sequence[Segment]], *, keep: bool = False) -> list[Encoded | EncodeError]:
+        """Encode many renderings; a rendering that cannot be encoded gives its EncodeError in place."""
+        rendered: list[Rendered | EncodeError] = []
+        for segs in renderings:
+            try:
+                rendered.append(self.render(segs))
+            except EncodeError as exc:
+                rendered.append(exc)
+        ok = [r for r in rendered if isinstance(r, Rendered)]
+        it = iter(self.encode_rendered(ok, keep=keep))
+        return [next(it) if isinstance(r, Rendered) else r for r in rendered]
+
+    def _ids(self, enc: Any) -> np.ndarray:
+        ids = np.array(enc.ids, dtype=np.int32)
+        hit = ids >= self._map_from[0]  # the sentinels are the newest (highest) ids
+        if hit.any():
+            ids[hit] = self._map_to[np.searchsorted(self._map_from, ids[hit])]
+        return ids
+
+    def _labels(self, enc: Any, r: Rendered) -> Encoded | EncodeError:
+        """Labels from the token indices at the supervised spans' edges (no per-token Python work)."""
+        ids = self._ids(enc)
+        n = len(ids)
+        labels = np.full(n, IGNORE, dtype=np.int32)
+        text_len = len(r.text)
+        for s, e in r.bounds.reshape(-1, 2).tolist():
+            a = enc.char_to_token(s)
+            last = enc.char_to_token(e - 1)
+            if a is None or last is None:
+                return self._labels_from_offsets(enc, ids, r)  # a character no token covers: the slow path
+            if enc.token_to_chars(a)[0] < s:
+                return EncodeError("misaligned", f"token {a} starts before the supervised span at {s}")
+            if e < text_len:
+                c = enc.char_to_token(e)
+                if c is None:
+                    return self._labels_from_offsets(enc, ids, r)
+                if c == last or enc.token_to_chars(c)[0] < e:
+                    return EncodeError("misaligned", f"token {c} straddles the end of the supervised span at {e}")
+            else:
+                c = last + 1
+                span = enc.token_to_chars(last)
+                while c < n and enc.token_to_chars(c) == span:  # several byte tokens of one character
+                    c += 1
+            labels[a:c] = ids[a:c]
+        return self._finish(ids, labels, enc, r)
+
+    def _labels_from_offsets(self, enc: Any, ids: np.ndarray, r: Rendered) -> Encoded | EncodeError:
+        """Per-token labels from the full offset table: exact whatever characters the tokens skip."""
+        offsets = np.asarray(enc.offsets, dtype=np.int64).reshape(-1, 2)
+        starts, ends = offsets[:, 0], offsets[:, 1]
+        empty = ends <= starts  # tokens added by the post-processor (BOS) cover no characters
+        i_start = np.searchsorted(r.bounds, starts, side="right")
+        i_last = np.searchsorted(r.bounds, np.maximum(ends - 1, starts), side="right")
+        inside = (i_start % 2 == 1) & (i_last == i_start) & ~empty
+        outside = ((i_start % 2 == 0) & (i_last == i_start)) | empty
+        if not (inside | outside).all():
+            bad = int(np.flatnonzero(~(inside | outside))[0])
+            return EncodeError("misaligned", f"token {bad} ({starts[bad]}:{ends[bad]}) straddles a supervised span edge")
+        return self._finish(ids, np.where(inside, ids, IGNORE), enc, r)
+
+    @staticmethod
+    def _finish(ids: np.ndarray, labels: np.ndarray, enc: Any, r: Rendered) -> Encoded:
+        if len(labels):
+            labels[0] = IGNORE  # nothing predicts the first token of an example (also keeps packed rows apart)
+        # the token that holds a pair's first character (it may begin with the space before it)
+        pair_starts = np.array([enc.char_to_token(int(c)) if enc.char_to_token(int(c)) is not None else len(ids)
+                                for c in r.pair_chars], dtype=np.int64)
+        return Encoded(ids.astype(np.int32, copy=False), labels.astype(np.int32, copy=False), pair_starts)
+
+
+def _word_boundaries_are_cuts(backend: Any) -> bool:
+    """True when text splits exactly at a space that follows a non-space: tokenize(a + " b") is
+    tokenize(a) + tokenize(" b") whenever a ends with a non-space.
+
+    Holds for SentencePiece-style BPE (LLaMA, Mistral): the space becomes "▁" and BPE only merges
+    neighbouring symbols into pieces of the vocabulary. When no piece holds a "▁" after another
+    character, no merge can ever join across such a point, so the merges on each side happen
+    exactly as they would alone. Checked on the vocabulary, not assumed.
+    """
+    import re
+
+    model, pre = backend.model, backend.pre_tokenizer
+    if type(model).__name__ != "BPE" or model.dropout or getattr(model, "ignore_merges", True):
+        return False
+    if backend.normalizer is not None or type(pre).__name__ != "Metaspace" or pre.replacement != "▁":
+        return False
+    inner_space = re.compile("[^▁]▁")
+    return not any(inner_space.search(piece) for piece in backend.get_vocab(with_added_tokens=False))
+
+
+def encode_conversation(
+    messages: Sequence[Mapping[str, Any]],
+    tokenizer: PreTrainedTokenizerFast,
+    template: TemplateConfig,
+) -> tuple[list[int], list[int]]:
+    """(input_ids, labels) of one whole conversation, exactly as training encodes it.
+
+    `messages`: ShareGPT turns (`from`/`value`) or chat messages (`role`/`content`), alternating
+    from the user, optionally after one system message. Labels are -100 except on each assistant
+    reply and its end-of-turn token. Raises EncodeError if the text cannot be aligned.
+    """
+    system, turns = to_turns(messages)
+    result = ConversationEncoder(tokenizer, template).encode_many([render_segments(template, system, turns)])[0]
+    if isinstance(result, EncodeError):
+        raise result
+    return result.input_ids.tolist(), result.labels.tolist()

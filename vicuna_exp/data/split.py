@@ -1,0 +1,320 @@
+"""Turn-aligned splitting: conversations longer than the context become several whole-pair examples.
+
+Planning uses the token lengths of the whole-conversation encoding; every piece is then rendered
+and tokenized as a conversation of its own (with the system prompt), so its ids are exactly what
+the model would see for that text. A piece that still does not fit gives up its last pair to a
+piece of its own. A single pair longer than the context follows `data.overflow`:
+`split` (the reply continues in further windows, each preceded by as much earlier text as fits,
+unsupervised), `truncate` (cut at the context: the Alpaca-style arm) or `drop`.
+"""
+
+from __future__ import annotations
+
+from collections import Counter, deque
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from itertools import islice
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from vicuna_exp.data.encode import IGNORE, Encoded, EncodeError, Rendered
+from vicuna_exp.data.template import Segment, render_segments
+
+if TYPE_CHECKING:
+    from vicuna_exp.data.clean import Conversation
+    from vicuna_exp.data.encode import ConversationEncoder
+
+ENCODE_CHUNK = 256  # conversations per batched tokenizer call (small: keeps the pipeline overlapped)
+IN_FLIGHT = 2  # batches queued on the tokenizer at once
+Example = tuple[np.ndarray, np.ndarray]  # (input_ids, labels)
+
+MIN_CONTEXT_FRACTION = 4  # a continuation window starts with at least context // 4 tokens of earlier text
+SURE_OVERFLOW = 16  # a lone pair estimated this many tokens over the context is windowed without re-tokenizing
+
+
+@dataclass
+class Piece:
+    conv: int  # index of the conversation
+    first: int  # first pair
+    stop: int  # one past the last pair
+
+
+def plan_pieces(conv: int, enc: Encoded, n_pairs: int, context: int) -> list[Piece]:
+    """Greedy runs of whole pairs whose estimated length (header + pairs) fits the context."""
+    total = len(enc.input_ids)
+    starts = list(enc.pair_starts.tolist()) + [total]
+    header = starts[0]
+    pieces: list[Piece] = []
+    i = 0
+    while i < n_pairs:
+        length = header + starts[i + 1] - starts[i]
+        j = i + 1
+        while j < n_pairs and length + starts[j + 1] - starts[j] <= context:
+            length += starts[j + 1] - starts[j]
+            j += 1
+        pieces.append(Piece(conv, i, j))
+        i = j
+    return pieces
+
+
+def windows(ids: np.ndarray, labels: np.ndarray, lo: int, hi: int, context: int) -> list[Example]:
+    """Examples that together supervise every token of `ids[lo:hi]` once (`overflow=split`).
+
+    Each window is BOS followed by a stretch of the token stream: new tokens (labels kept) preceded
+    by as much earlier text as fits (labels -100), at least a quarter of the context after the
+    first window. Windows with nothing supervised are left out.
+    """
+    min_ctx = max(1, context // MIN_CONTEXT_FRACTION)
+    step = max(1, context - 1 - min_ctx)  # new tokens per window; the rest is earlier text
+    out: list[Example] = []
+    a = max(lo, 1)
+    while a < hi:
+        b = min(hi, max(a + step, context))
+        begin = max(1, b - (context - 1))  # as much earlier text as fits, after a BOS
+        y = np.concatenate([[IGNORE], np.full(a - begin, IGNORE), labels[a:b]]).astype(np.int32)
+        if (y != IGNORE).any():
+            out.append((np.concatenate([ids[:1], ids[begin:b]]).astype(np.int32), y))
+        a = b
+    return out
+
+
+def overflow_examples(ids: np.ndarray, labels: np.ndarray, context: int, policy: str, counts: Counter) -> list[Example]:
+    """Examples for one pair, rendered on its own, that does not fit the context (counted in `counts`)."""
+    supervised = int((labels != IGNORE).sum())
+    if policy == "drop":
+        counts["dropped_pairs"] += 1
+        counts["dropped_supervised_tokens"] += supervised
+        return []
+    if policy == "truncate":
+        counts["truncated_pairs"] += 1
+        kept = labels[:context]
+        counts["truncated_supervised_tokens"] += supervised - int((kept != IGNORE).sum())
+        return [(ids[:context], kept)] if (kept != IGNORE).any() else []
+    counts["split_pairs"] += 1
+    out = windows(ids, labels, 1, len(ids), context)
+    counts["overflow_windows"] += len(out)
+    return out
+
+
+@dataclass
+class SplitResult:
+    convs: list[Conversation] = field(default_factory=list)  # every conversation consumed, in order
+    examples: dict[int, list[Example]] = field(default_factory=dict)  # conversation index -> its examples
+    source_tokens: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # whole-conversation supervised tokens
+    alive: np.ndarray = field(default_factory=lambda: np.zeros(0, bool))  # kept (encodable, at least one example)
+    dropped: Counter = field(default_factory=Counter)  # records, by reason
+    dropped_examples: Counter = field(default_factory=Counter)  # pieces that failed to encode, by reason
+    overflow: Counter = field(default_factory=Counter)
+
+
+def encode_and_split(
+    convs: Iterable[Conversation], encoder: ConversationEncoder, context: int, overflow_policy: str
+) -> SplitResult:
+    """Encode every conversation whole; those longer than the context become whole-pair pieces.
+
+    Pipelined: the tokenizer (Rust, all cores, without the GIL) works on the next chunks in
+    background threads while this thread reads, cleans (when `convs` is a lazy stream), renders
+    and labels, so the Python work hides behind it.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    template = encoder.template
+    stream = iter(convs)
+    res = SplitResult()
+    source: list[int] = []
+    alive: list[bool] = []
+
+    with ThreadPoolExecutor(max_workers=IN_FLIGHT) as pool:
+        def submit():  # noqa: ANN202 - the next chunk, rendered and queued on the tokenizer (None at the end)
+            chunk = list(islice(stream, ENCODE_CHUNK))
+            if not chunk:
+                return None
+            start = len(res.convs)
+            res.convs.extend(chunk)
+            source.extend([0] * len(chunk))
+            alive.extend([True] * len(chunk))
+            items: list[Rendered | EncodeError] = []
+            for c in chunk:
+                try:
+                    items.append(encoder.render(render_segments(template, c.system, c.turns)))
+                except EncodeError as exc:
+                    items.append(exc)
+            ok = [r for r in items if isinstance(r, Rendered)]
+            return start, items, ok, pool.submit(encoder.tokenize, ok)
+
+        # Several batches in flight: the tokenizer's threads never idle at the tail of one batch.
+        ahead: deque = deque()
+        exhausted = False
+        while True:
+            while not exhausted and len(ahead) < IN_FLIGHT:
+                nxt = submit()
+                if nxt is None:
+                    exhausted = True
+                else:
+                    ahead.append(nxt)
+            if not ahead:
+                break
+            start, items, ok, future = ahead.popleft()
+            if not exhausted:  # keep the queue full while this chunk is labelled and split
+                nxt = submit()
+                if nxt is None:
+                    exhausted = True
+                else:
+                    ahead.append(nxt)
+            labelled = iter(encoder.label(ok, future.result(), keep=True))
+            encoded = [next(labelled) if isinstance(r, Rendered) else r for r in items]
+            _split_chunk(start, encoded, res.convs, encoder, context, overflow_policy, res, source, alive)
+    res.source_tokens = np.asarray(source, dtype=np.int64)
+    res.alive = np.asarray(alive, dtype=bool)
+    for ci in range(len(res.convs)):
+        if res.alive[ci] and not res.examples.get(ci):
+            res.alive[ci] = False
+            res.dropped["overflow"] += 1  # every pair was longer than the context (overflow=drop)
+    return res
+
+
+def _split_chunk(start: int, encoded: list[Encoded | EncodeError], convs: Sequence[Conversation],
+                 encoder: ConversationEncoder, context: int, policy: str, res: SplitResult,
+                 source: list[int], alive: list[bool]) -> None:
+    pending: list[Piece] = []
+    wholes: dict[int, Encoded] = {}
+    for k, enc in enumerate(encoded):
+        ci = start + k
+        if isinstance(enc, EncodeError):
+            res.dropped[enc.reason] += 1
+            alive[ci] = False
+            continue
+        source[ci] = int(np.count_nonzero(enc.labels != IGNORE))
+        if len(enc.input_ids) <= context:
+            res.examples[ci] = [(enc.input_ids, enc.labels)]
+        else:
+            wholes[ci] = enc
+            pending.extend(plan_pieces(ci, enc, len(convs[ci].turns) // 2, context))
+    res.overflow["split_conversations"] += len(wholes)
+    _encode_pieces(pending, wholes, convs, encoder, context, policy, res)
+
+
+def _encode_pieces(pending: list[Piece], wholes: dict[int, Encoded], convs: Sequence[Conversation],
+                   encoder: ConversationEncoder, context: int, policy: str, res: SplitResult) -> None:
+    """Each piece gets the ids of its own rendering; one that still does not fit gives up its last pair."""
+    template = encoder.template
+    pieces: dict[tuple[int, int], list[Example]] = {}
+    while pending:
+        built: list[Example | EncodeError] = []
+        prefixes: list[Rendered] = []  # stitched pieces: only the text before the first special token
+        tails: list[tuple[int, Example]] = []
+        full: list[tuple[int, list[Segment]]] = []  # pieces tokenized whole (no stitching possible)
+        early: dict[int, list[Example]] = {}  # lone pairs that certainly overflow: windowed at once
+        for i, p in enumerate(pending):
+            conv = convs[p.conv]
+            if policy == "split" and p.stop - p.first == 1 and _estimate(wholes[p.conv], p) > context + SURE_OVERFLOW:
+                built.append(EncodeError("pending", ""))
+                early[i] = _overflow(p, None, wholes[p.conv], context, policy, res)
+                continue
+            segments = render_segments(template, conv.system, conv.turns[2 * p.first:2 * p.stop])
+            stitched = _stitch(encoder, wholes[p.conv], segments, p, len(conv.turns) // 2)
+            built.append(EncodeError("pending", ""))
+            if stitched is None:
+                full.append((i, segments))
+            elif isinstance(stitched, tuple) and isinstance(stitched[0], Rendered):
+                prefixes.append(stitched[0])
+                tails.append((i, stitched[1]))
+            else:
+                built[i] = stitched  # type: ignore[assignment]
+        for (i, (tail_ids, tail_labels)), enc in zip(tails, encoder.encode_rendered(prefixes), strict=True):
+            if isinstance(enc, EncodeError):
+                built[i] = enc
+            else:
+                built[i] = (np.concatenate([enc.input_ids, tail_ids]), np.concatenate([enc.labels, tail_labels]))
+        for (i, _), enc in zip(full, encoder.encode_many([segs for _, segs in full]), strict=True):
+            built[i] = enc if isinstance(enc, EncodeError) else (enc.input_ids, enc.labels)
+        next_pending: list[Piece] = []
+        for i, (p, item) in enumerate(zip(pending, built, strict=True)):
+            if i in early:
+                pieces[(p.conv, p.first)] = early[i]
+            elif isinstance(item, EncodeError):
+                res.dropped_examples[item.reason] += 1
+                pieces[(p.conv, p.first)] = []
+            elif len(item[0]) <= context:
+                pieces[(p.conv, p.first)] = [item]
+            elif p.stop - p.first > 1:
+                res.overflow["replanned_pieces"] += 1
+                next_pending.extend([Piece(p.conv, p.first, p.stop - 1), Piece(p.conv, p.stop - 1, p.stop)])
+            else:
+                pieces[(p.conv, p.first)] = _overflow(p, item, wholes[p.conv], context, policy, res)
+        pending = next_pending
+    for (ci, _first), exs in sorted(pieces.items()):
+        res.examples.setdefault(ci, []).extend(exs)
+
+
+def _estimate(whole: Encoded, p: Piece) -> int:
+    """A piece's length from the whole conversation's tokens: header (BOS, system) plus its pairs."""
+    starts = whole.pair_starts
+    end = int(starts[p.stop]) if p.stop < len(starts) else len(whole.input_ids)
+    return int(starts[0]) + end - int(starts[p.first])
+
+
+def _overflow(p: Piece, own: Example | None, whole: Encoded, context: int, policy: str,
+              res: SplitResult) -> list[Example]:
+    """A lone pair longer than the context. `split` windows the whole conversation's token stream
+    over the pair (earlier turns are the preceding text, no re-tokenizing); `truncate` and `drop`
+    work on the pair rendered on its own."""
+    if policy != "split":
+        assert own is not None
+        return overflow_examples(own[0], own[1], context, policy, res.overflow)
+    starts = whole.pair_starts
+    lo = int(starts[p.first])
+    hi = int(starts[p.stop]) if p.stop < len(starts) else len(whole.input_ids)
+    out = windows(whole.input_ids, whole.labels, lo, hi, context)
+    res.overflow["split_pairs"] += 1
+    res.overflow["overflow_windows"] += len(out)
+    return out
+
+
+def _stitch(encoder: ConversationEncoder, whole: Encoded, segments: list[Segment], p: Piece,
+            n_pairs: int) -> Example | tuple[Rendered, Example] | None:
+    """A piece from the whole conversation's tokens where that is exact; None when it must be tokenized.
+
+    A piece that starts at the first pair is a prefix of the conversation up to a special token:
+    its tokens are the conversation's. A later piece shares the conversation's text from its first
+    special token on; only the text before it (system prompt and first pair) needs tokenizing.
+    """
+    w, enc = whole.rendered, whole.encoding
+    if not encoder.stitch or w is None or enc is None:
+        return None
+    end = int(w.pair_chars[p.stop]) if p.stop < n_pairs else len(w.text)
+    if end == 0 or w.text[end - 1] not in encoder.sentinel_chars:
+        return None  # the piece does not end at a special token
+    last = enc.char_to_token(end - 1)
+    if last is None:
+        return None
+    stop_tok = last + 1
+    try:
+        r = encoder.render(segments)
+    except EncodeError:
+        return None
+    if p.first == 0:
+        if r.text != w.text[:end]:
+            return None
+        return whole.input_ids[:stop_tok], whole.labels[:stop_tok]
+    cut = min((i for i in (r.text.find(ch) for ch in encoder.sentinel_chars) if i >= 0), default=-1)
+    if cut <= 0:
+        return None
+    if encoder.word_cut and len(r.bounds) and r.bounds[0] < cut:
+        # Cut earlier, where the first reply begins with a space after a non-space (" ASSISTANT: reply"):
+        # only the system prompt and the first question are tokenized again.
+        s0 = int(r.bounds[0])
+        if 0 < s0 and r.text[s0] == " " and r.text[s0 - 1] != " ":
+            cut = s0
+    begin = int(w.pair_chars[p.first]) + cut - int(r.pair_chars[0])
+    if begin <= 0 or r.text[cut:] != w.text[begin:end]:
+        return None
+    tail_first = enc.char_to_token(begin)
+    if tail_first is None or enc.token_to_chars(tail_first)[0] != begin:
+        return None  # the conversation's own tokens do not break there
+    bounds = np.minimum(r.bounds, cut)
+    keep = bounds.reshape(-1, 2)
+    keep = keep[keep[:, 1] > keep[:, 0]].reshape(-1)
+    prefix = Rendered(r.text[:cut], keep, r.pair_chars[:1])
+    return prefix, (whole.input_ids[tail_first:stop_tok], whole.labels[tail_first:stop_tok])
