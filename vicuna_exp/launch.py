@@ -13,7 +13,7 @@ host:port) with fixed ranks (`launcher.node_rank`), all writing to one shared ru
 
 If a worker dies, torchrun stops the others (SIGTERM, then SIGKILL after the shutdown timeout);
 this job then records status `failed` with the first worker's error. Signals to this job
-(SIGTERM, SIGINT, SIGUSR1) go to torchrun once, which hands them to every worker: they stop
+(SIGTERM, SIGINT, SIGUSR1, SIGUSR2) go to torchrun once, which hands them to every worker: they stop
 at the end of the step, save, and the job exits 75.
 """
 
@@ -39,7 +39,7 @@ from vicuna_exp.errors import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE
 log = logging.getLogger(__name__)
 WORKER_STATUS_DIR = ".workers"  # one JSON per rank: exit code and error, written as the rank ends
 LAUNCH_LOG = "launch.log"  # torchrun's own stderr (the workers' stderr passes through it too)
-FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2)
 SAVE_MARGIN_S = 120  # beyond trainer.preempt_grace_s, for the final checkpoint before SIGKILL
 
 
@@ -59,7 +59,11 @@ def launch(cfg: DictConfig, run_dir: Path) -> int:
     tee.start()
     previous = {sig: signal.signal(sig, lambda s, f: _forward(proc, s)) for sig in FORWARDED_SIGNALS}
     try:
-        rc = proc.wait()
+        # Under submitit, its preemption signal stops the workers first; the requeue comes after the save.
+        from vicuna_exp.cluster import requeue_on_preemption
+
+        with requeue_on_preemption(proc, float(cfg.trainer.preempt_grace_s) + SAVE_MARGIN_S):
+            rc = proc.wait()
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
@@ -128,8 +132,7 @@ def check_run_dir_shared(cfg: DictConfig, hydra_overrides: list[str]) -> None:
     """Several nodes must agree on one run dir; Hydra's default is a timestamp, different on each node."""
     if int(cfg.launcher.nnodes) <= 1:
         return
-    if not cfg.launcher.rdzv_endpoint:
-        raise UsageError("launcher.nnodes > 1 needs launcher.rdzv_endpoint=HOST:PORT of node 0")
+    scheduler_rendezvous(cfg)  # without an rdzv_endpoint, the scheduler must say where node 0 is
     if not any(o.startswith(("hydra.run.dir=", "hydra.sweep.dir=")) for o in hydra_overrides):
         raise UsageError("launcher.nnodes > 1: pass the same hydra.run.dir=/shared/path on every node "
                          "(the default run dir is a timestamp, which differs between nodes)")
@@ -148,7 +151,12 @@ def torchrun_command(cfg: DictConfig, run_dir: Path) -> list[str]:
     la = cfg.launcher
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={int(la.nproc_per_node)}",
            f"--nnodes={int(la.nnodes)}"]
-    if int(la.nnodes) == 1:
+    rdzv = scheduler_rendezvous(cfg)
+    if rdzv is not None:  # SLURM / SkyPilot: every node learns its place from the scheduler
+        cmd += ["--rdzv-backend=static", f"--rdzv-endpoint={rdzv['master_addr']}:{rdzv['master_port']}",
+                f"--node-rank={rdzv['node_rank']}", f"--master-addr={rdzv['master_addr']}",
+                f"--master-port={rdzv['master_port']}", f"--rdzv-id={rdzv['rdzv_id']}"]
+    elif int(la.nnodes) == 1:
         cmd.append("--standalone")
     else:
         host, _, port = str(la.rdzv_endpoint).rpartition(":")
@@ -161,6 +169,26 @@ def torchrun_command(cfg: DictConfig, run_dir: Path) -> list[str]:
             f"--shutdown-timeout={int(float(cfg.trainer.preempt_grace_s)) + SAVE_MARGIN_S}",
             "-m", "vicuna_exp.worker", str(run_dir)]
     return cmd
+
+
+def scheduler_rendezvous(cfg: DictConfig) -> dict[str, Any] | None:
+    """A multi-node job under SLURM or SkyPilot with no explicit `launcher.rdzv_endpoint`: node 0's
+    address and this node's rank come from the scheduler's environment."""
+    from vicuna_exp.cluster import rendezvous_from_env
+
+    la = cfg.launcher
+    if int(la.nnodes) == 1 or la.rdzv_endpoint:
+        return None
+    rdzv = rendezvous_from_env(os.environ)
+    if rdzv is None:
+        raise UsageError(f"launcher.nnodes={la.nnodes}: set launcher.rdzv_endpoint=HOST:PORT of node 0 and "
+                         "launcher.node_rank, or run under SLURM / SkyPilot, which provide them")
+    if rdzv["nnodes"] != int(la.nnodes):
+        raise UsageError(f"launcher.nnodes={la.nnodes}, but {rdzv['source']} gave this job {rdzv['nnodes']} nodes")
+    if rdzv["nproc_per_node"] and rdzv["nproc_per_node"] != int(la.nproc_per_node):
+        raise UsageError(f"launcher.nproc_per_node={la.nproc_per_node}, but {rdzv['source']} gave each node "
+                         f"{rdzv['nproc_per_node']} GPUs")
+    return rdzv
 
 
 def worker_env(base: Any) -> dict[str, str]:

@@ -29,6 +29,7 @@ class StopFlags:
         self.single_process = single_process
         self.requested = False
         self.reason: str | None = None
+        self.signum: int | None = None
         self._step_s: float | None = None  # moving average of recent step times
         self._step_started: float | None = None
         self._previous: dict[int, object] = {}
@@ -41,12 +42,20 @@ class StopFlags:
                 return
 
     def uninstall(self) -> None:
+        """Restore the previous handlers. Under submitit, once the checkpoint is saved, its own
+        handler gets the preemption signal we took, so it requeues the job (and exits)."""
+        from vicuna_exp.cluster import in_submitit_job, preemption_signal
+
+        chained = self._previous.get(self.signum) if self.signum is not None else None
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)  # type: ignore[arg-type]
         self._previous.clear()
+        if in_submitit_job() and self.signum == preemption_signal() and callable(chained):
+            chained(self.signum, None)
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         self.requested = True
+        self.signum = signum
         self.reason = f"received {signal.Signals(signum).name}"
         if self.single_process and self._step_started is not None and not self._fits_in_grace():
             raise StopNow(self.reason)

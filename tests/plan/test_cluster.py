@@ -149,3 +149,23 @@ def test_submitit_local_executor_requeues_and_resumes(tmp_path):
     result = job.result()
     assert result["exit"] == 0 and result["step"] == 100
     assert result["starts"] >= 2 and result["saves"] == result["starts"] - 1, result
+
+
+def test_launch_takes_the_rendezvous_from_slurm(monkeypatch):
+    """A 2-node SLURM job with no rdzv_endpoint: torchrun gets node 0's address and this node's rank."""
+    from omegaconf import OmegaConf
+
+    from vicuna_exp.config import VicunaConfig
+    from vicuna_exp.launch import torchrun_command
+
+    cfg = OmegaConf.structured(VicunaConfig)
+    cfg.launcher.nnodes, cfg.launcher.nproc_per_node = 2, 4
+    for k, v in {"SLURM_JOB_ID": "77", "SLURM_JOB_NODELIST": "gpu[03-04]", "SLURM_NNODES": "2",
+                 "SLURM_NODEID": "1", "SLURM_GPUS_ON_NODE": "4"}.items():
+        monkeypatch.setenv(k, v)
+    cmd = " ".join(torchrun_command(cfg, Path("/shared/run")))
+    assert "--node-rank=1" in cmd and "--master-addr=gpu03" in cmd and "--nnodes=2" in cmd
+    assert "--standalone" not in cmd
+    monkeypatch.setenv("SLURM_GPUS_ON_NODE", "8")
+    with pytest.raises(UsageError, match="launcher.nproc_per_node=4"):
+        torchrun_command(cfg, Path("/shared/run"))
