@@ -84,6 +84,17 @@ def test_final_model_loads_with_its_tokenizer_and_template(default_run: Path) ->
     assert tok.chat_template and "ASSISTANT" in tok.chat_template
     ids = tok("USER: hi ASSISTANT:", return_tensors="pt").input_ids
     assert model(ids).logits.shape[-1] == model.config.vocab_size
+    # Any serving stack that applies the saved template sees exactly the ids training saw.
+    from omegaconf import OmegaConf
+
+    from vicuna_exp.data import encode_conversation
+    from vicuna_exp.data.config import TemplateConfig
+
+    template = OmegaConf.merge(OmegaConf.structured(TemplateConfig), OmegaConf.load(final / "vicuna_template.yaml"))
+    chat = [{"role": "user", "content": "What is 2 plus 2?"}, {"role": "assistant", "content": "4."},
+            {"role": "user", "content": "And times 3?"}, {"role": "assistant", "content": "12."}]
+    train_ids, _ = encode_conversation(chat, tok, template)
+    assert tok.apply_chat_template(chat, tokenize=True, return_dict=False) == train_ids
 
 
 def test_wandb_ran_offline_without_a_key(default_run: Path) -> None:

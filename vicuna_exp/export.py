@@ -253,7 +253,7 @@ def write_tokenizer_files(cfg: Any, tokenizer: Any, out_dir: Path) -> None:
 
     from vicuna_exp.data.template import to_jinja
 
-    tokenizer.chat_template = to_jinja(cfg.template)
+    tokenizer.chat_template = to_jinja(cfg.template, tokenizer)
     tokenizer.save_pretrained(str(out_dir))
     (Path(out_dir) / "vicuna_template.yaml").write_text(OmegaConf.to_yaml(cfg.template))
 
