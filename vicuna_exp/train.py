@@ -332,6 +332,7 @@ class Recipe:
                     "tokens": state.tokens_seen, "supervised_tokens": state.supervised_tokens_seen,
                     "tokens_per_s": n_tokens / step_s, "supervised_tokens_per_s": n_supervised / step_s,
                     "tokens_per_s_per_device": n_tokens / step_s / W, "step_s": step_s,
+                    "packing_efficiency": n_tokens / (gbs * cfg.context.length),  # real tokens / slots
                     "tflops_per_device": achieved_tflops(self.step_flops, step_s, W),
                     "mfu": mfu(self.step_flops, step_s, W, self.peak_tflops),
                     "elapsed_s": self.wall_s(), **self._memory()})

@@ -94,7 +94,6 @@ def test_worker_processes_give_the_same_result():
 
 
 def test_language_filter_offline():
-    pytest.importorskip("langdetect")
     recs = [rec("en", ("human", "What is the weather like in the mountains during the winter months?"), ("gpt", "Cold.")),
             rec("fr", ("human", "Quel temps fait-il dans les montagnes pendant les mois d'hiver ?"), ("gpt", "Froid."))]
     res = clean_records(recs, replace(CFG, languages=["en"]))

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
+import datasets
 import numpy as np
 import pytest
+import torch
 
-torch = pytest.importorskip("torch")
-datasets = pytest.importorskip("datasets")
-
-from vicuna_exp.data.batching import collate, epoch_rows, pack_best_fit, packing_efficiency  # noqa: E402
+from vicuna_exp.data.batching import collate, epoch_rows, pack_best_fit, packing_efficiency
 
 VOCAB = 97
 

@@ -97,8 +97,10 @@ def test_write_refuses_a_config_that_does_not_fit(tmp_path):
 
 
 def test_task_parses_with_skypilot(tmp_path):
-    """SkyPilot's own parser, where the optional `sky` extra is installed (it works offline)."""
-    sky_lib = pytest.importorskip("sky")
+    """SkyPilot's own parser, where the optional `sky` extra is installed (it works offline). It is not in
+    the dev set: skypilot 0.14.1 pins click<8.2, which breaks wandb 0.31 (click>=8.2) in the same venv."""
+    sky_lib = pytest.importorskip("sky", reason="the optional `sky` extra (skypilot) is not installed: its "
+                                  "click<8.2 pin conflicts with wandb's click>=8.2, so it stays out of the test venv")
     path = sky.write(_cfg(sky__output=str(tmp_path)), USER)[0]
     task = sky_lib.Task.from_yaml(str(path))
     assert task.num_nodes == 2
