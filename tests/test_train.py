@@ -243,3 +243,9 @@ def test_a_directory_that_is_not_a_model(tmp_path: Path, capsys: pytest.CaptureF
                  f"hydra.run.dir={tmp_path / 'run'}"])
     assert code == 2
     assert "not a Hugging Face model directory" in capsys.readouterr().err
+
+
+def test_a_sharding_backend_runs_with_one_process(tmp_path: Path) -> None:
+    """`train -m backend=fsdp,...` without launcher changes: one process still gets a process group."""
+    assert main(["train", *SMALL, "backend=fsdp", "trainer.max_steps=2", f"hydra.run.dir={tmp_path}"]) == 0
+    assert json.loads((tmp_path / "summary.json").read_text())["status"] == "completed"

@@ -6,8 +6,8 @@ Launch (see `vicuna_exp.launch` for several processes):
     vicuna-exp train experiment=vicuna-7b model.path=/path/to/llama-7b-hf
     vicuna-exp train backend=fsdp launcher.nproc_per_node=8 context=2048
 
-`main` is the Hydra job (one per run dir). With one process it calls `run` itself; with more
-it starts torchrun, and every rank calls `run` from `vicuna_exp.worker` with the resolved config
+`main` is the Hydra job (one per run dir). With one process and no sharding it calls `run`
+itself; otherwise it starts torchrun, and every rank calls `run` from `vicuna_exp.worker` with the resolved config
 the job saved. `run` never parses configs, never branches on the backend, and calls the
 tracker alone for metrics.
 """
@@ -62,7 +62,8 @@ def main(cfg: DictConfig) -> int:
               "Use trainer.resume=never to train it again.")
         return EXIT_OK
     save_resolved_config(cfg, run_dir, overrides)
-    if cfg.launcher.nproc_per_node * cfg.launcher.nnodes > 1:
+    # Sharding backends need a process group, even of one: torchrun provides it.
+    if cfg.launcher.nproc_per_node * cfg.launcher.nnodes > 1 or cfg.backend.name != "single":
         from vicuna_exp.launch import launch
 
         return launch(cfg, run_dir)
