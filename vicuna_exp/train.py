@@ -66,9 +66,22 @@ def main(cfg: DictConfig) -> int:
     if cfg.launcher.nproc_per_node * cfg.launcher.nnodes > 1 or cfg.backend.name != "single":
         from vicuna_exp.launch import launch
 
-        return launch(cfg, run_dir)
+        code = launch(cfg, run_dir)
+        report_outcome(run_dir)
+        return code
     code, _ = run(cfg, run_dir, overrides)
+    report_outcome(run_dir)
     return code
+
+
+def report_outcome(run_dir: Path) -> None:
+    """One line a person (or a script) can act on: what happened and where the run dir is."""
+    try:
+        s = json.loads((run_dir / "summary.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return
+    losses = ", ".join(f"{k} {s[k]:.4f}" for k in ("final_loss", "final_eval_loss") if s.get(k) is not None)
+    print(f"{s.get('status')} after {s.get('steps')} steps{': ' + losses if losses else ''}; run dir: {run_dir}")
 
 
 def completed_summary(run_dir: Path, cfg_hash: str) -> dict | None:
