@@ -1,14 +1,16 @@
-"""Model + optimizer + schedule state in the torch.distributed.checkpoint layout shared by
-single, DDP and FSDP: `state/` (keyed by parameter name, so any of them can resume any other,
-on any number of ranks: DCP reshards on load) and `scheduler.pt`.
+"""What single, DDP and FSDP share: a plain torch AdamW and LR schedule, and their state in one
+torch.distributed.checkpoint layout, `state/` (keyed by parameter name, so any of them can resume
+any other, on any number of ranks: DCP reshards on load) and `scheduler.pt`.
 """
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import torch
 
+from vicuna_exp.backends.base import Backend, tensor_bytes
 from vicuna_exp.export import DCP_SUBDIR, DEEPSPEED_SUBDIR
 
 SCHEDULER_FILE = "scheduler.pt"
@@ -21,7 +23,9 @@ def save_state(ckpt_dir: Path, model: torch.nn.Module, optimizer: torch.optim.Op
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
     model_sd, optim_sd = get_state_dict(model, optimizer)
-    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(ckpt_dir / DCP_SUBDIR))
+    with warnings.catch_warnings():  # one process: "assuming the intent is to save in a single process"; it is
+        warnings.simplefilter("ignore", UserWarning)
+        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(ckpt_dir / DCP_SUBDIR))
     if is_main:
         torch.save(scheduler.state_dict(), ckpt_dir / SCHEDULER_FILE)
 
@@ -37,6 +41,48 @@ def load_state(ckpt_dir: Path, model: torch.nn.Module, optimizer: torch.optim.Op
                            f"or convert it with `vicuna-exp export {ckpt_dir} OUT_DIR`")
     model_sd, optim_sd = get_state_dict(model, optimizer)
     state = {"model": model_sd, "optim": optim_sd}
-    dcp.load(state, checkpoint_id=str(ckpt_dir / DCP_SUBDIR))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        dcp.load(state, checkpoint_id=str(ckpt_dir / DCP_SUBDIR))
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
     scheduler.load_state_dict(torch.load(ckpt_dir / SCHEDULER_FILE, weights_only=True))
+
+
+class TorchOptimizerBackend(Backend):
+    """A backend whose optimizer and schedule are torch objects over `self.module`'s parameters.
+
+    Subclasses build `self.model` (what forward is called on), `self.module` (the underlying
+    model), `self.optimizer` and `self.scheduler` in `setup`.
+    """
+
+    averages_gradients = False  # True where the gradient all-reduce divides by the world size
+
+    def backward(self, loss: torch.Tensor) -> None:
+        scale = self.dist.world_size if self.averages_gradients else 1  # the loop wants the sum over ranks
+        (loss * scale).backward() if scale != 1 else loss.backward()
+
+    def step(self) -> float:
+        clip = float(self.cfg.trainer.grad_clip)
+        params = [p for p in self.module.parameters() if p.grad is not None]
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm=clip if clip > 0 else float("inf"))
+        norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP: a replicated DTensor
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return float(norm)
+
+    def current_lr(self) -> float:
+        return float(self.scheduler.get_last_lr()[0])
+
+    def save(self, ckpt_dir: Path) -> None:
+        save_state(ckpt_dir, self.model, self.optimizer, self.scheduler, is_main=self.dist.is_main)
+
+    def load(self, ckpt_dir: Path) -> None:
+        load_state(ckpt_dir, self.model, self.optimizer, self.scheduler)
+
+    def state_bytes(self) -> dict[str, int]:
+        params = list(self.module.parameters())
+        grads = [p.grad for p in params if p.grad is not None]
+        optim = [v for s in self.optimizer.state.values() for v in s.values() if torch.is_tensor(v) and v.ndim > 0]
+        return {"params": tensor_bytes(iter(params)), "grads": tensor_bytes(iter(grads)),
+                "optim": tensor_bytes(iter(optim))}

@@ -14,13 +14,14 @@ from pathlib import Path
 
 import torch
 
-from vicuna_exp.backends.base import Backend, OptimizerSpec, tensor_bytes
-from vicuna_exp.backends.dcp_state import load_state, save_state
+from vicuna_exp.backends.base import OptimizerSpec
+from vicuna_exp.backends.dcp_state import TorchOptimizerBackend
 from vicuna_exp.model import ModelSpec
 
 
-class DDPBackend(Backend):
+class DDPBackend(TorchOptimizerBackend):
     name = "ddp"
+    averages_gradients = True
 
     def setup(self, spec: ModelSpec, optim: OptimizerSpec) -> torch.nn.Module:
         from torch.nn.parallel import DistributedDataParallel
@@ -46,27 +47,6 @@ class DDPBackend(Backend):
         with contextlib.nullcontext() if is_last else self.model.no_sync():
             yield
 
-    def backward(self, loss: torch.Tensor) -> None:
-        (loss * self.dist.world_size).backward()  # DDP averages over ranks; the loop wants the sum
-
-    def step(self) -> float:
-        clip = float(self.cfg.trainer.grad_clip)
-        params = [p for p in self.module.parameters() if p.grad is not None]
-        norm = torch.nn.utils.clip_grad_norm_(params, max_norm=clip if clip > 0 else float("inf"))
-        self.optimizer.step()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return float(norm)
-
-    def current_lr(self) -> float:
-        return float(self.scheduler.get_last_lr()[0])
-
-    def save(self, ckpt_dir: Path) -> None:
-        save_state(ckpt_dir, self.model, self.optimizer, self.scheduler, is_main=self.dist.is_main)
-
-    def load(self, ckpt_dir: Path) -> None:
-        load_state(ckpt_dir, self.model, self.optimizer, self.scheduler)
-
     def export(self, out_dir: Path, dtype: torch.dtype) -> None:
         from vicuna_exp.export import drop_tied, export_shard_bytes, write_hf_config, write_tensors
 
@@ -87,10 +67,3 @@ class DDPBackend(Backend):
         log_facts(backend="ddp", rank=self.dist.rank, world_size=self.dist.world_size, params_local=n, params_total=n,
                   optim_local=optimizer_elements(self.optimizer), elements_loaded=getattr(self, "elements_loaded", None),
                   export_peak_bytes=getattr(writer, "peak_bytes", None), export_bytes=getattr(writer, "total_bytes", None))
-
-    def state_bytes(self) -> dict[str, int]:
-        params = list(self.module.parameters())
-        grads = [p.grad for p in params if p.grad is not None]
-        optim = [v for s in self.optimizer.state.values() for v in s.values() if torch.is_tensor(v) and v.ndim > 0]
-        return {"params": tensor_bytes(iter(params)), "grads": tensor_bytes(iter(grads)),
-                "optim": tensor_bytes(iter(optim))}

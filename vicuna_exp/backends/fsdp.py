@@ -23,14 +23,15 @@ from pathlib import Path
 
 import torch
 
-from vicuna_exp.backends.base import Backend, OptimizerSpec, tensor_bytes
-from vicuna_exp.backends.dcp_state import load_state, save_state
+from vicuna_exp.backends.base import OptimizerSpec
+from vicuna_exp.backends.dcp_state import TorchOptimizerBackend
 from vicuna_exp.errors import UsageError
 from vicuna_exp.model import ModelSpec
 
 
-class FSDPBackend(Backend):
+class FSDPBackend(TorchOptimizerBackend):
     name = "fsdp"
+    averages_gradients = True
 
     def setup(self, spec: ModelSpec, optim: OptimizerSpec) -> torch.nn.Module:
         from torch.distributed.fsdp import CPUOffloadPolicy, OffloadPolicy, fully_shard
@@ -61,7 +62,7 @@ class FSDPBackend(Backend):
             model.to_empty(device=home)
             rebuild_buffers(model)
             self.elements_loaded = load_dtensor_shards(model, spec.path)
-        self.model = model
+        self.model = self.module = model
         self.optimizer = optim.build_adamw(model)
         self.scheduler = optim.build_scheduler(self.optimizer)
         return model
@@ -95,29 +96,6 @@ class FSDPBackend(Backend):
         self.model.set_requires_gradient_sync(is_last)
         yield
 
-    def backward(self, loss: torch.Tensor) -> None:
-        # FSDP averages gradients over ranks; the loop wants their sum.
-        (loss * self.dist.world_size).backward()
-
-    def step(self) -> float:
-        clip = float(self.cfg.trainer.grad_clip)
-        params = [p for p in self.model.parameters() if p.grad is not None]
-        norm = torch.nn.utils.clip_grad_norm_(params, max_norm=clip if clip > 0 else float("inf"))
-        norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
-        self.optimizer.step()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return float(norm)
-
-    def current_lr(self) -> float:
-        return float(self.scheduler.get_last_lr()[0])
-
-    def save(self, ckpt_dir: Path) -> None:
-        save_state(ckpt_dir, self.model, self.optimizer, self.scheduler, is_main=self.dist.is_main)
-
-    def load(self, ckpt_dir: Path) -> None:
-        load_state(ckpt_dir, self.model, self.optimizer, self.scheduler)
-
     def export(self, out_dir: Path, dtype: torch.dtype) -> None:
         from vicuna_exp.export import drop_tied, export_shard_bytes, write_hf_config, write_tensors
 
@@ -147,10 +125,3 @@ class FSDPBackend(Backend):
             full = p.full_tensor() if hasattr(p, "full_tensor") else p.detach()
             yield name, (full if self.dist.is_main else None)
             del full
-
-    def state_bytes(self) -> dict[str, int]:
-        params = list(self.model.parameters())
-        grads = [p.grad for p in params if p.grad is not None]
-        optim = [v for s in self.optimizer.state.values() for v in s.values() if torch.is_tensor(v) and v.ndim > 0]
-        return {"params": tensor_bytes(iter(params)), "grads": tensor_bytes(iter(grads)),
-                "optim": tensor_bytes(iter(optim))}
