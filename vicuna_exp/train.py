@@ -168,6 +168,7 @@ class Recipe:
         from vicuna_exp.checkpoint import CheckpointManager, TrainerState
         from vicuna_exp.data.tokenizer import load_tokenizer
         from vicuna_exp.model import make_model_spec, model_facts_of, resolve_precision
+        from vicuna_exp.plan import check_fits
         from vicuna_exp.plan.flops import peak_tflops
         from vicuna_exp.preemption import StopFlags
         from vicuna_exp.tracking import Tracker
@@ -177,7 +178,7 @@ class Recipe:
         self.precision = resolve_precision(_str(cfg.trainer.precision), self.device)
         tok_key = "model.tokenizer" if cfg.model.tokenizer else "model.path"
         self.tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.path, key=tok_key)
-        self._check_plan()
+        check_fits(cfg)  # refuse what cannot fit the hardware, before anything is built
         self.spec = spec = make_model_spec(cfg.model, vocab_size=len(self.tokenizer), device=self.device, precision=self.precision)
         self.facts = model_facts_of(spec, cfg.model)
         self.n_params = self.facts.total_params
@@ -207,13 +208,6 @@ class Recipe:
         self.tracker = Tracker(cfg, self.run_dir, enabled=dist.is_main, overrides=self.overrides,
                                extra_config=self._derived_facts(), total_steps=self.total_steps,
                                start_step=self.state.step)
-
-    def _check_plan(self) -> None:
-        try:
-            from vicuna_exp.plan import check_fits
-        except ImportError:  # the planner is optional while it is being built
-            return
-        check_fits(self.cfg)
 
     def _prepare_data(self) -> Any:
         from vicuna_exp.data.prepare import prepare
