@@ -60,10 +60,12 @@ class Encoded:
 _BACKENDS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # tokenizer -> {key: sentinel backend}
 
 
-def _sentinel_backend(tokenizer: Any, bos: str, eos: str) -> tuple[Any, dict[int, int], dict[str, str], bool]:
+def _sentinel_backend(tokenizer: Any, bos: str, eos: str
+                      ) -> tuple[Any, dict[int, int], dict[str, str], bool, bool]:
     """A copy of the tokenizer's backend that knows the sentinels, made once per tokenizer and template tokens.
 
-    Returns (backend, sentinel id -> real id, special string -> sentinel character, any token strips spaces).
+    Returns (backend, sentinel id -> real id, special string -> sentinel character, pieces can be
+    stitched from the whole conversation's tokens, a space after a non-space is an exact cut).
     """
     from tokenizers import AddedToken, Tokenizer
 
@@ -91,7 +93,16 @@ def _sentinel_backend(tokenizer: Any, bos: str, eos: str) -> tuple[Any, dict[int
         sentinel_to_real[backend.token_to_id(char)] = int(real_id)
         sentinels[token] = char
     backend.encode_special_tokens = True  # special-token strings inside messages stay text
-    per_tok[key] = (backend, sentinel_to_real, sentinels, strips)
+    # Text between structural special tokens is tokenized independently of its neighbours (the
+    # tokenizer splits on added tokens first), so a piece of a conversation can reuse the whole
+    # conversation's tokens after its first special token. That holds when the special tokens
+    # strip no whitespace and the post-processor only adds tokens in front (BOS).
+    probe = backend.encode("a b", add_special_tokens=True).ids
+    bare = backend.encode("a b", add_special_tokens=False).ids
+    can_stitch = not strips and probe[len(probe) - len(bare):] == bare
+    # Checked once per tokenizer (it scans the whole vocabulary), not once per preparation.
+    word_cut = can_stitch and _word_boundaries_are_cuts(backend)
+    per_tok[key] = (backend, sentinel_to_real, sentinels, can_stitch, word_cut)
     return per_tok[key]
 
 
@@ -104,20 +115,17 @@ class ConversationEncoder:
             raise UsageError("model.tokenizer: a fast tokenizer (tokenizer.json) is needed for offsets")
         self.template = template
         self.tokenizer = tokenizer
-        backend, sentinel_to_real, self.sentinels, strips = _sentinel_backend(
+        backend, sentinel_to_real, self.sentinels, can_stitch, word_cut = _sentinel_backend(
             tokenizer, template.bos_token, template.eos_token)
         self.backend = backend
-        self._map_from = np.array(sorted(sentinel_to_real), dtype=np.int64)
-        self._map_to = np.array([sentinel_to_real[k] for k in sorted(sentinel_to_real)], dtype=np.int64)
+        # sentinel id -> real id as a lookup table over the whole vocabulary: one gather per encoding
+        self._lut = np.arange(max(backend.get_vocab_size(with_added_tokens=True), max(sentinel_to_real) + 1),
+                              dtype=np.int32)
+        for sentinel_id, real_id in sentinel_to_real.items():
+            self._lut[sentinel_id] = real_id
         self.sentinel_chars = tuple(self.sentinels.values())
-        # Text between structural special tokens is tokenized independently of its neighbours (the
-        # tokenizer splits on added tokens first), so a piece of a conversation can reuse the whole
-        # conversation's tokens after its first special token. That holds when the special tokens
-        # strip no whitespace and the post-processor only adds tokens in front (BOS).
-        probe = backend.encode("a b", add_special_tokens=True).ids
-        bare = backend.encode("a b", add_special_tokens=False).ids
-        self.stitch = stitch and not strips and probe[len(probe) - len(bare):] == bare
-        self.word_cut = self.stitch and _word_boundaries_are_cuts(backend)
+        self.stitch = stitch and can_stitch
+        self.word_cut = self.stitch and word_cut
 
     def render(self, segments: Sequence[Segment]) -> Rendered:
         """Sentinel text and supervised spans of a rendering (EncodeError on a reserved character)."""
@@ -174,10 +182,7 @@ class ConversationEncoder:
 
     def _ids(self, enc: Any) -> np.ndarray:
         ids = np.array(enc.ids, dtype=np.int32)
-        hit = ids >= self._map_from[0]  # the sentinels are the newest (highest) ids
-        if hit.any():
-            ids[hit] = self._map_to[np.searchsorted(self._map_from, ids[hit])]
-        return ids
+        return np.take(self._lut, ids, out=ids)  # every id is in the backend's vocabulary, so in the table
 
     def _labels(self, enc: Any, r: Rendered) -> Encoded | EncodeError:
         """Labels from the token indices at the supervised spans' edges (no per-token Python work)."""
@@ -225,8 +230,9 @@ class ConversationEncoder:
         if len(labels):
             labels[0] = IGNORE  # nothing predicts the first token of an example (also keeps packed rows apart)
         # the token that holds a pair's first character (it may begin with the space before it)
-        pair_starts = np.array([enc.char_to_token(int(c)) if enc.char_to_token(int(c)) is not None else len(ids)
-                                for c in r.pair_chars], dtype=np.int64)
+        n = len(ids)
+        pair_starts = np.array([n if t is None else t for t in map(enc.char_to_token, r.pair_chars.tolist())],
+                               dtype=np.int64)
         return Encoded(ids.astype(np.int32, copy=False), labels.astype(np.int32, copy=False), pair_starts)
 
 

@@ -70,6 +70,11 @@ def html_to_markdown(text: str) -> str:
 def clean_artefacts(text: str) -> str:
     """Remove the page artefacts that survive in already-flattened text."""
     text = _REGENERATE.sub("", text, count=1)
-    text = _CHARS_WORDS.sub("", text)
-    text = _FENCE_COPY.sub(lambda m: f"```{m.group(1)}\n", text)
-    return _EMPTY_FENCE.sub("", text)
+    # Each pattern needs a literal that most messages lack: a substring test skips the regex scan.
+    if "Copy" in text:
+        text = _CHARS_WORDS.sub("", text)
+        if "Copy code" in text:
+            text = _FENCE_COPY.sub(lambda m: f"```{m.group(1)}\n", text)
+    if "```" in text:
+        text = _EMPTY_FENCE.sub("", text)
+    return text

@@ -1,11 +1,15 @@
 """Turn-aligned splitting: conversations longer than the context become several whole-pair examples.
 
-Planning uses the token lengths of the whole-conversation encoding; every piece is then rendered
-and tokenized as a conversation of its own (with the system prompt), so its ids are exactly what
-the model would see for that text. A piece that still does not fit gives up its last pair to a
-piece of its own. A single pair longer than the context follows `data.overflow`:
-`split` (the reply continues in further windows, each preceded by as much earlier text as fits,
-unsupervised), `truncate` (cut at the context: the Alpaca-style arm) or `drop`.
+Planning uses the token lengths of the whole-conversation encoding. Every piece then gets exactly
+the ids that its own rendering (system prompt, then its pairs) tokenizes to: text after a special
+token is tokenized independently of what precedes it, so a piece reuses the whole conversation's
+tokens from its first special token on (or from the first word boundary of its first pair, where
+the vocabulary proves that cut exact) and only the text before that, the system prompt and role
+marker that recur across pieces, is tokenized again, once per distinct text. A piece that
+still does not fit gives up its last pair to a piece of its own. A single pair longer than the
+context follows `data.overflow`: `split` (windows over the conversation's token stream: the reply
+continues in further windows, each preceded by as much earlier text as fits, unsupervised),
+`truncate` (the pair on its own, cut at the context: the Alpaca-style arm) or `drop`.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ if TYPE_CHECKING:
     from vicuna_exp.data.encode import ConversationEncoder
 
 ENCODE_CHUNK = 256  # conversations per batched tokenizer call (small: keeps the pipeline overlapped)
-IN_FLIGHT = 2  # batches queued on the tokenizer at once
+IN_FLIGHT = 3  # batches queued on the tokenizer at once (3: its threads stay fed while this one labels)
 Example = tuple[np.ndarray, np.ndarray]  # (input_ids, labels)
 
 MIN_CONTEXT_FRACTION = 4  # a continuation window starts with at least context // 4 tokens of earlier text
@@ -72,9 +76,13 @@ def windows(ids: np.ndarray, labels: np.ndarray, lo: int, hi: int, context: int)
     while a < hi:
         b = min(hi, max(a + step, context))
         begin = max(1, b - (context - 1))  # as much earlier text as fits, after a BOS
-        y = np.concatenate([[IGNORE], np.full(a - begin, IGNORE), labels[a:b]]).astype(np.int32)
-        if (y != IGNORE).any():
-            out.append((np.concatenate([ids[:1], ids[begin:b]]).astype(np.int32), y))
+        new = labels[a:b]
+        if (new != IGNORE).any():
+            y = np.full(1 + b - begin, IGNORE, dtype=np.int32)
+            y[1 + a - begin:] = new
+            x = np.empty(1 + b - begin, dtype=np.int32)
+            x[0], x[1:] = ids[0], ids[begin:b]
+            out.append((x, y))
         a = b
     return out
 
@@ -212,17 +220,16 @@ def _encode_pieces(pending: list[Piece], wholes: dict[int, Encoded], convs: Sequ
                 built.append(EncodeError("pending", ""))
                 early[i] = _overflow(p, None, wholes[p.conv], context, policy, res)
                 continue
-            segments = render_segments(template, conv.system, conv.turns[2 * p.first:2 * p.stop])
-            stitched = _stitch(encoder, wholes[p.conv], segments, p, len(conv.turns) // 2)
+            stitched = _stitch(encoder, wholes[p.conv], conv, p, len(conv.turns) // 2)
             built.append(EncodeError("pending", ""))
             if stitched is None:
-                full.append((i, segments))
+                full.append((i, render_segments(template, conv.system, conv.turns[2 * p.first:2 * p.stop])))
             elif isinstance(stitched, tuple) and isinstance(stitched[0], Rendered):
                 prefixes.append(stitched[0])
                 tails.append((i, stitched[1]))
             else:
                 built[i] = stitched  # type: ignore[assignment]
-        for (i, (tail_ids, tail_labels)), enc in zip(tails, encoder.encode_rendered(prefixes), strict=True):
+        for (i, (tail_ids, tail_labels)), enc in zip(tails, _encode_prefixes(encoder, prefixes), strict=True):
             if isinstance(enc, EncodeError):
                 built[i] = enc
             else:
@@ -246,6 +253,37 @@ def _encode_pieces(pending: list[Piece], wholes: dict[int, Encoded], convs: Sequ
         pending = next_pending
     for (ci, _first), exs in sorted(pieces.items()):
         res.examples.setdefault(ci, []).extend(exs)
+
+
+def _cuts(encoder: ConversationEncoder, r: Rendered, special: int) -> list[int]:
+    """Where a piece's opening may switch to the whole conversation's tokens, earliest first.
+
+    Always at its first special token. Where the vocabulary proves a space after a non-space an
+    exact cut (`word_cut`), also at the first such space inside the first pair ("USER:| q": only
+    the header and role marker, text that recurs across pieces, are tokenized again), and where the
+    first reply begins (" ASSISTANT:| reply": for templates that put the system prompt inside the
+    first user turn).
+    """
+    cuts = []
+    if encoder.word_cut:
+        space = r.text.find(" ", int(r.pair_chars[0]) + 1, special)
+        while space > 0 and r.text[space - 1] == " ":
+            space = r.text.find(" ", space + 1, special)
+        if space > 0:
+            cuts.append(space)
+        if len(r.bounds) and 0 < r.bounds[0] < special:
+            s0 = int(r.bounds[0])
+            if r.text[s0] == " " and r.text[s0 - 1] != " " and s0 not in cuts:
+                cuts.append(s0)
+    return [*cuts, special]
+
+
+def _encode_prefixes(encoder: ConversationEncoder, prefixes: list[Rendered]) -> list[Encoded | EncodeError]:
+    """Each distinct prefix tokenized once: most are the same system prompt and role marker."""
+    keys = [(r.text, r.bounds.tobytes()) for r in prefixes]
+    unique = {k: r for k, r in zip(keys, prefixes, strict=True)}
+    encoded = dict(zip(unique, encoder.encode_rendered(list(unique.values())), strict=True))
+    return [encoded[k] for k in keys]
 
 
 def _estimate(whole: Encoded, p: Piece) -> int:
@@ -272,13 +310,16 @@ def _overflow(p: Piece, own: Example | None, whole: Encoded, context: int, polic
     return out
 
 
-def _stitch(encoder: ConversationEncoder, whole: Encoded, segments: list[Segment], p: Piece,
+def _stitch(encoder: ConversationEncoder, whole: Encoded, conv: Conversation, p: Piece,
             n_pairs: int) -> Example | tuple[Rendered, Example] | None:
     """A piece from the whole conversation's tokens where that is exact; None when it must be tokenized.
 
     A piece that starts at the first pair is a prefix of the conversation up to a special token:
     its tokens are the conversation's. A later piece shares the conversation's text from its first
     special token on; only the text before it (system prompt and first pair) needs tokenizing.
+    Only the piece's opening (header and first pair) is rendered and compared with the whole's
+    text: every later pair renders exactly as in the whole conversation, since `render_segments`
+    writes a pair from its own turns and from whether it is the first pair, nothing else.
     """
     w, enc = whole.rendered, whole.encoding
     if not encoder.stitch or w is None or enc is None:
@@ -291,28 +332,26 @@ def _stitch(encoder: ConversationEncoder, whole: Encoded, segments: list[Segment
         return None
     stop_tok = last + 1
     try:
-        r = encoder.render(segments)
+        r = encoder.render(render_segments(encoder.template, conv.system, conv.turns[2 * p.first:2 * p.first + 2]))
     except EncodeError:
         return None
+    first_end = int(w.pair_chars[p.first + 1]) if p.first + 1 < n_pairs else len(w.text)  # the opening's end
     if p.first == 0:
-        if r.text != w.text[:end]:
+        if r.text != w.text[:first_end]:
             return None
         return whole.input_ids[:stop_tok], whole.labels[:stop_tok]
-    cut = min((i for i in (r.text.find(ch) for ch in encoder.sentinel_chars) if i >= 0), default=-1)
-    if cut <= 0:
+    special = min((i for i in (r.text.find(ch) for ch in encoder.sentinel_chars) if i >= 0), default=-1)
+    if special <= 0:
         return None
-    if encoder.word_cut and len(r.bounds) and r.bounds[0] < cut:
-        # Cut earlier, where the first reply begins with a space after a non-space (" ASSISTANT: reply"):
-        # only the system prompt and the first question are tokenized again.
-        s0 = int(r.bounds[0])
-        if 0 < s0 and r.text[s0] == " " and r.text[s0 - 1] != " ":
-            cut = s0
-    begin = int(w.pair_chars[p.first]) + cut - int(r.pair_chars[0])
-    if begin <= 0 or r.text[cut:] != w.text[begin:end]:
+    for cut in _cuts(encoder, r, special):
+        begin = int(w.pair_chars[p.first]) + cut - int(r.pair_chars[0])
+        if begin <= 0 or r.text[cut:] != w.text[begin:first_end]:
+            continue
+        tail_first = enc.char_to_token(begin)
+        if tail_first is not None and enc.token_to_chars(tail_first)[0] == begin:
+            break  # the conversation's own tokens break there too
+    else:
         return None
-    tail_first = enc.char_to_token(begin)
-    if tail_first is None or enc.token_to_chars(tail_first)[0] != begin:
-        return None  # the conversation's own tokens do not break there
     bounds = np.minimum(r.bounds, cut)
     keep = bounds.reshape(-1, 2)
     keep = keep[keep[:, 1] > keep[:, 0]].reshape(-1)

@@ -123,9 +123,19 @@ class _Builder:
 
 
 def _system_segments(template: TemplateConfig, system: str) -> list[Segment]:
-    b = _Builder(template, started=True)  # not the start of the text: keep a {bos} in system_format
-    b.emit(template.system_format, "template.system_format", {"system": system})
-    return b.segments
+    """The system part's segments; the same few system prompts recur in every conversation and
+    every split piece, so they are rendered once (the key is everything the rendering reads)."""
+    return list(_system_segments_cached(template.system_format, template.bos_token, template.eos_token, system))
+
+
+@functools.lru_cache(maxsize=64)
+def _system_segments_cached(system_format: str, bos_token: str, eos_token: str, system: str) -> tuple[Segment, ...]:
+    from types import SimpleNamespace
+
+    b = _Builder(SimpleNamespace(bos_token=bos_token, eos_token=eos_token),  # type: ignore[arg-type]
+                 started=True)  # not the start of the text: keep a {bos} in system_format
+    b.emit(system_format, "template.system_format", {"system": system})
+    return tuple(b.segments)
 
 
 def generation_prompt(template: TemplateConfig) -> str:
@@ -175,6 +185,9 @@ def render_segments(
             else:
                 b.text(seg.text)
     gen = generation_prompt(template)
+    prefix_fmt, has_content, suffix_fmt = template.assistant_format.partition("{content}")
+    # the generation prompt is unsupervised; what follows it is what the model must produce
+    rest = prefix_fmt.replace("{role}", template.roles[ASSISTANT])[len(gen):]
     first_user = True
     for role, content in turns:
         if role == USER:
@@ -184,11 +197,9 @@ def render_segments(
             b.emit(template.user_format, "template.user_format", values)
             first_user = False
         elif role == ASSISTANT:
-            prefix_fmt, suffix_fmt = template.assistant_format.split("{content}", 1)
-            prefix = prefix_fmt.replace("{role}", template.roles[ASSISTANT])
-            # the generation prompt is unsupervised; what follows it is what the model must produce
+            if not has_content:
+                raise ValueError(f"template.assistant_format: needs {{content}}, got {template.assistant_format!r}")
             b.emit(gen, "template.generation_prompt", {})
-            rest = prefix[len(gen):]
             b.emit(rest, "template.assistant_format", {}, supervised=True)
             b.text(content, supervised=True)
             b.emit(suffix_fmt, "template.assistant_format", {"role": template.roles[ASSISTANT]}, supervised=True)
