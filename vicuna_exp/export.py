@@ -127,6 +127,22 @@ def write_hf_config(hf_config: Any, out_dir: Path, dtype_name: str) -> None:
     GenerationConfig.from_model_config(config).save_pretrained(str(out_dir))
 
 
+def export_module(module: Any, tensors: Any, out_dir: Path, dtype: Any, cfg: Any, *, is_writer: bool) -> Any:
+    """The export every backend shares: each parameter once (a tied lm_head is dropped), shard files
+    with their index, and config.json. `tensors(names)` yields (name, full tensor) one at a time,
+    with None on ranks that do not write; returns the writer (None on those ranks)."""
+    names = set(drop_tied([n for n, _ in module.named_parameters()], module.config))
+    writer = write_tensors(tensors(names), out_dir, dtype, is_writer=is_writer, max_shard_bytes=export_shard_bytes(cfg))
+    if writer is not None:
+        write_hf_config(module.config, out_dir, str(cfg.trainer.export_dtype))
+    return writer
+
+
+def local_tensors(module: Any) -> Any:
+    """`tensors` for export_module when this rank already holds whole tensors (single, DDP)."""
+    return lambda names: ((n, p.detach()) for n, p in module.named_parameters() if n in names)
+
+
 def drop_tied(names: list[str], hf_config: Any) -> list[str]:
     """Tied output embeddings are stored once, under the input embedding's name, as in HF checkpoints."""
     if getattr(hf_config, "tie_word_embeddings", False):

@@ -48,15 +48,12 @@ class DDPBackend(TorchOptimizerBackend):
             yield
 
     def export(self, out_dir: Path, dtype: torch.dtype) -> None:
-        from vicuna_exp.export import drop_tied, export_shard_bytes, write_hf_config, write_tensors
+        from vicuna_exp.export import export_module, local_tensors
 
         if not self.dist.is_main:  # every replica is the same; no collective needed
             self.log_facts(None)
             return
-        names = set(drop_tied([n for n, _ in self.module.named_parameters()], self.module.config))
-        tensors = ((n, p.detach()) for n, p in self.module.named_parameters() if n in names)
-        writer = write_tensors(tensors, out_dir, dtype, is_writer=True, max_shard_bytes=export_shard_bytes(self.cfg))
-        write_hf_config(self.module.config, out_dir, str(self.cfg.trainer.export_dtype))
+        writer = export_module(self.module, local_tensors(self.module), out_dir, dtype, self.cfg, is_writer=True)
         self.export_peak_bytes = writer.peak_bytes if writer is not None else 0
         self.log_facts(writer)
 

@@ -97,13 +97,9 @@ class FSDPBackend(TorchOptimizerBackend):
         yield
 
     def export(self, out_dir: Path, dtype: torch.dtype) -> None:
-        from vicuna_exp.export import drop_tied, export_shard_bytes, write_hf_config, write_tensors
+        from vicuna_exp.export import export_module
 
-        names = set(drop_tied([n for n, _ in self.model.named_parameters()], self.model.config))
-        writer = write_tensors(self._gathered(names), out_dir, dtype, is_writer=self.dist.is_main,
-                               max_shard_bytes=export_shard_bytes(self.cfg))
-        if writer is not None:
-            write_hf_config(self.model.config, out_dir, str(self.cfg.trainer.export_dtype))
+        writer = export_module(self.model, self._gathered, out_dir, dtype, self.cfg, is_writer=self.dist.is_main)
         self.export_peak_bytes = writer.peak_bytes if writer is not None else 0
         self.log_facts(writer)
 

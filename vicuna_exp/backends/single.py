@@ -22,9 +22,6 @@ class SingleBackend(TorchOptimizerBackend):
 
     def export(self, out_dir: Path, dtype: torch.dtype) -> None:
         """The same writer as the sharded backends, so every backend's `final/` is laid out alike."""
-        from vicuna_exp.export import drop_tied, export_shard_bytes, write_hf_config, write_tensors
+        from vicuna_exp.export import export_module, local_tensors
 
-        names = set(drop_tied([n for n, _ in self.module.named_parameters()], self.module.config))
-        tensors = ((n, p.detach()) for n, p in self.module.named_parameters() if n in names)
-        write_tensors(tensors, out_dir, dtype, is_writer=True, max_shard_bytes=export_shard_bytes(self.cfg))
-        write_hf_config(self.module.config, out_dir, str(self.cfg.trainer.export_dtype))
+        export_module(self.module, local_tensors(self.module), out_dir, dtype, self.cfg, is_writer=True)
