@@ -125,7 +125,6 @@ def main(argv: list[str] | None = None) -> int:
     from vicuna_exp.data.encode import ConversationEncoder
     from vicuna_exp.data.load import read_records
     from vicuna_exp.data.prepare import prepare
-    from vicuna_exp.data.template import render_segments
     from vicuna_exp.data.tokenizer import load_tokenizer
 
     tok = load_tokenizer(args.tokenizer)
@@ -141,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     template = TemplateConfig()
     cleaned = clean_records(raw.records, DataConfig()).conversations
     encoder = ConversationEncoder(tok, template)
-    texts = [encoder.render(render_segments(template, c.system, c.turns)) for c in cleaned]
+    texts = [encoder.render_turns(c.system, c.turns) for c in cleaned]
 
     def bare() -> tuple[float, float]:
         """The floor: one batched call on all cores over the rendered text, ids taken out (nothing else)."""

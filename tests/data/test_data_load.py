@@ -34,3 +34,44 @@ def test_cut_file_falls_back_to_whole_records(tmp_path: Path) -> None:
     data = read_records(path)
     assert data.records == RECORDS[:3]
     assert data.truncated is not None
+
+
+def _many(n: int) -> list[dict]:
+    return [{"id": f"c{i}", "conversations": [{"from": "human", "value": f"q{i}"}, {"from": "gpt", "value": "a"}]}
+            for i in range(n)]
+
+
+def test_values_the_fast_parser_refuses_take_the_stdlib_way(tmp_path: Path) -> None:
+    """orjson parses a whole list; what it refuses (NaN, huge integers, lone surrogates) the stdlib
+    reader still reads, with a BOM or without."""
+    text = '[{"id": "a", "n": NaN, "big": 123456789012345678901234567890, "s": "\\ud800", "conversations": []}]'
+    path = tmp_path / "odd.json"
+    path.write_bytes(b"\xef\xbb\xbf" + text.encode())
+    assert read_records(path).records == json.loads(text)
+    path.write_text(json.dumps(_many(300)))
+    assert read_records(path).records == _many(300)
+
+
+def test_errors_deep_in_a_list_name_the_record_and_line(tmp_path: Path) -> None:
+    """The one-call parse fails; the record-by-record reader names the record and its line."""
+    import pytest
+
+    from vicuna_exp.errors import UsageError
+
+    bad = 205
+    text = json.dumps(_many(300), indent=1)
+    text = text.replace(f'"q{bad}"', f'"q{bad}" oops')
+    path = tmp_path / "broken.json"
+    path.write_text(text)
+    line = text[:text.index("oops")].count("\n") + 1
+    with pytest.raises(UsageError, match=rf"broken\.json:{line}:\d+: record {bad} is not valid JSON"):
+        read_records(path)
+    trailing = tmp_path / "trailing.json"
+    trailing.write_text(json.dumps(_many(300)) + " []")
+    with pytest.raises(UsageError, match="unexpected data after the end of the JSON list"):
+        read_records(trailing)
+    cut = tmp_path / "cut.json"
+    whole = json.dumps(_many(300), indent=1)
+    cut.write_text(whole[:whole.index(f'"c{bad}"') + 3])
+    data = read_records(cut)
+    assert data.records == _many(bad) and data.truncated["whole_records"] == bad

@@ -158,3 +158,57 @@ def test_bad_templates_name_the_key(tok):
         encode_conversation(CONV[:2], tok, TemplateConfig(eos_token="<eot>"))
     with pytest.raises(UsageError, match="template.generation_prompt"):
         encode_conversation(CONV[:2], tok, TemplateConfig(generation_prompt="BOT:"))
+
+
+# --------------------------------------------------------------- compiled renderer == general renderer
+
+_TEMPLATES = {
+    "vicuna_v1.1": lambda: _template("vicuna_v1.1"),
+    "llama-2-chat": lambda: _template("llama-2-chat"),
+    # eos inside the user turn, bos after the system prompt, supervised text that ends the pair
+    "eos-in-user": lambda: TemplateConfig(system_format="{system}{bos}", user_format="{role}:{content}{eos}",
+                                          assistant_format="{role}: {content}\n"),
+    # the reply is the whole pair's end and the next pair starts with bos: spans must not merge
+    "bare": lambda: TemplateConfig(system="", system_format="{system}", user_format="{content}",
+                                   assistant_format="{content}{eos}", generation_prompt=""),
+}
+
+
+def _rendered_parts(r) -> tuple:
+    return r.text, r.bounds.tolist(), r.pair_chars.tolist()
+
+
+@pytest.mark.parametrize("name", sorted(_TEMPLATES))
+def test_compiled_rendering_equals_general_rendering(tok, name):
+    """`render_turns` must give exactly what the segment renderer gives, or the same EncodeError."""
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    from vicuna_exp.data.encode import ConversationEncoder
+    from vicuna_exp.data.template import render_segments
+
+    template = _TEMPLATES[name]()
+    encoder = ConversationEncoder(tok, template)
+    assert encoder._compile(None) is not None and encoder._compile("Be brief.") is not None  # the fast path is tested
+    sentinel = encoder.sentinel_chars[1]
+    alphabet = st.sampled_from(["a", " ", "\n", "é", "</s>", "<s>", "USER:", "[INST]", "\U000f0100", sentinel])
+    message = st.lists(alphabet, max_size=6).map("".join)
+    turns = st.lists(st.tuples(message, message), max_size=4).map(
+        lambda pairs: [t for q, a in pairs for t in (("user", q), ("assistant", a))])
+    system = st.one_of(st.none(), st.just(""), message)
+
+    @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+    @given(system=system, turns=turns, odd=st.booleans())
+    def check(system, turns, odd):
+        if odd and turns:
+            turns = turns[:-1]  # a trailing user turn: the general path
+        try:
+            want = _rendered_parts(encoder.render(render_segments(template, system, turns)))
+        except EncodeError as exc:
+            with pytest.raises(EncodeError) as got:
+                encoder.render_turns(system, turns)
+            assert got.value.reason == exc.reason
+            return
+        assert _rendered_parts(encoder.render_turns(system, turns)) == want
+
+    check()

@@ -30,13 +30,10 @@ class Conversation:
     system: str | None  # None: the template's default system prompt
     turns: list[tuple[str, str]]  # alternating (user, assistant), starting with the user
 
-    def key(self) -> str:
-        """Content identity for exact deduplication (the id is not part of it)."""
-        h = hashlib.blake2b(digest_size=16)
-        h.update(b"\x01" if self.system is None else b"\x02" + self.system.encode("utf-8", "surrogatepass"))
-        for role, content in self.turns:
-            h.update(b"\x00" + role.encode() + b"\x00" + content.encode("utf-8", "surrogatepass"))
-        return h.hexdigest()
+    def key(self) -> tuple:
+        """Content identity for exact deduplication (the id is not part of it): the strings
+        themselves, so two conversations are duplicates exactly when they are equal."""
+        return self.system, tuple(self.turns)
 
 
 @dataclass
@@ -186,7 +183,7 @@ def clean_stream(records: Iterable[Any], cfg: DataConfig, result: CleanResult, n
     Counts go into `result` as the stream is consumed (`conversations` is left to the caller).
     """
     check_config(cfg)
-    seen: set[str] = set()
+    seen: set[tuple] = set()
 
     def outcomes() -> Iterator[tuple[list[Conversation | str], Counter | None]]:
         if num_proc > 1:

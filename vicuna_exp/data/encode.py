@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from vicuna_exp.data.template import Segment, check_template, render_segments, to_turns
+from vicuna_exp.data.template import ASSISTANT, USER, Segment, check_template, render_segments, to_turns
 from vicuna_exp.errors import UsageError
 
 if TYPE_CHECKING:
@@ -29,6 +29,8 @@ if TYPE_CHECKING:
 
 IGNORE = -100
 _SENTINEL_BASE = 0xF0000  # Supplementary Private Use Area-A: never in real text (checked anyway)
+_SLOT_BASE = 0xF0100  # placeholders for the contents in a compiled layout's skeleton (never output)
+_MAX_LAYOUTS = 64  # compiled layouts kept per encoder (one per distinct system prompt)
 
 
 class EncodeError(ValueError):
@@ -46,6 +48,7 @@ class Rendered:
     text: str
     bounds: np.ndarray  # supervised spans as flat sorted [s0, e0, s1, e1, ...] (character offsets)
     pair_chars: np.ndarray  # character offset where each (user, assistant) pair starts
+    layout: _Layout | None = None  # the compiled layout it was rendered with (None: the general path)
 
 
 @dataclass
@@ -55,6 +58,33 @@ class Encoded:
     pair_starts: np.ndarray  # index of the first token of each (user, assistant) pair (for splitting)
     rendered: Rendered | None = None  # kept for stitching pieces of this conversation
     encoding: Any = None  # the tokenizers.Encoding, idem
+
+
+@dataclass(frozen=True)
+class _PairLayout:
+    """One (user, assistant) pair of a skeleton rendering: its text around the two content slots."""
+
+    before_user: str
+    between: str  # after the user's content, before the reply
+    after_reply: str
+    bounds: tuple[tuple[int, int, int], ...]  # supervised edges: (skeleton offset, after user slot, after reply slot)
+    sentinels: tuple[int, ...]  # how many of each sentinel the pair's literal text holds
+
+    @property
+    def skeleton_length(self) -> int:  # the placeholders count one character each
+        return len(self.before_user) + len(self.between) + len(self.after_reply) + 2
+
+
+@dataclass(frozen=True)
+class _Layout:
+    """A template's rendering for one system prompt, compiled from a two-pair skeleton: the header,
+    then the first pair, then every later pair (rendered alike, whatever its index)."""
+
+    head: str
+    head_bounds: tuple[int, ...]
+    first: _PairLayout
+    later: _PairLayout
+    head_sentinels: tuple[int, ...]
 
 
 _BACKENDS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # tokenizer -> {key: sentinel backend}
@@ -126,6 +156,88 @@ class ConversationEncoder:
         self.sentinel_chars = tuple(self.sentinels.values())
         self.stitch = stitch and can_stitch
         self.word_cut = self.stitch and word_cut
+        self._layouts: dict[str | None, _Layout | None] = {}
+
+    def render_turns(self, system: str | None, turns: Sequence[tuple[str, str]]) -> Rendered:
+        """`render(render_segments(template, system, turns))`, compiled: the same text, spans and pair
+        starts, from the template's layout for this system prompt and one join per conversation.
+
+        Anything the layout does not describe exactly (an empty message, turns that do not come in
+        (user, assistant) pairs, a reserved character in a message) takes the general path, which
+        also raises the EncodeError.
+        """
+        layout = self._layouts.get(system, False)
+        if layout is False:
+            layout = self._compile(system)
+            if len(self._layouts) < _MAX_LAYOUTS:  # a few system prompts recur; unique ones are not kept
+                self._layouts[system] = layout
+        n = len(turns)
+        if layout is None or n == 0 or n % 2:
+            return self.render(render_segments(self.template, system, turns))
+        parts = [layout.head]
+        bounds = list(layout.head_bounds)
+        pair_chars = []
+        pos = len(layout.head)
+        pair = layout.first
+        for k in range(0, n, 2):
+            (user_role, user), (reply_role, reply) = turns[k], turns[k + 1]
+            if user_role != USER or reply_role != ASSISTANT or not user or not reply:
+                return self.render(render_segments(self.template, system, turns))
+            pair_chars.append(pos)
+            grow_user, grow_reply = len(user) - 1, len(reply) - 1
+            for offset, after_user, after_reply in pair.bounds:
+                bounds.append(pos + offset + after_user * grow_user + after_reply * grow_reply)
+            parts += (pair.before_user, user, pair.between, reply, pair.after_reply)
+            pos += pair.skeleton_length + grow_user + grow_reply
+            pair = layout.later
+        text = "".join(parts)
+        pairs = n // 2
+        for i, ch in enumerate(self.sentinel_chars):
+            expected = layout.head_sentinels[i] + layout.first.sentinels[i] + (pairs - 1) * layout.later.sentinels[i]
+            if text.count(ch) != expected:  # a message holds a reserved character
+                return self.render(render_segments(self.template, system, turns))
+        return Rendered(text, np.asarray(bounds, dtype=np.int64), np.asarray(pair_chars, dtype=np.int64), layout)
+
+    def _compile(self, system: str | None) -> _Layout | None:
+        """The layout for one system prompt, read off the general renderer's output for a two-pair
+        skeleton whose contents are single placeholder characters; None when it cannot be exact."""
+        slots = [chr(_SLOT_BASE + i) for i in range(4)]
+        if system is not None and any(ch in system for ch in slots):
+            return None
+        turns = [(USER, slots[0]), (ASSISTANT, slots[1]), (USER, slots[2]), (ASSISTANT, slots[3])]
+        try:
+            r = self.render(render_segments(self.template, system, turns))
+        except (EncodeError, ValueError):
+            return None
+        text = r.text
+        where = [text.find(ch) for ch in slots]
+        if any(text.count(ch) != 1 for ch in slots) or where != sorted(where) or len(r.pair_chars) != 2:
+            return None
+        p0, p1 = (int(x) for x in r.pair_chars)
+        if not p0 <= where[0] < where[1] < p1 <= where[2]:
+            return None
+        regions = ((0, p0), (p0, p1), (p1, len(text)))
+        edges = r.bounds.tolist()
+        owned: list[list[int]] = [[], [], []]  # each region's span edges
+        for s, e in zip(edges[::2], edges[1::2], strict=True):
+            inside = [i for i, (lo, hi) in enumerate(regions) if lo <= s and e <= hi]
+            if not inside:
+                return None  # a supervised span crosses a pair boundary
+            owned[inside[0]] += (s, e)
+        if owned[2] and owned[2][0] == p1 and owned[2][-1] == len(text):
+            return None  # two later pairs' spans would touch and merge into one
+
+        def count(part: str) -> tuple[int, ...]:
+            return tuple(part.count(ch) for ch in self.sentinel_chars)
+
+        def pair_layout(region: int, user_at: int, reply_at: int) -> _PairLayout:
+            lo, hi = regions[region]
+            marks = tuple((b - lo, int(b > user_at), int(b > reply_at)) for b in owned[region])
+            return _PairLayout(text[lo:user_at], text[user_at + 1:reply_at], text[reply_at + 1:hi], marks,
+                               count(text[lo:hi]))
+
+        return _Layout(text[:p0], tuple(owned[0]), pair_layout(1, where[0], where[1]),
+                       pair_layout(2, where[2], where[3]), count(text[:p0]))
 
     def render(self, segments: Sequence[Segment]) -> Rendered:
         """Sentinel text and supervised spans of a rendering (EncodeError on a reserved character)."""
@@ -168,12 +280,13 @@ class ConversationEncoder:
     def encode_rendered(self, items: Sequence[Rendered], *, keep: bool = False) -> list[Encoded | EncodeError]:
         return self.label(items, self.tokenize(items), keep=keep)
 
-    def encode_many(self, renderings: Sequence[Sequence[Segment]], *, keep: bool = False) -> list[Encoded | EncodeError]:
-        """Encode many renderings; a rendering that cannot be encoded gives its EncodeError in place."""
+    def encode_many(self, conversations: Sequence[tuple[str | None, Sequence[tuple[str, str]]]], *,
+                    keep: bool = False) -> list[Encoded | EncodeError]:
+        """Encode many (system, turns); a conversation that cannot be encoded gives its EncodeError in place."""
         rendered: list[Rendered | EncodeError] = []
-        for segs in renderings:
+        for system, turns in conversations:
             try:
-                rendered.append(self.render(segs))
+                rendered.append(self.render_turns(system, turns))
             except EncodeError as exc:
                 rendered.append(exc)
         ok = [r for r in rendered if isinstance(r, Rendered)]
@@ -268,7 +381,7 @@ def encode_conversation(
     reply and its end-of-turn token. Raises EncodeError if the text cannot be aligned.
     """
     system, turns = to_turns(messages)
-    result = ConversationEncoder(tokenizer, template).encode_many([render_segments(template, system, turns)])[0]
+    result = ConversationEncoder(tokenizer, template).encode_many([(system, turns)])[0]
     if isinstance(result, EncodeError):
         raise result
     return result.input_ids.tolist(), result.labels.tolist()

@@ -8,6 +8,7 @@ Record shape is checked later, per record (`clean.py`), so a bad record is count
 
 from __future__ import annotations
 
+import codecs
 import json
 import re
 from collections.abc import Iterator
@@ -18,6 +19,7 @@ from typing import Any
 from vicuna_exp.errors import UsageError
 
 _WS = re.compile(r"[ \t\n\r]*")
+_WS_BYTES = re.compile(rb"[ \t\n\r]*")
 _SEP = re.compile(r"[ \t\n\r]*(,|\])?[ \t\n\r]*")
 
 
@@ -56,10 +58,10 @@ def resolve_path(path: str | None, package_file: str | None) -> Path:
     return p
 
 
-def _read_text(path: Path) -> str:
-    """The file as text with universal newlines, as `Path.read_text` gives it, at a third of its
+def _decode(blob: bytes) -> str:
+    """The file's text with universal newlines, as `Path.read_text` gives it, at a third of its
     cost: one decode of the whole bytes, newlines translated only when there is a carriage return."""
-    text = path.read_bytes().decode("utf-8")
+    text = blob.decode("utf-8")
     if "\r" in text:
         text = text.replace("\r\n", "\n").replace("\r", "\n")
     return text
@@ -125,17 +127,22 @@ def _iter_json_list(text: str, path: Path, max_records: int | None, data: RawDat
         pos = m.end() if m.group(1) == "," else m.start(1)
 
 
-def _iter_whole_json_list(text: str, path: Path, data: RawData) -> Iterator[Any]:
-    """A whole, well-formed list decoded in one call (three times faster than record by record);
-    anything else (cut off, bad JSON, data after the list) goes the record-by-record way, which
-    reports it exactly."""
+def _whole_json_list(blob: bytes) -> list[Any] | None:
+    """A whole, well-formed JSON list parsed from the file's bytes in one call (orjson: no separate
+    decode, a fifth of the stdlib's time record by record); None for anything else (cut off, bad
+    JSON, data after the list, values orjson refuses), which the record-by-record reader, the
+    stdlib's, then reports exactly. Raw CR/LF can only be whitespace between JSON tokens, so the
+    records are those of the newline-translated text too."""
+    import orjson
+
     try:
-        records = json.loads(text)
-    except json.JSONDecodeError:
-        records = None
-    if not isinstance(records, list):
-        yield from _iter_json_list(text, path, None, data)
-        return
+        records = orjson.loads(blob)
+    except orjson.JSONDecodeError:
+        return None
+    return records if isinstance(records, list) else None
+
+
+def _iter_list(records: list[Any], data: RawData) -> Iterator[Any]:
     for record in records:
         data.count += 1
         yield record
@@ -172,32 +179,36 @@ def iter_records(path: Path, fmt: str = "auto", max_records: int | None = None) 
     if fmt not in ("auto", "json", "jsonl"):
         raise UsageError(f"data.format: must be auto, json or jsonl, got {fmt!r}")
     try:
-        text = _read_text(path)
-    except UnicodeDecodeError as exc:
-        raise UsageError(f"{path}: not UTF-8 text (byte {exc.start}); expected ShareGPT JSON or JSONL") from None
+        blob = path.read_bytes()
     except OSError as exc:
         raise UsageError(f"{path}: cannot read: {exc.strerror}") from None
-    if text.startswith("\ufeff"):
-        text = text[1:]
+    if blob.startswith(codecs.BOM_UTF8):
+        blob = blob[len(codecs.BOM_UTF8):]
+    m = _WS_BYTES.match(blob)
+    first = blob[m.end():m.end() + 1] if m else b""
     if fmt == "auto":
-        m = _WS.match(text, 0)
-        first = text[m.end():m.end() + 1] if m else ""
-        if first == "[":
+        if first == b"[":
             fmt = "json"
-        elif first == "{":
+        elif first == b"{":
             fmt = "jsonl"
         elif not first:
             raise UsageError(f"{path}: the file is empty; expected ShareGPT JSON or JSONL")
         else:
-            raise UsageError(f"{path}:1: expected a JSON list of ShareGPT records or JSONL, found {text[:20]!r}")
+            raise UsageError(f"{path}:1: expected a JSON list of ShareGPT records or JSONL, found {blob[:20]!r}")
     data = RawData(str(path), fmt)
+    if fmt == "json" and max_records is None and first == b"[" and blob.rstrip().endswith(b"]"):
+        records = _whole_json_list(blob)
+        if records is not None:
+            return data, _iter_list(records, data)
+    try:
+        text = _decode(blob)
+    except UnicodeDecodeError as exc:
+        raise UsageError(f"{path}: not UTF-8 text (byte {exc.start}); expected ShareGPT JSON or JSONL") from None
     if fmt == "json":
         pos = _WS.match(text, 0).end()  # type: ignore[union-attr]
         if pos >= len(text) or text[pos] != "[":  # checked up front, not when the stream starts
             raise UsageError(f"{path}: expected a JSON list of ShareGPT records (or JSONL), "
                              f"found {text[pos:pos + 20]!r} at the start")
-        if max_records is None and text.rstrip().endswith("]"):
-            return data, _iter_whole_json_list(text, path, data)
         return data, _iter_json_list(text, path, max_records, data)
     return data, _iter_jsonl(text, path, max_records, data)
 

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from vicuna_exp.data.config import CACHE_IRRELEVANT, DataConfig, TemplateConfig
+from vicuna_exp.data.encode import IGNORE
 from vicuna_exp.errors import UsageError
 
 if TYPE_CHECKING:
@@ -129,53 +130,64 @@ def _build(tmp: Path, raw_path: Path, data: DataConfig, template: TemplateConfig
     from vicuna_exp.data.clean import DROP_REASONS, CleanResult, clean_stream, in_eval_split
     from vicuna_exp.data.encode import ConversationEncoder
     from vicuna_exp.data.load import iter_records
-    from vicuna_exp.data.split import encode_and_split
+    from vicuna_exp.data.split import SplitResult, encode_and_split
 
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
-    # One pipelined pass: records are read and cleaned as the tokenizer's threads need them.
+    # One pipelined pass: records are read and cleaned as the tokenizer's threads need them, and
+    # each chunk's examples go into their split's columns while the next chunks are tokenized.
     raw, records = iter_records(raw_path, data.format, data.max_records)
     cleaned = CleanResult([], 0)
     encoder = ConversationEncoder(tokenizer, template)
+    columns = {"train": _Columns(), "eval": _Columns()}
+    conv_splits: dict[str, list[int]] = {"train": [], "eval": []}
+
+    def collect(res: SplitResult, start: int, stop: int) -> None:
+        for ci in range(start, stop):
+            examples = res.examples.pop(ci, None)
+            if examples:
+                name = "eval" if in_eval_split(res.convs[ci].id, data.seed, data.eval_fraction) else "train"
+                columns[name].add(res.convs[ci].id, examples)
+                conv_splits[name].append(ci)
+        for c in columns.values():
+            c.close_chunk()
+
     split = encode_and_split(clean_stream(records, data, cleaned, num_proc=data.num_proc or 1),
-                             encoder, context, data.overflow)
+                             encoder, context, data.overflow, on_chunk=collect)
     for note in raw.notes:
         log.warning("%s", note)
-    convs = split.convs
     dropped: Counter = Counter({r: 0 for r in DROP_REASONS})
     dropped.update(cleaned.dropped)
-    if not convs:
+    if not split.convs:
         raise UsageError(f"{raw_path}: nothing left after cleaning: {raw.count} records read, "
                          f"dropped {dict((k, v) for k, v in dropped.items() if v)}")
-    is_eval = [in_eval_split(c.id, data.seed, data.eval_fraction) for c in convs]
     dropped.update(split.dropped)
-    examples, source_tokens, alive = split.examples, split.source_tokens, split.alive
+    source_tokens, alive = split.source_tokens, split.alive
     overflow, dropped_examples = split.overflow, split.dropped_examples
     timings["read_clean_encode_split_s"] = time.perf_counter() - t0
 
     t = time.perf_counter()
-    splits: dict[str, list[int]] = {"train": [], "eval": []}
-    for ci in range(len(convs)):
-        if alive[ci]:
-            splits["eval" if is_eval[ci] else "train"].append(ci)
+    from concurrent.futures import ThreadPoolExecutor
+
     from datasets import DatasetDict
     from datasets.utils import logging as ds_logging
 
-    dd = DatasetDict({name: _to_dataset([(convs[ci].id, ex) for ci in idx for ex in examples[ci]],
-                                        _fingerprint(key, name))
-                      for name, idx in splits.items()})
+    dd = DatasetDict({name: c.dataset(_fingerprint(key, name)) for name, c in columns.items()})
     bars = ds_logging.is_progress_bar_enabled()
     ds_logging.disable_progress_bar()
     try:
-        # one shard per split: datasets writes an empty split with zero shards and cannot reopen it
-        dd.save_to_disk(str(tmp), num_shards={name: 1 for name in dd})
+        # Arrow writes without the GIL: the statistics (a packing plan in Python) are computed meanwhile.
+        with ThreadPoolExecutor(max_workers=1) as writer:
+            # one shard per split: datasets writes an empty split with zero shards and cannot reopen it
+            saved = writer.submit(dd.save_to_disk, str(tmp), num_shards={name: 1 for name in dd})
+            split_stats = {name: _split_stats(dd[name], columns[name].supervised, idx, source_tokens, data, context)
+                           for name, idx in conv_splits.items()}
+            saved.result()
     finally:
         if bars:
             ds_logging.enable_progress_bar()
     timings["write_s"] = time.perf_counter() - t
 
-    split_stats = {name: _split_stats(dd[name], [ci for ci in idx], source_tokens, data, context)
-                   for name, idx in splits.items()}
     kept_records = int(alive.sum())
     dropped_total = {k: int(v) for k, v in dropped.items()}
     if raw.count != kept_records + sum(dropped_total.values()):
@@ -224,39 +236,69 @@ def _fingerprint(key: str, split: str) -> str:
     return hashlib.sha256(f"{key}:{split}".encode()).hexdigest()[:16]
 
 
-def _to_dataset(rows: list[tuple[str, tuple[np.ndarray, np.ndarray]]], fingerprint: str | None = None) -> Dataset:
-    """A Dataset built from arrays directly (no per-token Python objects)."""
-    import pyarrow as pa
-    from datasets import Dataset
-    from datasets.table import InMemoryTable
+class _Columns:
+    """One split's rows, gathered chunk by chunk: each chunk's examples become Arrow arrays at once
+    (while the tokenizer works on later chunks); the table's columns are these chunks, not copied
+    into one array at the end."""
 
-    lengths = np.array([len(ex[0]) for _, ex in rows], dtype=np.int64)
-    offsets = np.zeros(len(rows) + 1, dtype=np.int64)
-    np.cumsum(lengths, out=offsets[1:])
-    if offsets[-1] >= 2**31:
-        raise UsageError("data: more than 2^31 tokens in one split; use data.max_records to prepare less")
-    off = pa.array(offsets.astype(np.int32), type=pa.int32())
+    def __init__(self) -> None:
+        self._ids: list[np.ndarray] = []  # the open chunk's examples
+        self._labels: list[np.ndarray] = []
+        self._lengths: list[int] = []
+        self.ids: list[Any] = []  # closed chunks, each a pyarrow ListArray
+        self.labels: list[Any] = []
+        self.lengths: list[int] = []
+        self.conversation_ids: list[str] = []
+        self.supervised = 0  # labels that are not IGNORE
+        self.tokens = 0
 
-    def column(which: int) -> Any:
-        flat = np.concatenate([ex[which] for _, ex in rows], dtype=np.int32) if rows else np.zeros(0, np.int32)
-        return pa.ListArray.from_arrays(off, pa.array(flat, type=pa.int32()))
+    def add(self, conversation_id: str, examples: list[tuple[np.ndarray, np.ndarray]]) -> None:
+        for ids, labels in examples:
+            self._ids.append(ids)
+            self._labels.append(labels)
+            self._lengths.append(len(ids))
+            self.conversation_ids.append(conversation_id)
 
-    table = pa.table({
-        "input_ids": column(0),
-        "labels": column(1),
-        "length": pa.array(lengths.astype(np.int32), type=pa.int32()),
-        "conversation_id": pa.array([cid for cid, _ in rows], type=pa.string()),
-    })
-    return Dataset(InMemoryTable(table), fingerprint=fingerprint)
+    def close_chunk(self) -> None:
+        import pyarrow as pa
+
+        if not self._ids:
+            return
+        offsets = np.zeros(len(self._lengths) + 1, dtype=np.int64)
+        np.cumsum(self._lengths, out=offsets[1:])
+        self.tokens += int(offsets[-1])
+        if self.tokens >= 2**31:
+            raise UsageError("data: more than 2^31 tokens in one split; use data.max_records to prepare less")
+        off = pa.array(offsets.astype(np.int32), type=pa.int32())
+        labels = np.concatenate(self._labels, dtype=np.int32)
+        self.supervised += int(np.count_nonzero(labels != IGNORE))
+        self.ids.append(pa.ListArray.from_arrays(off, pa.array(np.concatenate(self._ids, dtype=np.int32))))
+        self.labels.append(pa.ListArray.from_arrays(off, pa.array(labels)))
+        self.lengths += self._lengths
+        self._ids, self._labels, self._lengths = [], [], []
+
+    def dataset(self, fingerprint: str | None = None) -> Dataset:
+        """The rows as a Dataset, built from the arrays directly (no per-token Python objects)."""
+        import pyarrow as pa
+        from datasets import Dataset
+        from datasets.table import InMemoryTable
+
+        self.close_chunk()
+        token_lists = pa.list_(pa.int32())
+        table = pa.table({
+            "input_ids": pa.chunked_array(self.ids, type=token_lists),
+            "labels": pa.chunked_array(self.labels, type=token_lists),
+            "length": pa.array(np.asarray(self.lengths, dtype=np.int32), type=pa.int32()),
+            "conversation_id": pa.array(self.conversation_ids, type=pa.string()),
+        })
+        return Dataset(InMemoryTable(table), fingerprint=fingerprint)
 
 
-def _split_stats(ds: Dataset, conv_indices: list[int], source_tokens: np.ndarray, data: DataConfig,
-                 context: int) -> dict[str, Any]:
+def _split_stats(ds: Dataset, supervised: int, conv_indices: list[int], source_tokens: np.ndarray,
+                 data: DataConfig, context: int) -> dict[str, Any]:
     from vicuna_exp.data.batching import epoch_rows, example_lengths
 
     lengths = example_lengths(ds) if len(ds) else np.zeros(0, np.int64)
-    labels = ds.data.column("labels").combine_chunks() if len(ds) else None
-    supervised = int(np.count_nonzero(np.asarray(labels.values) != -100)) if labels is not None else 0
     rows = epoch_rows(ds, epoch=0, seed=0, context_length=context, packing=data.packing) if len(ds) else []
     total = int(lengths.sum())
     source = int(source_tokens[conv_indices].sum()) if conv_indices else 0

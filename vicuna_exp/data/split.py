@@ -14,23 +14,24 @@ continues in further windows, each preceded by as much earlier text as fits, uns
 
 from __future__ import annotations
 
+import functools
 from collections import Counter, deque
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from itertools import islice
 from typing import TYPE_CHECKING
 
 import numpy as np
 
 from vicuna_exp.data.encode import IGNORE, Encoded, EncodeError, Rendered
-from vicuna_exp.data.template import Segment, render_segments
 
 if TYPE_CHECKING:
     from vicuna_exp.data.clean import Conversation
-    from vicuna_exp.data.encode import ConversationEncoder
+    from vicuna_exp.data.encode import ConversationEncoder, _Layout
 
 ENCODE_CHUNK = 256  # conversations per batched tokenizer call (small: keeps the pipeline overlapped)
-IN_FLIGHT = 3  # batches queued on the tokenizer at once (3: its threads stay fed while this one labels)
+FIRST_CHUNK = 32  # the first call's size, doubling up to ENCODE_CHUNK: the tokenizer starts at once
+IN_FLIGHT = 3  # batches queued on the tokenizer while this thread labels one
+TOKENIZE_WORKERS = 2  # batched tokenizer calls running at once (each uses every core)
 Example = tuple[np.ndarray, np.ndarray]  # (input_ids, labels)
 
 MIN_CONTEXT_FRACTION = 4  # a continuation window starts with at least context // 4 tokens of earlier text
@@ -117,26 +118,31 @@ class SplitResult:
 
 
 def encode_and_split(
-    convs: Iterable[Conversation], encoder: ConversationEncoder, context: int, overflow_policy: str
+    convs: Iterable[Conversation], encoder: ConversationEncoder, context: int, overflow_policy: str,
+    on_chunk: Callable[[SplitResult, int, int], None] | None = None,
 ) -> SplitResult:
     """Encode every conversation whole; those longer than the context become whole-pair pieces.
 
-    Pipelined: the tokenizer (Rust, all cores, without the GIL) works on the next chunks in
-    background threads while this thread reads, cleans (when `convs` is a lazy stream), renders
-    and labels, so the Python work hides behind it.
+    Pipelined: the tokenizer (Rust, all cores, without the GIL) works on the next chunks in a
+    background thread while this thread reads, cleans (when `convs` is a lazy stream), renders
+    and labels, so the Python work hides behind it. `on_chunk(result, start, stop)` is called as
+    soon as conversations `start:stop` have their examples (it may take them out of `examples`),
+    so whatever the caller does with them overlaps the tokenizer too.
     """
     from concurrent.futures import ThreadPoolExecutor
 
-    template = encoder.template
-    stream = iter(convs)
+    chunks = _chunks(iter(convs))
     res = SplitResult()
     source: list[int] = []
     alive: list[bool] = []
 
-    with ThreadPoolExecutor(max_workers=IN_FLIGHT) as pool:
+    # Two batches tokenized at a time: while one batch's results wait for the GIL (this thread
+    # holds it while labelling), the other keeps the tokenizer's threads busy; batches still
+    # finish about in order, so this thread labels one while the next ones are tokenized.
+    with ThreadPoolExecutor(max_workers=TOKENIZE_WORKERS) as pool:
         def submit():  # noqa: ANN202 - the next chunk, rendered and queued on the tokenizer (None at the end)
-            chunk = list(islice(stream, ENCODE_CHUNK))
-            if not chunk:
+            chunk = next(chunks, None)
+            if chunk is None:
                 return None
             start = len(res.convs)
             res.convs.extend(chunk)
@@ -145,17 +151,16 @@ def encode_and_split(
             items: list[Rendered | EncodeError] = []
             for c in chunk:
                 try:
-                    items.append(encoder.render(render_segments(template, c.system, c.turns)))
+                    items.append(encoder.render_turns(c.system, c.turns))
                 except EncodeError as exc:
                     items.append(exc)
             ok = [r for r in items if isinstance(r, Rendered)]
             return start, items, ok, pool.submit(encoder.tokenize, ok)
 
-        # Several batches in flight: the tokenizer's threads never idle at the tail of one batch.
         ahead: deque = deque()
         exhausted = False
         while True:
-            while not exhausted and len(ahead) < IN_FLIGHT:
+            while not exhausted and len(ahead) <= IN_FLIGHT:  # this chunk and IN_FLIGHT more queued
                 nxt = submit()
                 if nxt is None:
                     exhausted = True
@@ -164,22 +169,35 @@ def encode_and_split(
             if not ahead:
                 break
             start, items, ok, future = ahead.popleft()
-            if not exhausted:  # keep the queue full while this chunk is labelled and split
-                nxt = submit()
-                if nxt is None:
-                    exhausted = True
-                else:
-                    ahead.append(nxt)
             labelled = iter(encoder.label(ok, future.result(), keep=True))
             encoded = [next(labelled) if isinstance(r, Rendered) else r for r in items]
             _split_chunk(start, encoded, res.convs, encoder, context, overflow_policy, res, source, alive)
+            if on_chunk is not None:
+                on_chunk(res, start, start + len(items))
     res.source_tokens = np.asarray(source, dtype=np.int64)
     res.alive = np.asarray(alive, dtype=bool)
-    for ci in range(len(res.convs)):
-        if res.alive[ci] and not res.examples.get(ci):
-            res.alive[ci] = False
-            res.dropped["overflow"] += 1  # every pair was longer than the context (overflow=drop)
     return res
+
+
+def _chunks(stream: Iterator[Conversation]) -> Iterator[list[Conversation]]:
+    """Batches for the tokenizer: small at first, so it starts at once, then ENCODE_CHUNK; and small
+    again at the very end (halving), so that little is left to label once the tokenizer is done.
+    The stream is read one batch ahead, to see its end coming."""
+    buffer: deque = deque()
+    size = FIRST_CHUNK
+    ended = False
+    while True:
+        while not ended and len(buffer) < 2 * size:
+            conv = next(stream, None)
+            if conv is None:
+                ended = True
+            else:
+                buffer.append(conv)
+        if not buffer:
+            return
+        take = size if not ended else max(FIRST_CHUNK // 2, min(size, -(-len(buffer) // 2)))
+        yield [buffer.popleft() for _ in range(min(take, len(buffer)))]
+        size = min(2 * size, ENCODE_CHUNK)
 
 
 def _split_chunk(start: int, encoded: list[Encoded | EncodeError], convs: Sequence[Conversation],
@@ -201,18 +219,21 @@ def _split_chunk(start: int, encoded: list[Encoded | EncodeError], convs: Sequen
             pending.extend(plan_pieces(ci, enc, len(convs[ci].turns) // 2, context))
     res.overflow["split_conversations"] += len(wholes)
     _encode_pieces(pending, wholes, convs, encoder, context, policy, res)
+    for ci in range(start, start + len(encoded)):
+        if alive[ci] and not res.examples.get(ci):
+            alive[ci] = False
+            res.dropped["overflow"] += 1  # every pair was longer than the context (overflow=drop)
 
 
 def _encode_pieces(pending: list[Piece], wholes: dict[int, Encoded], convs: Sequence[Conversation],
                    encoder: ConversationEncoder, context: int, policy: str, res: SplitResult) -> None:
     """Each piece gets the ids of its own rendering; one that still does not fit gives up its last pair."""
-    template = encoder.template
     pieces: dict[tuple[int, int], list[Example]] = {}
     while pending:
         built: list[Example | EncodeError] = []
         prefixes: list[Rendered] = []  # stitched pieces: only the text before the first special token
         tails: list[tuple[int, Example]] = []
-        full: list[tuple[int, list[Segment]]] = []  # pieces tokenized whole (no stitching possible)
+        full: list[tuple[int, tuple[str | None, list]]] = []  # pieces tokenized whole (no stitching possible)
         early: dict[int, list[Example]] = {}  # lone pairs that certainly overflow: windowed at once
         for i, p in enumerate(pending):
             conv = convs[p.conv]
@@ -223,7 +244,7 @@ def _encode_pieces(pending: list[Piece], wholes: dict[int, Encoded], convs: Sequ
             stitched = _stitch(encoder, wholes[p.conv], conv, p, len(conv.turns) // 2)
             built.append(EncodeError("pending", ""))
             if stitched is None:
-                full.append((i, render_segments(template, conv.system, conv.turns[2 * p.first:2 * p.stop])))
+                full.append((i, (conv.system, conv.turns[2 * p.first:2 * p.stop])))
             elif isinstance(stitched, tuple) and isinstance(stitched[0], Rendered):
                 prefixes.append(stitched[0])
                 tails.append((i, stitched[1]))
@@ -234,7 +255,7 @@ def _encode_pieces(pending: list[Piece], wholes: dict[int, Encoded], convs: Sequ
                 built[i] = enc
             else:
                 built[i] = (np.concatenate([enc.input_ids, tail_ids]), np.concatenate([enc.labels, tail_labels]))
-        for (i, _), enc in zip(full, encoder.encode_many([segs for _, segs in full]), strict=True):
+        for (i, _), enc in zip(full, encoder.encode_many([conv for _, conv in full]), strict=True):
             built[i] = enc if isinstance(enc, EncodeError) else (enc.input_ids, enc.labels)
         next_pending: list[Piece] = []
         for i, (p, item) in enumerate(zip(pending, built, strict=True)):
@@ -278,6 +299,43 @@ def _cuts(encoder: ConversationEncoder, r: Rendered, special: int) -> list[int]:
     return [*cuts, special]
 
 
+@dataclass(frozen=True)
+class _Opening:
+    """Where a later piece rendered with a compiled layout joins the whole conversation's tokens."""
+
+    offset: int  # the cut, in characters from the start of the piece's first pair
+    prefix: Rendered  # the piece's text before the cut (header and the start of the role marker)
+
+
+@functools.lru_cache(maxsize=64)
+def _opening(layout: _Layout, sentinel_chars: tuple[str, ...], word_cut: bool) -> _Opening | None:
+    """The cut `_cuts` tries first (the first word boundary of the first pair), read off the layout,
+    when that cut holds whatever the messages are: the piece's text after it equals the whole
+    conversation's (the first pair renders like a later one from there on) and no special token
+    comes before it. None sends every piece the general way (render the opening, try each cut)."""
+    if not word_cut:
+        return None
+    first, later, head = layout.first, layout.later, layout.head
+    marker = first.before_user
+    space = marker.find(" ", 1)
+    while space > 0 and marker[space - 1] == " ":
+        space = marker.find(" ", space + 1)
+    if space <= 0:
+        return None  # the boundary falls inside the user's message: depends on the message
+    if any(ch in head + marker[:space + 1] for ch in sentinel_chars):
+        return None  # a special token comes first: `_cuts` starts there
+    if not any(ch in marker[space:] + first.between + first.after_reply for ch in sentinel_chars):
+        return None  # no special token in the opening at all: never stitched
+    if (marker[space:] != later.before_user[space:] or len(later.before_user) < space
+            or first.between != later.between or first.after_reply != later.after_reply):
+        return None
+    cut = len(head) + space
+    edges = np.minimum(np.asarray(list(layout.head_bounds) + [len(head) + off for off, _, _ in first.bounds],
+                                  dtype=np.int64), cut).reshape(-1, 2)
+    edges = edges[edges[:, 1] > edges[:, 0]].reshape(-1)
+    return _Opening(space, Rendered((head + marker)[:cut], edges, np.asarray([len(head)], dtype=np.int64)))
+
+
 def _encode_prefixes(encoder: ConversationEncoder, prefixes: list[Rendered]) -> list[Encoded | EncodeError]:
     """Each distinct prefix tokenized once: most are the same system prompt and role marker."""
     keys = [(r.text, r.bounds.tobytes()) for r in prefixes]
@@ -319,7 +377,9 @@ def _stitch(encoder: ConversationEncoder, whole: Encoded, conv: Conversation, p:
     special token on; only the text before it (system prompt and first pair) needs tokenizing.
     Only the piece's opening (header and first pair) is rendered and compared with the whole's
     text: every later pair renders exactly as in the whole conversation, since `render_segments`
-    writes a pair from its own turns and from whether it is the first pair, nothing else.
+    writes a pair from its own turns and from whether it is the first pair, nothing else. When the
+    conversation was rendered with a compiled layout, even the opening is known from the layout
+    (`_opening`), and only a cut the layout cannot vouch for renders it.
     """
     w, enc = whole.rendered, whole.encoding
     if not encoder.stitch or w is None or enc is None:
@@ -331,8 +391,17 @@ def _stitch(encoder: ConversationEncoder, whole: Encoded, conv: Conversation, p:
     if last is None:
         return None
     stop_tok = last + 1
+    if w.layout is not None:  # compiled: the opening is known without rendering it
+        if p.first == 0:  # the piece's text is a prefix of the whole's, by construction
+            return whole.input_ids[:stop_tok], whole.labels[:stop_tok]
+        opening = _opening(w.layout, encoder.sentinel_chars, encoder.word_cut)
+        if opening is not None:
+            begin = int(w.pair_chars[p.first]) + opening.offset
+            tail_first = enc.char_to_token(begin)
+            if tail_first is not None and enc.token_to_chars(tail_first)[0] == begin:
+                return opening.prefix, (whole.input_ids[tail_first:stop_tok], whole.labels[tail_first:stop_tok])
     try:
-        r = encoder.render(render_segments(encoder.template, conv.system, conv.turns[2 * p.first:2 * p.first + 2]))
+        r = encoder.render_turns(conv.system, conv.turns[2 * p.first:2 * p.first + 2])
     except EncodeError:
         return None
     first_end = int(w.pair_chars[p.first + 1]) if p.first + 1 < n_pairs else len(w.text)  # the opening's end
