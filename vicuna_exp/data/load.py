@@ -80,6 +80,13 @@ def _cut_by_eof(text: str, exc: json.JSONDecodeError, end: int) -> bool:
     return len(rest) < 16 and "\n" not in rest  # a literal or number cut short at the very end
 
 
+def _note_cut(data: RawData, text: str, pos: int) -> int:
+    """Record where a JSON list was cut off (after `data.count` whole records); returns the line."""
+    line, _ = _line_col(text, pos)
+    data.truncated = {"whole_records": data.count, "cut_at_line": line, "cut_at_char": pos, "file_chars": len(text)}
+    return line
+
+
 def _iter_json_list(text: str, path: Path, max_records: int | None, data: RawData) -> Iterator[Any]:
     decoder = json.JSONDecoder()
     pos = _WS.match(text, 0).end()  # type: ignore[union-attr]
@@ -102,9 +109,7 @@ def _iter_json_list(text: str, path: Path, max_records: int | None, data: RawDat
             record, pos = decoder.raw_decode(text, pos)
         except json.JSONDecodeError as exc:
             if _cut_by_eof(text, exc, end):
-                line, _ = _line_col(text, pos)
-                data.truncated = {"whole_records": data.count, "cut_at_line": line, "cut_at_char": pos,
-                                  "file_chars": len(text)}
+                line = _note_cut(data, text, pos)
                 data.notes.append(f"{path}: the file ends in the middle of record {data.count} (line {line}); "
                                   f"read the {data.count} whole records before the cut")
                 return
@@ -116,9 +121,7 @@ def _iter_json_list(text: str, path: Path, max_records: int | None, data: RawDat
         assert m is not None
         if m.group(1) is None:
             if m.end() >= len(text):
-                line, _ = _line_col(text, pos)
-                data.truncated = {"whole_records": data.count, "cut_at_line": line, "cut_at_char": pos,
-                                  "file_chars": len(text)}
+                _note_cut(data, text, pos)
                 data.notes.append(f"{path}: the JSON list is not closed after record {data.count - 1}; "
                                   f"read {data.count} whole records")
                 return
@@ -196,7 +199,7 @@ def iter_records(path: Path, fmt: str = "auto", max_records: int | None = None) 
         else:
             raise UsageError(f"{path}:1: expected a JSON list of ShareGPT records or JSONL, found {blob[:20]!r}")
     data = RawData(str(path), fmt)
-    if fmt == "json" and max_records is None and first == b"[" and blob.rstrip().endswith(b"]"):
+    if fmt == "json" and max_records is None and first == b"[" and blob[-4096:].rstrip().endswith(b"]"):
         records = _whole_json_list(blob)
         if records is not None:
             return data, _iter_list(records, data)
