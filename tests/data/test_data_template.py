@@ -212,3 +212,18 @@ def test_compiled_rendering_equals_general_rendering(tok, name):
         assert _rendered_parts(encoder.render_turns(system, turns)) == want
 
     check()
+
+
+def test_many_system_prompts_render_alike(tok):
+    """Past the compiled layouts' limit, conversations take the general path with the same result."""
+    from vicuna_exp.data.encode import _MAX_LAYOUTS, ConversationEncoder
+    from vicuna_exp.data.template import render_segments
+
+    encoder = ConversationEncoder(tok, TemplateConfig())
+    turns = [("user", "Hi there"), ("assistant", "Hello!")]
+    for i in range(_MAX_LAYOUTS + 3):
+        system = f"System prompt number {i}."
+        got = encoder.render_turns(system, turns)
+        want = encoder.render(render_segments(encoder.template, system, turns))
+        assert _rendered_parts(got) == _rendered_parts(want)
+        assert (got.layout is not None) == (i < _MAX_LAYOUTS)

@@ -30,7 +30,7 @@ if TYPE_CHECKING:
 IGNORE = -100
 _SENTINEL_BASE = 0xF0000  # Supplementary Private Use Area-A: never in real text (checked anyway)
 _SLOT_BASE = 0xF0100  # placeholders for the contents in a compiled layout's skeleton (never output)
-_MAX_LAYOUTS = 64  # compiled layouts kept per encoder (one per distinct system prompt)
+_MAX_LAYOUTS = 64  # system prompts compiled per encoder; conversations with others take the general path
 
 
 class EncodeError(ValueError):
@@ -168,9 +168,9 @@ class ConversationEncoder:
         """
         layout = self._layouts.get(system, False)
         if layout is False:
-            layout = self._compile(system)
-            if len(self._layouts) < _MAX_LAYOUTS:  # a few system prompts recur; unique ones are not kept
-                self._layouts[system] = layout
+            if len(self._layouts) >= _MAX_LAYOUTS:  # many distinct system prompts: compiling would not pay
+                return self.render(render_segments(self.template, system, turns))
+            layout = self._layouts[system] = self._compile(system)
         n = len(turns)
         if layout is None or n == 0 or n % 2:
             return self.render(render_segments(self.template, system, turns))
