@@ -214,6 +214,59 @@ def test_compiled_rendering_equals_general_rendering(tok, name):
     check()
 
 
+@pytest.mark.parametrize("name", sorted(_TEMPLATES))
+def test_marked_encoding_equals_offsets_encoding(tok, name):
+    """Encoding without offsets (markers at the boundaries, found by counting) gives exactly the ids,
+    labels and pair starts of the encoding from character offsets, or the same EncodeError."""
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    from vicuna_exp.data.encode import ConversationEncoder, Marked
+
+    template = _TEMPLATES[name]()
+    encoder = ConversationEncoder(tok, template)
+    reference = ConversationEncoder(tok, template, stitch=False)  # offsets only: never marked
+    pair = [("user", "Hi there"), ("assistant", "Hello!")]
+    marked = {system: isinstance(encoder.render_marked(system, pair), Marked) for system in (None, "", "Be brief.")}
+    if name == "vicuna_v1.1":
+        assert all(marked.values()), marked  # the marked path is what is tested
+    if name == "llama-2-chat":  # a system prompt inside the first user turn: no fixed cut for later pieces
+        assert marked == {None: True, "": True, "Be brief.": False}
+    assert not isinstance(reference.render_marked(None, pair), Marked)
+    alphabet = st.sampled_from(["a", " ", "  ", "\n", "é", "你", "😀", "</s>", "<s>", "USER:", " ASSISTANT:",
+                                "[INST]", encoder.sentinel_chars[1], encoder.marker])
+    message = st.lists(alphabet, max_size=8).map("".join)
+    turns = st.lists(st.tuples(message, message), min_size=1, max_size=4).map(
+        lambda pairs: [t for q, a in pairs for t in (("user", q), ("assistant", a))])
+    system = st.one_of(st.none(), st.just(""), st.just("Be brief."), message)
+
+    @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+    @given(batch=st.lists(st.tuples(system, turns), min_size=1, max_size=4))
+    def check(batch):
+        got = encoder.encode_many(batch)
+        want = reference.encode_many(batch)
+        for g, w in zip(got, want, strict=True):
+            assert type(g) is type(w)
+            if isinstance(w, EncodeError):
+                assert g.reason == w.reason
+            else:
+                assert g.input_ids.tolist() == w.input_ids.tolist()
+                assert g.labels.tolist() == w.labels.tolist()
+                assert g.pair_starts.tolist() == w.pair_starts.tolist()
+
+    check()
+
+
+def test_marker_character_in_a_message_is_refused(tok):
+    from vicuna_exp.data.encode import ConversationEncoder
+
+    encoder = ConversationEncoder(tok, TemplateConfig())
+    with pytest.raises(EncodeError) as err:
+        encode_conversation([{"from": "human", "value": f"a{encoder.marker}b"}, {"from": "gpt", "value": "ok"}],
+                            tok, TemplateConfig())
+    assert err.value.reason == "private_use_char"
+
+
 def test_many_system_prompts_render_alike(tok):
     """Past the compiled layouts' limit, conversations take the general path with the same result."""
     from vicuna_exp.data.encode import _MAX_LAYOUTS, ConversationEncoder

@@ -8,6 +8,11 @@ the text around each structural token is split exactly as the tokenizer splits a
 token. A token is supervised when its characters lie inside a supervised span of the rendering;
 a token that straddles a span's edge cannot be aligned and the conversation is reported, never
 silently masked.
+
+Most conversations need no offsets at all: where the template compiles to a layout whose
+boundaries can be found by counting (`layout.plan_marks`), a marker token is written at each
+boundary that is not next to a special token, the tokenizer is asked for ids alone (a fifth less
+of its time) and the labels come from where the special tokens and markers fall in the ids.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from vicuna_exp.data.layout import Layout, Marks, PairLayout, plan_marks
 from vicuna_exp.data.template import ASSISTANT, USER, Segment, check_template, render_segments, to_turns
 from vicuna_exp.errors import UsageError
 
@@ -48,7 +54,16 @@ class Rendered:
     text: str
     bounds: np.ndarray  # supervised spans as flat sorted [s0, e0, s1, e1, ...] (character offsets)
     pair_chars: np.ndarray  # character offset where each (user, assistant) pair starts
-    layout: _Layout | None = None  # the compiled layout it was rendered with (None: the general path)
+    layout: Layout | None = None  # the compiled layout it was rendered with (None: the general path)
+
+
+@dataclass
+class Marked:
+    """A rendering to tokenize without offsets: markers written in at its boundaries (`layout.Marks`)."""
+
+    text: str
+    n_pairs: int
+    marks: Marks
 
 
 @dataclass
@@ -56,47 +71,30 @@ class Encoded:
     input_ids: np.ndarray  # int32
     labels: np.ndarray  # int32, IGNORE where not supervised
     pair_starts: np.ndarray  # index of the first token of each (user, assistant) pair (for splitting)
-    rendered: Rendered | None = None  # kept for stitching pieces of this conversation
-    encoding: Any = None  # the tokenizers.Encoding, idem
-
-
-@dataclass(frozen=True)
-class _PairLayout:
-    """One (user, assistant) pair of a skeleton rendering: its text around the two content slots."""
-
-    before_user: str
-    between: str  # after the user's content, before the reply
-    after_reply: str
-    bounds: tuple[tuple[int, int, int], ...]  # supervised edges: (skeleton offset, after user slot, after reply slot)
-    sentinels: tuple[int, ...]  # how many of each sentinel the pair's literal text holds
-
-    @property
-    def skeleton_length(self) -> int:  # the placeholders count one character each
-        return len(self.before_user) + len(self.between) + len(self.after_reply) + 2
-
-
-@dataclass(frozen=True)
-class _Layout:
-    """A template's rendering for one system prompt, compiled from a two-pair skeleton: the header,
-    then the first pair, then every later pair (rendered alike, whatever its index)."""
-
-    head: str
-    head_bounds: tuple[int, ...]
-    first: _PairLayout
-    later: _PairLayout
-    head_sentinels: tuple[int, ...]
+    rendered: Rendered | Marked | None = None  # kept for stitching pieces of this conversation
+    encoding: Any = None  # the tokenizers.Encoding, idem (offsets encodings only)
+    openings: np.ndarray | None = None  # marked encodings: where a piece starting at each pair joins the tokens
 
 
 _BACKENDS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # tokenizer -> {key: sentinel backend}
 
 
-def _sentinel_backend(tokenizer: Any, bos: str, eos: str
-                      ) -> tuple[Any, dict[int, int], dict[str, str], bool, bool]:
-    """A copy of the tokenizer's backend that knows the sentinels, made once per tokenizer and template tokens.
+@dataclass(frozen=True)
+class _Backend:
+    """A copy of the tokenizer's backend that knows the sentinels and the marker."""
 
-    Returns (backend, sentinel id -> real id, special string -> sentinel character, pieces can be
-    stitched from the whole conversation's tokens, a space after a non-space is an exact cut).
-    """
+    tokenizer: Any  # tokenizers.Tokenizer
+    sentinel_to_real: dict[int, int]
+    sentinels: dict[str, str]  # special string -> sentinel character
+    marker: str  # written at a boundary that is a word cut (see layout.plan_marks); never in the ids
+    marker_id: int
+    front: int  # tokens the post-processor puts in front of the text (BOS)
+    can_stitch: bool  # pieces can reuse the whole conversation's tokens after a special token
+    word_cut: bool  # a space after a non-space is an exact cut
+
+
+def _sentinel_backend(tokenizer: Any, bos: str, eos: str) -> _Backend:
+    """The sentinel backend, made once per tokenizer and template tokens."""
     from tokenizers import AddedToken, Tokenizer
 
     key = (bos, eos, len(tokenizer), tuple(sorted(str(t) for t in tokenizer.added_tokens_decoder.values())))
@@ -122,6 +120,9 @@ def _sentinel_backend(tokenizer: Any, bos: str, eos: str
                                        rstrip=proto.rstrip, normalized=False, special=False)])
         sentinel_to_real[backend.token_to_id(char)] = int(real_id)
         sentinels[token] = char
+    marker = chr(_SENTINEL_BASE + 2)
+    backend.add_tokens([AddedToken(marker, single_word=False, lstrip=False, rstrip=False, normalized=False,
+                                   special=False)])
     backend.encode_special_tokens = True  # special-token strings inside messages stay text
     # Text between structural special tokens is tokenized independently of its neighbours (the
     # tokenizer splits on added tokens first), so a piece of a conversation can reuse the whole
@@ -132,7 +133,8 @@ def _sentinel_backend(tokenizer: Any, bos: str, eos: str
     can_stitch = not strips and probe[len(probe) - len(bare):] == bare
     # Checked once per tokenizer (it scans the whole vocabulary), not once per preparation.
     word_cut = can_stitch and _word_boundaries_are_cuts(backend)
-    per_tok[key] = (backend, sentinel_to_real, sentinels, can_stitch, word_cut)
+    per_tok[key] = _Backend(backend, sentinel_to_real, sentinels, marker, backend.token_to_id(marker),
+                            len(probe) - len(bare), can_stitch, word_cut)
     return per_tok[key]
 
 
@@ -145,18 +147,23 @@ class ConversationEncoder:
             raise UsageError("model.tokenizer: a fast tokenizer (tokenizer.json) is needed for offsets")
         self.template = template
         self.tokenizer = tokenizer
-        backend, sentinel_to_real, self.sentinels, can_stitch, word_cut = _sentinel_backend(
-            tokenizer, template.bos_token, template.eos_token)
-        self.backend = backend
+        b = _sentinel_backend(tokenizer, template.bos_token, template.eos_token)
+        self.backend = b.tokenizer
+        self.sentinels = b.sentinels
         # sentinel id -> real id as a lookup table over the whole vocabulary: one gather per encoding
-        self._lut = np.arange(max(backend.get_vocab_size(with_added_tokens=True), max(sentinel_to_real) + 1),
-                              dtype=np.int32)
-        for sentinel_id, real_id in sentinel_to_real.items():
+        size = max(self.backend.get_vocab_size(with_added_tokens=True), max(b.sentinel_to_real) + 1, b.marker_id + 1)
+        self._lut = np.arange(size, dtype=np.int32)
+        for sentinel_id, real_id in b.sentinel_to_real.items():
             self._lut[sentinel_id] = real_id
+        self._is_event = np.zeros(size, dtype=bool)  # the tokens a marked encoding counts: sentinels, marker
+        self._is_event[[*b.sentinel_to_real, b.marker_id]] = True
         self.sentinel_chars = tuple(self.sentinels.values())
-        self.stitch = stitch and can_stitch
-        self.word_cut = self.stitch and word_cut
-        self._layouts: dict[str | None, _Layout | None] = {}
+        self.marker, self._marker_id, self._front = b.marker, b.marker_id, b.front
+        self.reserved_chars = (*self.sentinel_chars, self.marker)  # never accepted inside a message
+        self.stitch = stitch and b.can_stitch
+        self.word_cut = self.stitch and b.word_cut
+        self._layouts: dict[str | None, Layout | None] = {}
+        self._marks: dict[str | None, Marks | None] = {}
 
     def render_turns(self, system: str | None, turns: Sequence[tuple[str, str]]) -> Rendered:
         """`render(render_segments(template, system, turns))`, compiled: the same text, spans and pair
@@ -196,9 +203,45 @@ class ConversationEncoder:
             expected = layout.head_sentinels[i] + layout.first.sentinels[i] + (pairs - 1) * layout.later.sentinels[i]
             if text.count(ch) != expected:  # a message holds a reserved character
                 return self.render(render_segments(self.template, system, turns))
+        if self.marker in text:
+            return self.render(render_segments(self.template, system, turns))
         return Rendered(text, np.asarray(bounds, dtype=np.int64), np.asarray(pair_chars, dtype=np.int64), layout)
 
-    def _compile(self, system: str | None) -> _Layout | None:
+    def render_marked(self, system: str | None, turns: Sequence[tuple[str, str]]) -> Marked | Rendered:
+        """What training tokenizes: the text with markers at its boundaries where the layout allows
+        (`layout.plan_marks`: the ids without offsets), otherwise `render_turns`' rendering."""
+        marks = self._marks.get(system, False)
+        if marks is False:
+            self.render_turns(system, [])  # compiles the layout (or gives up on this system prompt)
+            layout = self._layouts.get(system)
+            marks = self._marks[system] = None if layout is None else plan_marks(
+                layout, self.sentinel_chars, self.marker, self.word_cut, self._measure)
+        n = len(turns)
+        if marks is None or n == 0 or n % 2:
+            return self.render_turns(system, turns)
+        parts = []
+        before_user, between, after_reply = marks.first
+        for k in range(0, n, 2):
+            (user_role, user), (reply_role, reply) = turns[k], turns[k + 1]
+            if user_role != USER or reply_role != ASSISTANT or not user or not reply:
+                return self.render_turns(system, turns)
+            parts += (before_user, user, between, reply, after_reply)
+            before_user, between, after_reply = marks.later
+        text = "".join(parts)
+        program = marks.program(n // 2)
+        for ch, expected in zip(self.reserved_chars, program.reserved, strict=True):
+            if text.count(ch) != expected:  # a message holds a reserved character
+                return self.render_turns(system, turns)
+        return Marked(text, n // 2, marks)
+
+    def _measure(self, text: str, at_start: bool) -> list[tuple[int, int]]:
+        """Character spans of the tokens of template text, at the start of the text or after a special token."""
+        if at_start:
+            return self.backend.encode(text, add_special_tokens=False).offsets
+        lead = self.sentinel_chars[-1]
+        return [(s - 1, e - 1) for s, e in self.backend.encode(lead + text, add_special_tokens=False).offsets[1:]]
+
+    def _compile(self, system: str | None) -> Layout | None:
         """The layout for one system prompt, read off the general renderer's output for a two-pair
         skeleton whose contents are single placeholder characters; None when it cannot be exact."""
         slots = [chr(_SLOT_BASE + i) for i in range(4)]
@@ -230,13 +273,13 @@ class ConversationEncoder:
         def count(part: str) -> tuple[int, ...]:
             return tuple(part.count(ch) for ch in self.sentinel_chars)
 
-        def pair_layout(region: int, user_at: int, reply_at: int) -> _PairLayout:
+        def pair_layout(region: int, user_at: int, reply_at: int) -> PairLayout:
             lo, hi = regions[region]
             marks = tuple((b - lo, int(b > user_at), int(b > reply_at)) for b in owned[region])
-            return _PairLayout(text[lo:user_at], text[user_at + 1:reply_at], text[reply_at + 1:hi], marks,
+            return PairLayout(text[lo:user_at], text[user_at + 1:reply_at], text[reply_at + 1:hi], marks,
                                count(text[lo:hi]))
 
-        return _Layout(text[:p0], tuple(owned[0]), pair_layout(1, where[0], where[1]),
+        return Layout(text[:p0], tuple(owned[0]), pair_layout(1, where[0], where[1]),
                        pair_layout(2, where[2], where[3]), count(text[:p0]))
 
     def render(self, segments: Sequence[Segment]) -> Rendered:
@@ -250,7 +293,7 @@ class ConversationEncoder:
                 pair_chars.append(pos)
             text = self.sentinels[seg.text] if seg.special else seg.text
             if not seg.special:
-                for ch in self.sentinel_chars:
+                for ch in self.reserved_chars:
                     if ch in text:
                         raise EncodeError("private_use_char", "message contains a reserved private-use character")
             if seg.supervised:
@@ -262,36 +305,117 @@ class ConversationEncoder:
             pos += len(text)
         return Rendered("".join(parts), np.asarray(bounds, dtype=np.int64), np.asarray(pair_chars, dtype=np.int64))
 
-    def tokenize(self, items: Sequence[Rendered]) -> list[Any]:
-        """The batched (multi-core, GIL-free) tokenizer call; `label` turns its output into examples."""
-        return self.backend.encode_batch([r.text for r in items], add_special_tokens=True) if items else []
+    def tokenize(self, items: Sequence[Rendered | Marked]) -> list[Any]:
+        """The batched (multi-core, GIL-free) tokenizer calls; `label` turns their output into examples.
+        Marked renderings need no offsets, so the tokenizer is asked for ids alone."""
+        marked = [i for i, r in enumerate(items) if isinstance(r, Marked)]
+        if len(marked) == len(items):
+            return self.backend.encode_batch_fast([r.text for r in items], add_special_tokens=True) if items else []
+        if not marked:
+            return self.backend.encode_batch([r.text for r in items], add_special_tokens=True)
+        out: list[Any] = [None] * len(items)
+        plain = [i for i, r in enumerate(items) if not isinstance(r, Marked)]
+        for where, call in ((marked, self.backend.encode_batch_fast), (plain, self.backend.encode_batch)):
+            for i, enc in zip(where, call([items[i].text for i in where], add_special_tokens=True), strict=True):
+                out[i] = enc
+        return out
 
-    def label(self, items: Sequence[Rendered], encodings: Sequence[Any], *, keep: bool = False
+    def label(self, items: Sequence[Rendered | Marked], encodings: Sequence[Any], *, keep: bool = False
               ) -> list[Encoded | EncodeError]:
         """Labels for tokenized renderings; `keep` retains what stitching pieces needs."""
+        marked = [i for i, r in enumerate(items) if isinstance(r, Marked)]
+        labelled = iter(self._label_marked([items[i] for i in marked], [encodings[i] for i in marked])
+                        if marked else [])
         out: list[Encoded | EncodeError] = []
         for r, enc in zip(items, encodings, strict=True):
-            res = self._labels(enc, r)
-            if keep and isinstance(res, Encoded):
-                res.rendered, res.encoding = r, enc
+            if isinstance(r, Marked):
+                res = next(labelled)
+                if keep and isinstance(res, Encoded):
+                    res.rendered = r
+            else:
+                res = self._labels(enc, r)
+                if keep and isinstance(res, Encoded):
+                    res.rendered, res.encoding = r, enc
             out.append(res)
         return out
 
-    def encode_rendered(self, items: Sequence[Rendered], *, keep: bool = False) -> list[Encoded | EncodeError]:
+    def encode_rendered(self, items: Sequence[Rendered | Marked], *, keep: bool = False
+                        ) -> list[Encoded | EncodeError]:
         return self.label(items, self.tokenize(items), keep=keep)
 
     def encode_many(self, conversations: Sequence[tuple[str | None, Sequence[tuple[str, str]]]], *,
                     keep: bool = False) -> list[Encoded | EncodeError]:
         """Encode many (system, turns); a conversation that cannot be encoded gives its EncodeError in place."""
-        rendered: list[Rendered | EncodeError] = []
+        rendered: list[Rendered | Marked | EncodeError] = []
         for system, turns in conversations:
             try:
-                rendered.append(self.render_turns(system, turns))
+                rendered.append(self.render_marked(system, turns))
             except EncodeError as exc:
                 rendered.append(exc)
-        ok = [r for r in rendered if isinstance(r, Rendered)]
+        ok = [r for r in rendered if not isinstance(r, EncodeError)]
         it = iter(self.encode_rendered(ok, keep=keep))
-        return [next(it) if isinstance(r, Rendered) else r for r in rendered]
+        return [r if isinstance(r, EncodeError) else next(it) for r in rendered]
+
+    def _label_marked(self, items: Sequence[Marked], encodings: Sequence[Any]) -> list[Encoded | EncodeError]:
+        """Ids, labels, pair starts and openings of marked renderings, a whole batch in a few array
+        operations: a boundary's token is found by counting the special tokens and markers before it.
+
+        The batch's tokens are one array; each conversation gets views of it. Event k of
+        conversation c (k = 0: the last token the post-processor puts in front) is `at[base[c] + k]`.
+        """
+        lengths = np.fromiter(map(len, encodings), dtype=np.int64, count=len(encodings))
+        starts = np.zeros(len(items) + 1, dtype=np.int64)
+        np.cumsum(lengths, out=starts[1:])
+        raw = np.concatenate([np.fromiter(e.ids, dtype=np.int32, count=n) for e, n in zip(encodings, lengths.tolist(),
+                                                                                         strict=True)])
+        events = np.flatnonzero(self._is_event[raw])
+        is_marker = raw[events] == self._marker_id
+        markers_before = np.zeros(len(events) + 1, dtype=np.int64)
+        np.cumsum(is_marker, out=markers_before[1:])
+        first_event = np.searchsorted(events, starts)  # each conversation's first event; then the end
+        starts -= markers_before[first_event]  # each conversation's first token once the markers are out
+        ids = self._lut[raw[raw != self._marker_id]]
+        # every event's token with the markers out, and one more event in front of each conversation
+        at = np.insert(events - markers_before[:-1], first_event[:-1], starts[:-1] + self._front - 1)
+        base = first_event[:-1] + np.arange(len(items))
+
+        out: list[Encoded | EncodeError | None] = [None] * len(items)
+        good: list[int] = []
+        programs = []
+        for c, r in enumerate(items):
+            program = r.marks.program(r.n_pairs)
+            found = int(first_event[c + 1] - first_event[c])
+            if found + 1 != program.events:  # cannot happen: messages hold no reserved character
+                out[c] = EncodeError("misaligned", f"{found} special tokens and markers, expected {program.events - 1}")
+            else:
+                good.append(c)
+                programs.append(program)
+
+        def tokens(event_field: str, add_field: str) -> np.ndarray:
+            """The global token index of one kind of boundary, for every good conversation in order."""
+            if not programs:
+                return np.zeros(0, dtype=np.int64)
+            index = np.concatenate([getattr(p, event_field) + base[c] for c, p in zip(good, programs, strict=True)])
+            return at[index] + np.concatenate([getattr(p, add_field) for p in programs])
+
+        edges = tokens("span_events", "span_add")
+        change = np.zeros(len(ids) + 1, dtype=np.int32)
+        np.add.at(change, edges[0::2], 1)
+        np.add.at(change, edges[1::2], -1)
+        labels = np.where(np.cumsum(change[:-1]) > 0, ids, IGNORE).astype(np.int32)
+        labels[starts[:-1]] = IGNORE  # nothing predicts the first token of an example
+        pair_starts = tokens("start_events", "start_add")
+        openings = tokens("opening_events", "opening_add")
+        p_at = o_at = 0
+        for c in good:
+            a, b, n = int(starts[c]), int(starts[c + 1]), items[c].n_pairs
+            opening = np.empty(n, dtype=np.int64)
+            opening[0] = -1
+            opening[1:] = openings[o_at:o_at + n - 1] - a
+            out[c] = Encoded(ids[a:b], labels[a:b], pair_starts[p_at:p_at + n] - a, openings=opening)
+            p_at += n
+            o_at += n - 1
+        return out  # type: ignore[return-value]
 
     def _ids(self, enc: Any) -> np.ndarray:
         ids = np.array(enc.ids, dtype=np.int32)

@@ -22,11 +22,12 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from vicuna_exp.data.encode import IGNORE, Encoded, EncodeError, Rendered
+from vicuna_exp.data.encode import IGNORE, Encoded, EncodeError, Marked, Rendered
+from vicuna_exp.data.layout import opening
 
 if TYPE_CHECKING:
     from vicuna_exp.data.clean import Conversation
-    from vicuna_exp.data.encode import ConversationEncoder, _Layout
+    from vicuna_exp.data.encode import ConversationEncoder
 
 ENCODE_CHUNK = 256  # conversations per batched tokenizer call (small: keeps the pipeline overlapped)
 FIRST_CHUNK = 32  # the first call's size, doubling up to ENCODE_CHUNK: the tokenizer starts at once
@@ -77,12 +78,10 @@ def windows(ids: np.ndarray, labels: np.ndarray, lo: int, hi: int, context: int)
     while a < hi:
         b = min(hi, max(a + step, context))
         begin = max(1, b - (context - 1))  # as much earlier text as fits, after a BOS
-        new = labels[a:b]
-        if (new != IGNORE).any():
-            y = np.full(1 + b - begin, IGNORE, dtype=np.int32)
-            y[1 + a - begin:] = new
-            x = np.empty(1 + b - begin, dtype=np.int32)
-            x[0], x[1:] = ids[0], ids[begin:b]
+        if (labels[a:b] != IGNORE).any():
+            x, y = ids[begin - 1:b].copy(), labels[begin - 1:b].copy()  # one token early: room for the BOS
+            x[0] = ids[0]
+            y[:1 + a - begin] = IGNORE
             out.append((x, y))
         a = b
     return out
@@ -148,13 +147,13 @@ def encode_and_split(
             res.convs.extend(chunk)
             source.extend([0] * len(chunk))
             alive.extend([True] * len(chunk))
-            items: list[Rendered | EncodeError] = []
+            items: list[Rendered | Marked | EncodeError] = []
             for c in chunk:
                 try:
-                    items.append(encoder.render_turns(c.system, c.turns))
+                    items.append(encoder.render_marked(c.system, c.turns))
                 except EncodeError as exc:
                     items.append(exc)
-            ok = [r for r in items if isinstance(r, Rendered)]
+            ok = [r for r in items if not isinstance(r, EncodeError)]
             return start, items, ok, pool.submit(encoder.tokenize, ok)
 
         ahead: deque = deque()
@@ -170,7 +169,7 @@ def encode_and_split(
                 break
             start, items, ok, future = ahead.popleft()
             labelled = iter(encoder.label(ok, future.result(), keep=True))
-            encoded = [next(labelled) if isinstance(r, Rendered) else r for r in items]
+            encoded = [r if isinstance(r, EncodeError) else next(labelled) for r in items]
             _split_chunk(start, encoded, res.convs, encoder, context, overflow_policy, res, source, alive)
             if on_chunk is not None:
                 on_chunk(res, start, start + len(items))
@@ -299,41 +298,8 @@ def _cuts(encoder: ConversationEncoder, r: Rendered, special: int) -> list[int]:
     return [*cuts, special]
 
 
-@dataclass(frozen=True)
-class _Opening:
-    """Where a later piece rendered with a compiled layout joins the whole conversation's tokens."""
-
-    offset: int  # the cut, in characters from the start of the piece's first pair
-    prefix: Rendered  # the piece's text before the cut (header and the start of the role marker)
-
-
-@functools.lru_cache(maxsize=64)
-def _opening(layout: _Layout, sentinel_chars: tuple[str, ...], word_cut: bool) -> _Opening | None:
-    """The cut `_cuts` tries first (the first word boundary of the first pair), read off the layout,
-    when that cut holds whatever the messages are: the piece's text after it equals the whole
-    conversation's (the first pair renders like a later one from there on) and no special token
-    comes before it. None sends every piece the general way (render the opening, try each cut)."""
-    if not word_cut:
-        return None
-    first, later, head = layout.first, layout.later, layout.head
-    marker = first.before_user
-    space = marker.find(" ", 1)
-    while space > 0 and marker[space - 1] == " ":
-        space = marker.find(" ", space + 1)
-    if space <= 0:
-        return None  # the boundary falls inside the user's message: depends on the message
-    if any(ch in head + marker[:space + 1] for ch in sentinel_chars):
-        return None  # a special token comes first: `_cuts` starts there
-    if not any(ch in marker[space:] + first.between + first.after_reply for ch in sentinel_chars):
-        return None  # no special token in the opening at all: never stitched
-    if (marker[space:] != later.before_user[space:] or len(later.before_user) < space
-            or first.between != later.between or first.after_reply != later.after_reply):
-        return None
-    cut = len(head) + space
-    edges = np.minimum(np.asarray(list(layout.head_bounds) + [len(head) + off for off, _, _ in first.bounds],
-                                  dtype=np.int64), cut).reshape(-1, 2)
-    edges = edges[edges[:, 1] > edges[:, 0]].reshape(-1)
-    return _Opening(space, Rendered((head + marker)[:cut], edges, np.asarray([len(head)], dtype=np.int64)))
+# The cut is a property of the layout, asked once per piece: kept for the few layouts of a preparation.
+_opening = functools.lru_cache(maxsize=64)(opening)
 
 
 def _encode_prefixes(encoder: ConversationEncoder, prefixes: list[Rendered]) -> list[Encoded | EncodeError]:
@@ -379,10 +345,20 @@ def _stitch(encoder: ConversationEncoder, whole: Encoded, conv: Conversation, p:
     text: every later pair renders exactly as in the whole conversation, since `render_segments`
     writes a pair from its own turns and from whether it is the first pair, nothing else. When the
     conversation was rendered with a compiled layout, even the opening is known from the layout
-    (`_opening`), and only a cut the layout cannot vouch for renders it.
+    (`_opening`), and only a cut the layout cannot vouch for renders it. A marked encoding knows
+    the token of every cut it needs (`Encoded.openings`): nothing is rendered or compared.
     """
     w, enc = whole.rendered, whole.encoding
-    if not encoder.stitch or w is None or enc is None:
+    if not encoder.stitch or w is None:
+        return None
+    if isinstance(w, Marked):  # every boundary a piece needs is known in tokens
+        stop_tok = int(whole.pair_starts[p.stop]) if p.stop < n_pairs else len(whole.input_ids)
+        if p.first == 0:
+            return whole.input_ids[:stop_tok], whole.labels[:stop_tok]
+        assert whole.openings is not None
+        tail_first = int(whole.openings[p.first])
+        return w.marks.opening.prefix, (whole.input_ids[tail_first:stop_tok], whole.labels[tail_first:stop_tok])
+    if enc is None:
         return None
     end = int(w.pair_chars[p.stop]) if p.stop < n_pairs else len(w.text)
     if end == 0 or w.text[end - 1] not in encoder.sentinel_chars:
