@@ -27,7 +27,10 @@ GROUP_WINDOW = 256  # unpacked group_by_length: examples sorted by length within
 
 
 def example_lengths(dataset: Any) -> np.ndarray:
-    """Token count of every example (the prepared `length` column, else from `input_ids`)."""
+    """Token count of every example (the prepared `length` column, else from `input_ids`; an array of
+    lengths is its own answer)."""
+    if isinstance(dataset, np.ndarray):
+        return dataset.astype(np.int64, copy=False)
     names = getattr(dataset, "column_names", None) or []
     if "length" in names and hasattr(dataset, "with_format"):
         return np.asarray(dataset.with_format("numpy", columns=["length"])[:]["length"], dtype=np.int64)

@@ -180,7 +180,8 @@ def _build(tmp: Path, raw_path: Path, data: DataConfig, template: TemplateConfig
         with ThreadPoolExecutor(max_workers=1) as writer:
             # one shard per split: datasets writes an empty split with zero shards and cannot reopen it
             saved = writer.submit(dd.save_to_disk, str(tmp), num_shards={name: 1 for name in dd})
-            split_stats = {name: _split_stats(dd[name], columns[name].supervised, idx, source_tokens, data, context)
+            split_stats = {name: _split_stats(np.asarray(columns[name].lengths, dtype=np.int64),
+                                              columns[name].supervised, idx, source_tokens, data, context)
                            for name, idx in conv_splits.items()}
             saved.result()
     finally:
@@ -294,17 +295,17 @@ class _Columns:
         return Dataset(InMemoryTable(table), fingerprint=fingerprint)
 
 
-def _split_stats(ds: Dataset, supervised: int, conv_indices: list[int], source_tokens: np.ndarray,
+def _split_stats(lengths: np.ndarray, supervised: int, conv_indices: list[int], source_tokens: np.ndarray,
                  data: DataConfig, context: int) -> dict[str, Any]:
-    from vicuna_exp.data.batching import epoch_rows, example_lengths
+    """One split's figures, from its examples' lengths (the packing plan is the first epoch's)."""
+    from vicuna_exp.data.batching import epoch_rows
 
-    lengths = example_lengths(ds) if len(ds) else np.zeros(0, np.int64)
-    rows = epoch_rows(ds, epoch=0, seed=0, context_length=context, packing=data.packing) if len(ds) else []
+    rows = epoch_rows(lengths, epoch=0, seed=0, context_length=context, packing=data.packing) if len(lengths) else []
     total = int(lengths.sum())
     source = int(source_tokens[conv_indices].sum()) if conv_indices else 0
     return {
         "kept_records": len(conv_indices),
-        "kept_examples": len(ds),
+        "kept_examples": len(lengths),
         "source_assistant_tokens": source,
         "supervised_tokens": supervised,
         "total_tokens": total,
