@@ -173,11 +173,7 @@ class ConversationEncoder:
         (user, assistant) pairs, a reserved character in a message) takes the general path, which
         also raises the EncodeError.
         """
-        layout = self._layouts.get(system, False)
-        if layout is False:
-            if len(self._layouts) >= _MAX_LAYOUTS:  # many distinct system prompts: compiling would not pay
-                return self.render(render_segments(self.template, system, turns))
-            layout = self._layouts[system] = self._compile(system)
+        layout = self._layout(system)
         n = len(turns)
         if layout is None or n == 0 or n % 2:
             return self.render(render_segments(self.template, system, turns))
@@ -212,10 +208,11 @@ class ConversationEncoder:
         (`layout.plan_marks`: the ids without offsets), otherwise `render_turns`' rendering."""
         marks = self._marks.get(system, False)
         if marks is False:
-            self.render_turns(system, [])  # compiles the layout (or gives up on this system prompt)
-            layout = self._layouts.get(system)
-            marks = self._marks[system] = None if layout is None else plan_marks(
-                layout, self.sentinel_chars, self.marker, self.word_cut, self._measure)
+            layout = self._layout(system)
+            if layout is None:
+                return self.render_turns(system, turns)
+            marks = self._marks[system] = plan_marks(layout, self.sentinel_chars, self.marker, self.word_cut,
+                                                     self._measure)
         n = len(turns)
         if marks is None or n == 0 or n % 2:
             return self.render_turns(system, turns)
@@ -233,6 +230,15 @@ class ConversationEncoder:
             if text.count(ch) != expected:  # a message holds a reserved character
                 return self.render_turns(system, turns)
         return Marked(text, n // 2, marks)
+
+    def _layout(self, system: str | None) -> Layout | None:
+        """The compiled layout for this system prompt (None: render it the general way)."""
+        layout = self._layouts.get(system, False)
+        if layout is False:
+            if len(self._layouts) >= _MAX_LAYOUTS:  # many distinct system prompts: compiling would not pay
+                return None
+            layout = self._layouts[system] = self._compile(system)
+        return layout
 
     def _measure(self, text: str, at_start: bool) -> list[tuple[int, int]]:
         """Character spans of the tokens of template text, at the start of the text or after a special token."""
