@@ -20,13 +20,16 @@ from vicuna_exp.data.tokenizer import load_tokenizer
 WORDS = ["what", "is", "the", "capital", "of", "Peru", "Lima", "plus", "7", "12", "café", "你好", "</s>", "USER:"]
 
 
-@lru_cache(maxsize=8)
-def encoder(system: str, stitch: bool = True, template: str = "vicuna") -> ConversationEncoder:
+@lru_cache(maxsize=16)
+def encoder(system: str, stitch: bool = True, template: str = "vicuna", compiled: bool = True) -> ConversationEncoder:
     t = TemplateConfig(system=system)
     if template == "llama2":
         t = TemplateConfig(system=system, system_format="<<SYS>>\n{system}\n<</SYS>>\n\n",
                            user_format="{bos}[INST] {system}{content} [/INST]", assistant_format=" {content} {eos}")
-    return ConversationEncoder(load_tokenizer(None), t, stitch=stitch)
+    enc = ConversationEncoder(load_tokenizer(None), t, stitch=stitch)
+    if not compiled:  # as past the compiled layouts' limit: the general renderer, offsets, cuts tried one by one
+        enc._layout = lambda system: None
+    return enc
 
 
 def _supervised(examples) -> list[int]:
@@ -57,13 +60,14 @@ def test_split_never_loses_a_pair(pairs, context, system):
         assert all(ids[-1] == 2 and labels[-1] == 2 for ids, labels in examples)
 
 
-@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(pairs=conversations, context=st.sampled_from([24, 64, 128]), system=st.sampled_from(["", "Be brief."]),
-       template=st.sampled_from(["vicuna", "llama2"]), policy=st.sampled_from(["split", "truncate"]))
-def test_stitched_pieces_equal_pieces_tokenized_on_their_own(pairs, context, system, template, policy):
+       template=st.sampled_from(["vicuna", "llama2"]), policy=st.sampled_from(["split", "truncate"]),
+       compiled=st.booleans())
+def test_stitched_pieces_equal_pieces_tokenized_on_their_own(pairs, context, system, template, policy, compiled):
     """Reusing the whole conversation's tokens after a special token gives exactly the piece's own tokenization."""
     conv = Conversation("c", None, [t for q, a in pairs for t in (("user", q), ("assistant", a))])
-    fast = encode_and_split([conv], encoder(system, True, template), context, policy)
+    fast = encode_and_split([conv], encoder(system, True, template, compiled), context, policy)
     slow = encode_and_split([conv], encoder(system, False, template), context, policy)
     assert encoder(system, True, template).stitch and encoder(system, True, template).word_cut
     assert len(fast.examples[0]) == len(slow.examples[0])

@@ -69,9 +69,9 @@ class Opening:
 def opening(layout: Layout, sentinel_chars: tuple[str, ...], word_cut: bool) -> Opening | None:
     """The first word boundary of the piece's role marker (rendered as a first pair), when that cut
     holds whatever the messages are: the piece's text after it equals the whole conversation's
-    after the same text of the later pair's role marker (Vicuna: " USER:| q" in the piece, "USER:| q"
-    in the whole) and no special token comes before it. None sends every piece the general way
-    (render its opening, try each cut)."""
+    after the same text of the later pair's role marker (Vicuna: "USER:| q" in both; the two
+    markers may differ before the cut) and no special token comes before it. None sends every piece
+    the general way (render its opening, try each cut)."""
     from vicuna_exp.data.encode import Rendered
 
     if not word_cut:

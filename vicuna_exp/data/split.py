@@ -389,8 +389,10 @@ def _stitch(encoder: ConversationEncoder, whole: Encoded, conv: Conversation, p:
     if special <= 0:
         return None
     for cut in _cuts(encoder, r, special):
-        begin = int(w.pair_chars[p.first]) + cut - int(r.pair_chars[0])
-        if begin <= 0 or r.text[cut:] != w.text[begin:first_end]:
+        # the same text after the cut ends both the piece's opening and the pair in the whole
+        # (the first pair's role marker may differ from a later pair's before the cut)
+        begin = first_end - (len(r.text) - cut)
+        if begin < max(1, int(w.pair_chars[p.first])) or r.text[cut:] != w.text[begin:first_end]:
             continue
         tail_first = enc.char_to_token(begin)
         if tail_first is not None and enc.token_to_chars(tail_first)[0] == begin:
