@@ -14,7 +14,10 @@ alike. From it:
   vocabulary proves it, `word_cut`), a marker token is written into the text at each boundary of
   the second kind. The n-th special token or marker of the token stream (an "event") is then the
   n-th of the text, so every boundary is found by counting, and removing the markers leaves the
-  ids of the unmarked text, token for token.
+  ids of the unmarked text, token for token. A boundary a few characters past such a cut, inside
+  template text (Vicuna's first pair starts at "USER", but its first token is "▁USER", which
+  starts at the space before it), is found from the cut: that stretch of template text is
+  tokenized once, when the layout is planned.
 """
 
 from __future__ import annotations
