@@ -124,7 +124,7 @@ class Marks:
     -1 is the previous region's last (or event 0, for the opening region)."""
 
     layout: Layout  # the layout without markers
-    opening: Opening
+    opening: Opening | None  # None: a later piece joins the whole's tokens at its first reply
     first: tuple[str, str, str]  # head and before_user, between, after_reply; markers written in
     later: tuple[str, str, str]  # before_user, between, after_reply of any later pair, idem
     events: tuple[int, int]  # events in the opening region, in a later pair
@@ -163,24 +163,44 @@ def plan_marks(layout: Layout, sentinel_chars: tuple[str, ...], marker: str, wor
     is encoded with offsets). `measure(text, at_start)`: the character spans of the tokens of a
     stretch of template text, tokenized as it is at the start of the text or after a special token."""
     op = opening(layout, sentinel_chars, word_cut)
-    if op is None or layout.head_bounds:
+    if not word_cut or layout.head_bounds:
         return None
     if any(not p.after_reply or p.after_reply[-1] not in sentinel_chars for p in (layout.first, layout.later)):
         return None  # a piece must end at a special token, where the next pair starts
     plan = _RegionPlanner(sentinel_chars, marker, measure)
     head = len(layout.head)
     first = plan(list(layout.head), layout.first, None, [head])
-    later = plan([], layout.later, layout.first.after_reply[-1], [0, op.offset])
+    later = plan([], layout.later, layout.first.after_reply[-1], [0] if op is None else [0, op.offset])
     if first is None or later is None:
         return None
-    (f_text, f_anchors, f_events), (l_text, l_anchors, l_events) = first, later
+    (f_text, f_anchors, f_events, f_exact), (l_text, l_anchors, l_events, l_exact) = first, later
+    if op is not None:
+        later_opening, later_spans = l_anchors[1], l_anchors[2:]
+    elif _replies_alike(layout) and f_exact[1] and l_exact[1]:
+        later_opening, later_spans = l_anchors[1], l_anchors[1:]  # a later piece joins at its first reply
+    else:
+        return None
     reserved = (*sentinel_chars, marker)
 
     def counts(text: str) -> tuple[int, ...]:
         return tuple(text.count(ch) for ch in reserved)
 
     return Marks(layout, op, f_text, l_text, (f_events, l_events), (counts("".join(f_text)), counts("".join(l_text))),
-                 (f_anchors[0], l_anchors[0]), l_anchors[1], (tuple(f_anchors[1:]), tuple(l_anchors[2:])))
+                 (f_anchors[0], l_anchors[0]), later_opening, (tuple(f_anchors[1:]), tuple(later_spans)))
+
+
+def _replies_alike(layout: Layout) -> bool:
+    """Whether the text from a pair's first supervised edge (the start of its reply) to its end is
+    the same for the first pair and a later one: then a piece whose opening has no fixed cut
+    (Llama-2 puts the system prompt inside the first user turn) joins the whole conversation's
+    tokens where its first reply starts, and only its opening up to there is tokenized again."""
+    edges = []
+    for pair in (layout.first, layout.later):
+        if not pair.bounds or pair.bounds[0][1:] != (1, 0):
+            return False  # no reply, or its supervised part does not start between the two messages
+        edges.append(pair.bounds[0][0] - len(pair.before_user) - 1)
+    return (layout.first.between[edges[0]:] == layout.later.between[edges[1]:]
+            and layout.first.after_reply == layout.later.after_reply)
 
 
 class _RegionPlanner:
@@ -192,18 +212,21 @@ class _RegionPlanner:
         self.sentinels, self.marker, self.measure = sentinel_chars, marker, measure
 
     def __call__(self, lead: list[str], pair: PairLayout, prev: str | None, cuts: list[int]
-                 ) -> tuple[tuple[str, str, str], list[Anchor], int] | None:
+                 ) -> tuple[tuple[str, str, str], list[Anchor], int, list[bool]] | None:
         """The region's text with markers written in, an anchor for each of `cuts` and of the pair's
-        span edges (offsets in the pair's skeleton, after `lead`), and its number of events. `prev`
-        is the character before the region (None at the start of the text)."""
+        span edges (offsets in the pair's skeleton, after `lead`), its number of events, and for
+        each anchor whether the stream breaks exactly there. `prev` is the character before the
+        region (None at the start of the text)."""
         skeleton: list = [*lead, *pair.before_user, self._CONTENT, *pair.between, self._CONTENT, *pair.after_reply]
         self.skeleton, self.prev = skeleton, prev
         found = []
+        exact = []
         for i in [*cuts, *(len(lead) + offset for offset, _, _ in pair.bounds)]:
             anchor = self._locate(i)
             if anchor is None:
                 return None
             found.append(anchor)
+            exact.append(anchor[1] == i)
         markers = {j for kind, j, _ in found if kind == "marker"}
         marked: list = []
         where: list[int] = []  # each skeleton position's index in `marked`
@@ -223,7 +246,7 @@ class _RegionPlanner:
                 anchors.append((events.index(where[j] - 1), extra))
         slots = [j for j, item in enumerate(marked) if item is self._CONTENT]
         text = ("".join(marked[:slots[0]]), "".join(marked[slots[0] + 1:slots[1]]), "".join(marked[slots[1] + 1:]))
-        return text, anchors, len(events)
+        return text, anchors, len(events), exact
 
     def _is_event(self, ch: str) -> bool:
         return ch in self.sentinels or ch == self.marker

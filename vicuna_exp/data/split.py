@@ -357,7 +357,14 @@ def _stitch(encoder: ConversationEncoder, whole: Encoded, conv: Conversation, p:
             return whole.input_ids[:stop_tok], whole.labels[:stop_tok]
         assert whole.openings is not None
         tail_first = int(whole.openings[p.first])
-        return w.marks.opening.prefix, (whole.input_ids[tail_first:stop_tok], whole.labels[tail_first:stop_tok])
+        if w.marks.opening is not None:
+            prefix = w.marks.opening.prefix
+        else:  # the piece joins at its first reply: its opening up to there holds the user's message
+            r = encoder.render_turns(conv.system, conv.turns[2 * p.first:2 * p.first + 2])
+            if not len(r.bounds):
+                return None
+            prefix = Rendered(r.text[:int(r.bounds[0])], np.zeros(0, dtype=np.int64), r.pair_chars[:1])
+        return prefix, (whole.input_ids[tail_first:stop_tok], whole.labels[tail_first:stop_tok])
     if enc is None:
         return None
     end = int(w.pair_chars[p.stop]) if p.stop < n_pairs else len(w.text)
