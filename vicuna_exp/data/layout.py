@@ -7,6 +7,8 @@ alike. From it:
 
 - `opening`: a later piece (its own header, then pairs k..) reuses the whole conversation's tokens
   from a fixed cut inside pair k's role marker; only the text before the cut is tokenized again.
+  Where there is no such cut (Llama-2 puts the system prompt inside the first user turn), a marked
+  piece joins them where its first reply starts (`_replies_alike`).
 - `plan_marks`: encoding without character offsets. Labels need the token where each reply starts
   and ends, splitting needs the token where each pair starts; asking the tokenizer for offsets
   costs about a fifth of its time. Where every such boundary sits next to a structural special
