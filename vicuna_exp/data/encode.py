@@ -174,18 +174,16 @@ class ConversationEncoder:
         also raises the EncodeError.
         """
         layout = self._layout(system)
-        n = len(turns)
-        if layout is None or n == 0 or n % 2:
+        if layout is None or not _whole_pairs(turns):
             return self.render(render_segments(self.template, system, turns))
+        n = len(turns)
         parts = [layout.head]
         bounds = list(layout.head_bounds)
         pair_chars = []
         pos = len(layout.head)
         pair = layout.first
         for k in range(0, n, 2):
-            (user_role, user), (reply_role, reply) = turns[k], turns[k + 1]
-            if user_role != USER or reply_role != ASSISTANT or not user or not reply:
-                return self.render(render_segments(self.template, system, turns))
+            user, reply = turns[k][1], turns[k + 1][1]
             pair_chars.append(pos)
             grow_user, grow_reply = len(user) - 1, len(reply) - 1
             for offset, after_user, after_reply in pair.bounds:
@@ -195,12 +193,11 @@ class ConversationEncoder:
             pair = layout.later
         text = "".join(parts)
         pairs = n // 2
-        for i, ch in enumerate(self.sentinel_chars):
-            expected = layout.head_sentinels[i] + layout.first.sentinels[i] + (pairs - 1) * layout.later.sentinels[i]
-            if text.count(ch) != expected:  # a message holds a reserved character
+        expected = [h + f + (pairs - 1) * later for h, f, later in
+                    zip(layout.head_sentinels, layout.first.sentinels, layout.later.sentinels, strict=True)]
+        for ch, count in zip(self.reserved_chars, [*expected, 0], strict=True):
+            if text.count(ch) != count:  # a message holds a reserved character
                 return self.render(render_segments(self.template, system, turns))
-        if self.marker in text:
-            return self.render(render_segments(self.template, system, turns))
         return Rendered(text, np.asarray(bounds, dtype=np.int64), np.asarray(pair_chars, dtype=np.int64), layout)
 
     def render_marked(self, system: str | None, turns: Sequence[tuple[str, str]]) -> Marked | Rendered:
@@ -213,16 +210,13 @@ class ConversationEncoder:
                 return self.render_turns(system, turns)
             marks = self._marks[system] = plan_marks(layout, self.sentinel_chars, self.marker, self.word_cut,
                                                      self._measure)
-        n = len(turns)
-        if marks is None or n == 0 or n % 2:
+        if marks is None or not _whole_pairs(turns):
             return self.render_turns(system, turns)
+        n = len(turns)
         parts = []
         before_user, between, after_reply = marks.first
         for k in range(0, n, 2):
-            (user_role, user), (reply_role, reply) = turns[k], turns[k + 1]
-            if user_role != USER or reply_role != ASSISTANT or not user or not reply:
-                return self.render_turns(system, turns)
-            parts += (before_user, user, between, reply, after_reply)
+            parts += (before_user, turns[k][1], between, turns[k + 1][1], after_reply)
             before_user, between, after_reply = marks.later
         text = "".join(parts)
         program = marks.program(n // 2)
@@ -477,6 +471,14 @@ class ConversationEncoder:
         pair_starts = np.array([n if t is None else t for t in map(enc.char_to_token, r.pair_chars.tolist())],
                                dtype=np.int64)
         return Encoded(ids.astype(np.int32, copy=False), labels.astype(np.int32, copy=False), pair_starts)
+
+
+def _whole_pairs(turns: Sequence[tuple[str, str]]) -> bool:
+    """What a compiled layout describes: (user, assistant) pairs, at least one, no empty message."""
+    n = len(turns)
+    return n > 0 and n % 2 == 0 and all(
+        turns[k][0] == USER and turns[k + 1][0] == ASSISTANT and turns[k][1] and turns[k + 1][1]
+        for k in range(0, n, 2))
 
 
 def _word_boundaries_are_cuts(backend: Any) -> bool:
