@@ -146,20 +146,22 @@ def main(argv: list[str] | None = None) -> int:
     encoder = ConversationEncoder(tok, template)
     texts = [encoder.render_turns(c.system, c.turns) for c in cleaned]
 
-    def bare() -> tuple[float, float]:
-        """Bare batched tokenization: one call on all cores over the rendered text, as `tokenizer(texts)`
-        makes it (character offsets included), ids taken out (nothing else)."""
+    rendered_text = [r.text for r in texts]
+
+    def floor(call) -> tuple[float, float]:  # noqa: ANN001 - a batched encode method of the backend
+        """Bare batched tokenization: one call on all cores over the rendered text, ids taken out
+        (nothing else); (wall, CPU) seconds."""
         t, c = time.perf_counter(), time.process_time()
-        _ = [e.ids for e in encoder.tokenize(texts)]
+        _ = [e.ids for e in call(rendered_text, add_special_tokens=True)]
         return time.perf_counter() - t, time.process_time() - c
 
-    def ids_only() -> tuple[float, float]:
-        """The floor: the same call asking for ids alone (`encode_batch_fast`: no offsets), ids taken out."""
-        t, c = time.perf_counter(), time.process_time()
-        _ = [e.ids for e in encoder.backend.encode_batch_fast([r.text for r in texts], add_special_tokens=True)]
-        return time.perf_counter() - t, time.process_time() - c
+    def bare() -> tuple[float, float]:  # with character offsets, as `tokenizer(texts)` asks: the issue's floor
+        return floor(encoder.backend.encode_batch)
 
-    plain_texts = [r.text for r in texts]
+    def ids_only() -> tuple[float, float]:  # ids alone (`encode_batch_fast`): the stricter floor
+        return floor(encoder.backend.encode_batch_fast)
+
+    plain_texts = list(rendered_text)
     for sentinel, special in zip(encoder.sentinel_chars, encoder.sentinels, strict=True):
         plain_texts = [x.replace(sentinel, special) for x in plain_texts]
 
