@@ -2,8 +2,10 @@
 checkpoint cut off mid-write is never loaded; the newest `keep_last` are kept.
 
 Layout: `checkpoints/step_00000120/` holding the backend's state (model, optimizer, schedule;
-sharded where the backend shards), `rng/rank_<r>.pt` and `trainer_state.json` (written last:
-its presence marks a complete checkpoint).
+sharded where the backend shards: `state/` for torch.distributed.checkpoint, `deepspeed/` for
+DeepSpeed), `rng/rank_<r>.pt` and `trainer_state.json` (written last: its presence marks a
+complete checkpoint). Checkpoints of another configuration found in a run dir are moved aside to
+`checkpoints.config-<hash>/`, never resumed.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import logging
 import random
 import shutil
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,11 +23,15 @@ import numpy as np
 import torch
 
 from vicuna_exp import distributed as D
+from vicuna_exp.errors import UsageError
 from vicuna_exp.tracking import write_json_atomic
 
 log = logging.getLogger(__name__)
+CHECKPOINTS_DIR = "checkpoints"  # inside a run dir
 STATE_FILE = "trainer_state.json"
-_PREFIX = "step_"
+STEP_PREFIX = "step_"
+DCP_SUBDIR = "state"  # torch.distributed.checkpoint layout of single / ddp / fsdp backends
+DEEPSPEED_SUBDIR = "deepspeed"  # DeepSpeed's own layout (engine.save_checkpoint tag)
 
 
 @dataclass
@@ -42,7 +48,29 @@ class TrainerState:
     world_size: int = 1
     backend: str = "single"
     config_hash: str = ""
-    extra: dict[str, Any] = field(default_factory=dict)
+    model_flops: float = 0.0  # summed over training steps (evaluation excluded): the MFU numerator
+    train_s: float = 0.0  # time inside training steps, over all attempts: the MFU denominator
+
+    @classmethod
+    def from_dict(cls, saved: dict[str, Any]) -> TrainerState:
+        """A saved state; checkpoints written before the MFU fields kept them in an `extra` dict."""
+        saved = dict(saved)
+        legacy = saved.pop("extra", None) or {}
+        saved.setdefault("model_flops", legacy.get("model_flops", 0.0))
+        saved.setdefault("train_s", legacy.get("step_s", 0.0))
+        return cls(**saved)
+
+
+def read_state(ckpt: Path) -> TrainerState:
+    return TrainerState.from_dict(json.loads((ckpt / STATE_FILE).read_text()))
+
+
+def complete_checkpoints(root: Path) -> list[Path]:
+    """Complete checkpoints under `root`, oldest first. Temporary (`.tmp-*`) dirs are never listed."""
+    if not root.is_dir():
+        return []
+    dirs = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(STEP_PREFIX)]
+    return sorted((p for p in dirs if (p / STATE_FILE).is_file()), key=lambda p: p.name)
 
 
 def capture_rng() -> dict[str, Any]:
@@ -61,7 +89,7 @@ def restore_rng(state: dict[str, Any]) -> None:
 
 
 def step_dir_name(step: int) -> str:
-    return f"{_PREFIX}{step:08d}"
+    return f"{STEP_PREFIX}{step:08d}"
 
 
 class CheckpointManager:
@@ -72,10 +100,7 @@ class CheckpointManager:
 
     def complete(self) -> list[Path]:
         """Complete checkpoints, oldest first. Temporary (`.tmp-*`) dirs are never listed."""
-        if not self.root.is_dir():
-            return []
-        dirs = [p for p in self.root.iterdir() if p.is_dir() and p.name.startswith(_PREFIX)]
-        return sorted((p for p in dirs if (p / STATE_FILE).is_file()), key=lambda p: p.name)
+        return complete_checkpoints(self.root)
 
     def save(self, state: TrainerState, save_backend: Callable[[Path], None]) -> Path:
         """Every rank calls this; rank 0 owns the directory's life cycle."""
@@ -109,7 +134,7 @@ class CheckpointManager:
         """Newest checkpoint that loads; a corrupt one is skipped with a warning naming it."""
         for ckpt in reversed(candidates if candidates is not None else self.complete()):
             try:
-                state = TrainerState(**json.loads((ckpt / STATE_FILE).read_text()))
+                state = read_state(ckpt)
                 load_backend(ckpt)
                 rng_file = ckpt / "rng" / f"rank_{self.dist.rank}.pt"
                 if rng_file.exists():
@@ -119,3 +144,37 @@ class CheckpointManager:
                 log.warning("checkpoint %s cannot be loaded (%s: %s); trying the previous one",
                             ckpt, type(e).__name__, e)
         return None
+
+    def resume(self, resume: str, load_backend: Callable[[Path], None], *, config_hash: str) -> TrainerState | None:
+        """`trainer.resume`: never; auto (the newest loadable checkpoint here, after setting aside those
+        of another configuration); or a PATH (a checkpoint, or a dir of them, e.g. another run's)."""
+        if resume == "never":
+            return None
+        if resume == "auto":
+            self.set_aside_foreign(config_hash)
+            state = self.load_latest(load_backend)
+        else:
+            path = Path(resume)
+            if not path.is_dir():
+                raise UsageError(f"trainer.resume={resume}: no such checkpoint directory")
+            state = self.load_latest(load_backend, candidates=complete_checkpoints(path) or [path])
+            if state is None:
+                raise UsageError(f"trainer.resume={resume}: no loadable checkpoint there")
+        if state is not None:
+            log.info("resumed from step %d (%s)", state.step, self.root)
+        return state
+
+    def set_aside_foreign(self, config_hash: str) -> None:
+        """Checkpoints of another configuration in this run dir are moved aside, not resumed:
+        a job whose configuration changed trains again from the start."""
+        done = self.complete()
+        if not done:
+            return
+        theirs = json.loads((done[-1] / STATE_FILE).read_text()).get("config_hash")
+        if theirs and theirs != config_hash:
+            if self.dist.is_main:
+                aside = self.root.with_name(f"{self.root.name}.config-{theirs}")
+                log.warning("checkpoints in %s are of another configuration (%s, now %s): moved to %s; "
+                            "training from the start", self.root, theirs, config_hash, aside)
+                self.root.rename(aside)
+            D.barrier()

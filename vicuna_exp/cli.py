@@ -23,7 +23,7 @@ class Command:
 
 
 COMMANDS: dict[str, Command] = {
-    "train": Command("vicuna_exp.train:main", "train a model (Hydra overrides; -m for a multirun)", True),
+    "train": Command("vicuna_exp.job:main", "train a model (Hydra overrides; -m for a multirun)", True),
     "prepare": Command("vicuna_exp.data.prepare:main", "clean, split, encode and cache a dataset", True),
     "plan": Command("vicuna_exp.plan:main", "memory, time and cost of a configuration before launching", True),
     "sweep": Command("vicuna_exp.sweep:main", "run a named ablation from sweeps/ as a Hydra multirun", False),

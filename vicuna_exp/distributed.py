@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 from dataclasses import dataclass
 
 import torch
@@ -82,3 +83,10 @@ def broadcast_object(obj: object, src: int = 0) -> object:
         dist.broadcast_object_list(box, src=src)
         return box[0]
     return obj
+
+
+def free_port() -> int:
+    """An unused local TCP port, for a process group of one that needs a MASTER_PORT."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])

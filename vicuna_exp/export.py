@@ -13,6 +13,7 @@ memory while gathering the full fp32 model to save it, cannot happen here.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import re
@@ -22,17 +23,32 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
+import torch
+import torch.distributed.checkpoint as dcp
+from omegaconf import OmegaConf
+from safetensors.torch import save_file
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+from transformers import GenerationConfig
+
+from vicuna_exp.checkpoint import (
+    CHECKPOINTS_DIR,
+    DCP_SUBDIR,
+    DEEPSPEED_SUBDIR,
+    STATE_FILE,
+    complete_checkpoints,
+)
+from vicuna_exp.data.chat_template import to_jinja
+from vicuna_exp.data.tokenizer import load_tokenizer
 from vicuna_exp.errors import EXIT_OK, UsageError
+from vicuna_exp.model import make_model_spec
+from vicuna_exp.rundir import RESOLVED_CONFIG, load_resolved_config
 
 DEFAULT_MAX_SHARD_BYTES = 5 * 2**30
 DTYPES = ("bf16", "fp16", "fp32")
-DCP_SUBDIR = "state"  # torch.distributed.checkpoint layout of single / ddp / fsdp backends
-DEEPSPEED_SUBDIR = "deepspeed"  # DeepSpeed's own layout (engine.save_checkpoint tag)
 
 
 def torch_dtype(name: str) -> Any:
-    import torch
-
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[name]
 
 
@@ -63,8 +79,6 @@ class ShardedSafetensorsWriter:
         self.peak_bytes = max(self.peak_bytes, self._buffer_bytes)
 
     def _flush(self) -> None:
-        from safetensors.torch import save_file
-
         if not self._buffer:
             return
         tmp = f".part-{len(self._files):05d}.safetensors"
@@ -111,10 +125,6 @@ def export_shard_bytes(cfg: Any) -> int:
 
 def write_hf_config(hf_config: Any, out_dir: Path, dtype_name: str) -> None:
     """config.json and generation_config.json, as `save_pretrained` would, for the export dtype."""
-    import copy
-
-    from transformers import GenerationConfig
-
     config = copy.deepcopy(hf_config)
     if not getattr(config, "architectures", None):
         config.architectures = ["LlamaForCausalLM"]
@@ -163,11 +173,6 @@ def dcp_model_tensors(state_dir: Path, names_filter: Any = None) -> Iterator[tup
     Each tensor is read alone (a partial load), so memory holds one tensor at a time whatever the
     number of ranks that wrote the checkpoint.
     """
-    import torch
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
-    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
-
     reader = dcp.FileSystemReader(str(state_dir))
     meta = reader.read_metadata().state_dict_metadata
     names = sorted((k.removeprefix("model.") for k, v in meta.items()
@@ -206,22 +211,18 @@ def deepspeed_model_tensors(ds_root: Path, tag: str, names_filter: Any = None) -
 # --------------------------------------------------------------------------------------------
 def find_checkpoint(path: Path) -> Path:
     """A step directory itself, or the latest complete one under a run dir or its checkpoints/ dir."""
-    from vicuna_exp.checkpoint import STATE_FILE
-
     if not path.is_dir():
         raise UsageError(f"CHECKPOINT_DIR={path}: no such directory")
     if (path / STATE_FILE).is_file():
         return path
-    for root in (path / "checkpoints", path):
-        done = sorted(p for p in root.glob("step_*") if (p / STATE_FILE).is_file()) if root.is_dir() else []
+    for root in (path / CHECKPOINTS_DIR, path):
+        done = complete_checkpoints(root)
         if done:
             return done[-1]
     raise UsageError(f"CHECKPOINT_DIR={path}: no complete checkpoint (a step_* dir with trainer_state.json) there")
 
 
 def run_dir_of(ckpt: Path) -> Path:
-    from vicuna_exp.train import RESOLVED_CONFIG
-
     for candidate in (ckpt.parent.parent, ckpt.parent, ckpt):
         if (candidate / RESOLVED_CONFIG).is_file():
             return candidate
@@ -232,12 +233,6 @@ def run_dir_of(ckpt: Path) -> Path:
 def export_checkpoint(ckpt: Path, out_dir: Path, *, dtype_name: str | None = None,
                       max_shard_bytes: int | None = None) -> ShardedSafetensorsWriter:
     """Write `out_dir` (weights, config, tokenizer, chat template) from one checkpoint directory."""
-    import torch
-
-    from vicuna_exp.data.tokenizer import load_tokenizer
-    from vicuna_exp.model import make_model_spec
-    from vicuna_exp.train import load_resolved_config
-
     cfg, _ = load_resolved_config(run_dir_of(ckpt))
     dtype_name = dtype_name or str(cfg.trainer.export_dtype)
     max_shard_bytes = max_shard_bytes or export_shard_bytes(cfg)
@@ -265,10 +260,6 @@ def export_checkpoint(ckpt: Path, out_dir: Path, *, dtype_name: str | None = Non
 
 def write_tokenizer_files(cfg: Any, tokenizer: Any, out_dir: Path) -> None:
     """The tokenizer with the training chat template, and the template as YAML, beside the weights."""
-    from omegaconf import OmegaConf
-
-    from vicuna_exp.data.template import to_jinja
-
     tokenizer.chat_template = to_jinja(cfg.template, tokenizer)
     tokenizer.save_pretrained(str(out_dir))
     (Path(out_dir) / "vicuna_template.yaml").write_text(OmegaConf.to_yaml(cfg.template))

@@ -19,12 +19,12 @@ at the end of the step, save, and the job exits 75.
 
 from __future__ import annotations
 
+import ctypes
 import json
 import logging
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -32,12 +32,26 @@ import time
 from pathlib import Path
 from typing import Any
 
+import torch
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
+from vicuna_exp.backends.build_ops import default_extensions_dir, op_status, use_extensions_dir
+from vicuna_exp.choices import choice_str
+from vicuna_exp.cluster import rendezvous_from_env, requeue_on_preemption
+from vicuna_exp.config import config_hash
 from vicuna_exp.errors import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, UsageError
+from vicuna_exp.provenance import provenance
+from vicuna_exp.rundir import (
+    SUMMARY_FILE,
+    WORKER_STATUS_DIR,
+    RunStatus,
+    Summary,
+    latest_state,
+    saved_overrides,
+)
 
 log = logging.getLogger(__name__)
-WORKER_STATUS_DIR = ".workers"  # one JSON per rank: exit code and error, written as the rank ends
 LAUNCH_LOG = "launch.log"  # torchrun's own stderr (the workers' stderr passes through it too)
 FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2)
 SAVE_MARGIN_S = 120  # beyond trainer.preempt_grace_s, for the final checkpoint before SIGKILL
@@ -60,8 +74,6 @@ def launch(cfg: DictConfig, run_dir: Path) -> int:
     previous = {sig: signal.signal(sig, lambda s, f: _forward(proc, s)) for sig in FORWARDED_SIGNALS}
     try:
         # Under submitit, its preemption signal stops the workers first; the requeue comes after the save.
-        from vicuna_exp.cluster import requeue_on_preemption
-
         with requeue_on_preemption(proc, float(cfg.trainer.preempt_grace_s) + SAVE_MARGIN_S):
             rc = proc.wait()
     finally:
@@ -79,8 +91,6 @@ def launch(cfg: DictConfig, run_dir: Path) -> int:
 # --------------------------------------------------------------------------------------------
 def check_hardware(cfg: DictConfig) -> None:
     """What cannot run here, said once, before workers start (UsageError names the key)."""
-    import torch
-
     nproc, t, b = int(cfg.launcher.nproc_per_node), cfg.trainer, cfg.backend
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
     device = str(t.device)
@@ -95,7 +105,7 @@ def check_hardware(cfg: DictConfig) -> None:
         raise UsageError(f"launcher.dist_backend=nccl needs GPUs, but {why}; use launcher.dist_backend=auto (gloo on CPU)")
     if on_gpu and nproc > gpus:
         raise UsageError(f"launcher.nproc_per_node={nproc}, but this node has {gpus} GPU(s): one process per GPU")
-    precision = _value(t.precision)
+    precision = choice_str(t.precision)
     if on_gpu and precision in ("bf16", "bf16_mixed") and not torch.cuda.is_bf16_supported():
         raise UsageError(f"trainer.precision={precision}: {torch.cuda.get_device_name(0)} does not support bf16; "
                          "use trainer.precision=fp32")
@@ -110,8 +120,6 @@ def check_deepspeed(cfg: DictConfig, on_gpu: bool) -> None:
     if b.offload_params and int(b.zero_stage) != 3:
         raise UsageError("backend.offload_params=true needs backend.zero_stage=3")
     try:
-        from vicuna_exp.backends.build_ops import op_status, use_extensions_dir
-
         use_extensions_dir()
         needed = (["CPUAdamBuilder"] if b.offload_optimizer else []) + ([] if on_gpu else ["ShareMemCommBuilder"])
         for op in needed:
@@ -140,8 +148,6 @@ def check_run_dir_shared(cfg: DictConfig, hydra_overrides: list[str]) -> None:
 
 def hydra_overrides() -> list[str]:
     """The `hydra.*` overrides of this job (kept apart from the task overrides by Hydra)."""
-    from hydra.core.hydra_config import HydraConfig
-
     if not HydraConfig.initialized():
         return []
     return list(HydraConfig.get().overrides.hydra)
@@ -174,8 +180,6 @@ def torchrun_command(cfg: DictConfig, run_dir: Path) -> list[str]:
 def scheduler_rendezvous(cfg: DictConfig) -> dict[str, Any] | None:
     """A multi-node job under SLURM or SkyPilot with no explicit `launcher.rdzv_endpoint`: node 0's
     address and this node's rank come from the scheduler's environment."""
-    from vicuna_exp.cluster import rendezvous_from_env
-
     la = cfg.launcher
     if int(la.nnodes) == 1 or la.rdzv_endpoint:
         return None
@@ -192,19 +196,11 @@ def scheduler_rendezvous(cfg: DictConfig) -> dict[str, Any] | None:
 
 
 def worker_env(base: Any) -> dict[str, str]:
-    from vicuna_exp.backends.build_ops import default_extensions_dir
-
     env = dict(base)
     env.setdefault("TORCH_EXTENSIONS_DIR", str(default_extensions_dir()))  # the pre-built DeepSpeed ops
     env.setdefault("OMP_NUM_THREADS", "1")  # torchrun's choice too, without its warning
     env.setdefault("PYTHONUNBUFFERED", "1")
     return env
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 # --------------------------------------------------------------------------------------------
@@ -218,8 +214,6 @@ def _die_with_parent() -> None:
 def set_parent_death_signal(sig: int) -> None:
     if not sys.platform.startswith("linux"):
         return
-    import ctypes
-
     try:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, int(sig))  # PR_SET_PDEATHSIG
     except OSError:
@@ -309,50 +303,26 @@ def root_cause(world: int, statuses: dict[int, dict[str, Any]], dead: dict[int, 
 
 def mark_failed(cfg: DictConfig, run_dir: Path, error: str, errors: dict[str, str], started: float) -> None:
     """Keep what rank 0 wrote in this launch (steps, losses, provenance), with the root cause as the error."""
-    from vicuna_exp.tracking import write_json_atomic
-
-    path = run_dir / "summary.json"
-    summary: dict[str, Any] = {}
+    summary: Summary | None = None
     try:
-        if path.stat().st_mtime >= started:
-            summary = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        summary = {}
-    if not summary:
+        if (run_dir / SUMMARY_FILE).stat().st_mtime >= started:
+            summary = Summary.read(run_dir)
+    except OSError:
+        summary = None
+    if summary is None:
         summary = _fresh_summary(cfg, run_dir)
-    elif summary.get("error") and summary["error"] != error:
-        summary["rank0_error"] = summary["error"]
-    summary.update({"status": "failed", "exit_code": EXIT_FAILED, "error": error, "worker_errors": errors})
-    write_json_atomic(path, summary)
+    elif summary.error and summary.error != error:
+        summary.rank0_error = summary.error
+    summary.status, summary.exit_code, summary.error = RunStatus.failed, EXIT_FAILED, error
+    summary.worker_errors = errors
+    summary.write(run_dir)
 
 
-def _fresh_summary(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
+def _fresh_summary(cfg: DictConfig, run_dir: Path) -> Summary:
     """What can be said without rank 0: the progress of the latest complete checkpoint."""
-    from vicuna_exp.checkpoint import STATE_FILE
-    from vicuna_exp.config import config_hash
-    from vicuna_exp.provenance import provenance
-
-    state: dict[str, Any] = {}
-    ckpts = sorted(p for p in (run_dir / "checkpoints").glob("step_*") if (p / STATE_FILE).is_file())
-    if ckpts:
-        state = json.loads((ckpts[-1] / STATE_FILE).read_text())
-    return {"status": "failed", "steps": state.get("step", 0), "final_loss": state.get("last_loss"),
-            "final_eval_loss": state.get("last_eval_loss"), "best_eval_loss": state.get("best_eval_loss"),
-            "tokens_seen": state.get("tokens_seen", 0), "wall_s": state.get("wall_s"),
-            "overrides": _saved_overrides(run_dir), "config_hash": config_hash(cfg), "run_dir": str(run_dir),
-            "provenance": provenance(data_hash=None)}
-
-
-def _saved_overrides(run_dir: Path) -> list[str]:
-    from omegaconf import OmegaConf
-
-    from vicuna_exp.train import RESOLVED_CONFIG
-
-    try:
-        return list(OmegaConf.load(run_dir / RESOLVED_CONFIG).overrides)
-    except (OSError, AttributeError):
-        return []
-
-
-def _value(v: Any) -> str:
-    return v.value if hasattr(v, "value") else str(v)
+    state = latest_state(run_dir)
+    outcome = {"status": RunStatus.failed, "exit_code": EXIT_FAILED, "overrides": saved_overrides(run_dir),
+               "config_hash": config_hash(cfg), "run_dir": str(run_dir), "provenance": provenance(data_hash=None)}
+    if state is None:
+        return Summary(**outcome)
+    return Summary.from_state(state, wall_s=state.wall_s, **outcome)

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig
 
+from vicuna_exp.choices import choice_str
 from vicuna_exp.errors import UsageError
 
 
@@ -93,9 +94,7 @@ class ModelSpec:
 def make_model_spec(model_cfg: DictConfig, *, vocab_size: int, device: torch.device, precision: str) -> ModelSpec:
     from transformers import AutoConfig, LlamaConfig
 
-    attn = resolve_attn_implementation(str(model_cfg.attn_implementation.value
-                                           if hasattr(model_cfg.attn_implementation, "value")
-                                           else model_cfg.attn_implementation), device)
+    attn = resolve_attn_implementation(choice_str(model_cfg.attn_implementation), device)
     param_dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     if model_cfg.init == "pretrained":
         path = check_model_dir(model_cfg.path)

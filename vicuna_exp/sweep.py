@@ -202,8 +202,9 @@ def run_sweep_job(cfg: DictConfig) -> int:
     one failing job cannot stop the others."""
     from hydra.core.hydra_config import HydraConfig
 
-    from vicuna_exp import train
+    from vicuna_exp import job
     from vicuna_exp.config import config_hash
+    from vicuna_exp.rundir import completed_summary
 
     hc = HydraConfig.get()
     run_dir = Path(hc.runtime.output_dir)
@@ -213,11 +214,11 @@ def run_sweep_job(cfg: DictConfig) -> int:
     try:
         chash = config_hash(cfg)
         record["config_hash"] = chash
-        if cfg.trainer.resume == "auto" and train.completed_summary(run_dir, chash) is not None:
+        if cfg.trainer.resume == "auto" and completed_summary(run_dir, chash) is not None:
             code, outcome = EXIT_OK, "skipped"
             print(f"[sweep] {run_dir.name}: completed earlier with the same config; skipped")
         else:
-            code = int(train.main(cfg) or EXIT_OK)  # validates the config itself
+            code = int(job.main(cfg) or EXIT_OK)  # validates the config itself
     except UsageError as e:
         code, error = EXIT_USAGE, str(e)
     except Exception as e:  # noqa: BLE001 - recorded as this job's failure; the sweep goes on

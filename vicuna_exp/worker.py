@@ -21,12 +21,13 @@ import traceback
 from pathlib import Path
 
 from vicuna_exp.errors import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, UsageError
+from vicuna_exp.launch import set_parent_death_signal
+from vicuna_exp.rundir import WORKER_STATUS_DIR, load_resolved_config
+from vicuna_exp.tracking import write_json_atomic
+from vicuna_exp.train import run
 
 
 def write_status(run_dir: Path, rank: int, code: int, error: str | None) -> None:
-    from vicuna_exp.launch import WORKER_STATUS_DIR
-    from vicuna_exp.tracking import write_json_atomic
-
     folder = run_dir / WORKER_STATUS_DIR
     folder.mkdir(parents=True, exist_ok=True)
     write_json_atomic(folder / f"rank_{rank}.json",
@@ -34,8 +35,6 @@ def write_status(run_dir: Path, rank: int, code: int, error: str | None) -> None
 
 
 def main(argv: list[str] | None = None) -> int:
-    from vicuna_exp.launch import set_parent_death_signal
-
     args = sys.argv[1:] if argv is None else argv
     if len(args) != 1:
         print("usage: python -m vicuna_exp.worker RUN_DIR", file=sys.stderr)
@@ -46,8 +45,6 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format=f"[rank{rank}] %(levelname)s %(name)s: %(message)s")
     code, error = EXIT_FAILED, None
     try:
-        from vicuna_exp.train import load_resolved_config, run
-
         cfg, overrides = load_resolved_config(run_dir)
         code, error = run(cfg, run_dir, overrides)
     except UsageError as e:

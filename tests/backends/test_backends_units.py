@@ -154,7 +154,7 @@ def _status(run_dir: Path, rank: int, code: int, error: str | None = None, t: fl
 
 def test_conclude_maps_worker_statuses_to_the_job_exit_code(tmp_path: Path) -> None:
     from vicuna_exp.launch import conclude
-    from vicuna_exp.train import save_resolved_config
+    from vicuna_exp.rundir import save_resolved_config
 
     cfg = cfg_for("backend=fsdp", "launcher.nproc_per_node=2")
     save_resolved_config(cfg, tmp_path, [])
@@ -171,7 +171,7 @@ def test_conclude_maps_worker_statuses_to_the_job_exit_code(tmp_path: Path) -> N
 
 def test_the_rank_that_vanished_is_the_root_cause(tmp_path: Path) -> None:
     from vicuna_exp.launch import conclude
-    from vicuna_exp.train import save_resolved_config
+    from vicuna_exp.rundir import save_resolved_config
 
     cfg = cfg_for("backend=fsdp", "launcher.nproc_per_node=2")
     save_resolved_config(cfg, tmp_path, ["backend=fsdp"])

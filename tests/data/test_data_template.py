@@ -8,9 +8,10 @@ import pytest
 from omegaconf import OmegaConf
 
 from vicuna_exp.data import encode_conversation
+from vicuna_exp.data.chat_template import to_jinja
 from vicuna_exp.data.config import VICUNA_V1_1_SYSTEM, TemplateConfig
 from vicuna_exp.data.encode import EncodeError
-from vicuna_exp.data.template import render, render_prompt, to_jinja
+from vicuna_exp.data.template import render, render_prompt
 from vicuna_exp.data.tokenizer import load_tokenizer
 from vicuna_exp.errors import UsageError
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from vicuna_exp.backends.base import Backend, tensor_bytes
-from vicuna_exp.export import DCP_SUBDIR, DEEPSPEED_SUBDIR
+from vicuna_exp.checkpoint import DCP_SUBDIR, DEEPSPEED_SUBDIR
 
 SCHEDULER_FILE = "scheduler.pt"
 

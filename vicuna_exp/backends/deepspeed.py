@@ -30,9 +30,10 @@ import torch
 from omegaconf import DictConfig
 
 from vicuna_exp.backends.base import Backend, OptimizerSpec, tensor_bytes
+from vicuna_exp.checkpoint import DCP_SUBDIR, DEEPSPEED_SUBDIR
 from vicuna_exp.config import grad_accumulation_steps, world_size
+from vicuna_exp.distributed import free_port
 from vicuna_exp.errors import UsageError
-from vicuna_exp.export import DCP_SUBDIR, DEEPSPEED_SUBDIR
 from vicuna_exp.model import ModelSpec
 
 log = logging.getLogger(__name__)
@@ -113,8 +114,6 @@ class DeepSpeedBackend(Backend):
         import torch.distributed as dist
 
         if not dist.is_initialized():
-            from vicuna_exp.launch import free_port
-
             for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_WORLD_SIZE", "1"),
                                ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", str(free_port()))):
                 os.environ.setdefault(key, value)

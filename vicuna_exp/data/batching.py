@@ -12,12 +12,15 @@ detection and tokens see the previous example) and no attention mask.
 from __future__ import annotations
 
 import bisect
-from collections.abc import Sequence
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from vicuna_exp.data.encode import IGNORE
+from vicuna_exp.errors import UsageError
 
 if TYPE_CHECKING:
     import torch
@@ -91,6 +94,55 @@ def epoch_rows(
             grouped.extend(window[np.argsort(-lengths[window], kind="stable")].tolist())
         return [[i] for i in grouped]
     return [[i] for i in order.tolist()]
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    """The optimizer steps of a run: how many each epoch holds, and where a global step falls."""
+
+    per_epoch: tuple[int, ...]
+    total: int  # may stop inside the last epoch (`trainer.max_steps`)
+
+    def position(self, step: int) -> tuple[int, int]:
+        """(epoch, index within the epoch) of a 1-based global step: the data order is a function of it."""
+        index = step - 1
+        for epoch, n in enumerate(self.per_epoch):
+            if index < n:
+                return epoch, index
+            index -= n
+        raise AssertionError(f"step {step} is past the planned {self.total} steps")
+
+    def epoch_progress(self, step: int) -> float:
+        """Epochs done once `step` is: 1.5 halfway through the second."""
+        epoch, index = self.position(step)
+        return round(epoch + (index + 1) / self.per_epoch[epoch], 4)
+
+
+def plan_steps(rows_in_epoch: Callable[[int], int], *, global_batch_size: int, context_length: int,
+               epochs: float, token_budget: int | None = None, max_steps: int | None = None) -> StepPlan:
+    """Optimizer steps per epoch from each epoch's exact number of rows (packing makes it vary);
+    the last partial batch of an epoch is dropped.
+
+    `token_budget` (token slots: rows x context) replaces `epochs` and buys as many steps, over as
+    many epochs, as it pays for; a fractional `epochs` trains that fraction of the last epoch.
+    """
+    gbs = global_batch_size
+    if rows_in_epoch(0) // gbs == 0:
+        raise UsageError(f"trainer.global_batch_size: {gbs} rows per step but the training split has only "
+                         f"{rows_in_epoch(0)} rows; lower the batch size or add data")
+    if token_budget is not None:
+        total = max(1, token_budget // (gbs * context_length))
+        per_epoch: list[int] = []
+        while sum(per_epoch) < total:
+            per_epoch.append(rows_in_epoch(len(per_epoch)) // gbs)
+    else:
+        n_epochs = math.ceil(epochs)
+        per_epoch = [rows_in_epoch(e) // gbs for e in range(n_epochs)]
+        per_epoch[-1] = max(1, int(per_epoch[-1] * (epochs - (n_epochs - 1))))
+        total = sum(per_epoch)
+    if max_steps is not None:
+        total = min(total, max_steps)
+    return StepPlan(tuple(per_epoch), total)
 
 
 def packing_efficiency(lengths: np.ndarray, rows: Sequence[Sequence[int]], context_length: int) -> float:

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from vicuna_exp.data.layout import Layout, Marks, PairLayout, plan_marks
+from vicuna_exp.data.layout import Layout, Marks, PairLayout, Rendered, plan_marks
 from vicuna_exp.data.template import ASSISTANT, USER, Segment, check_template, render_segments, to_turns
 from vicuna_exp.errors import UsageError
 
@@ -45,16 +45,6 @@ class EncodeError(ValueError):
     def __init__(self, reason: str, detail: str):
         super().__init__(f"{reason}: {detail}")
         self.reason = reason
-
-
-@dataclass
-class Rendered:
-    """A rendering ready to tokenize: sentinel text, supervised spans, where each pair starts."""
-
-    text: str
-    bounds: np.ndarray  # supervised spans as flat sorted [s0, e0, s1, e1, ...] (character offsets)
-    pair_chars: np.ndarray  # character offset where each (user, assistant) pair starts
-    layout: Layout | None = None  # the compiled layout it was rendered with (None: the general path)
 
 
 @dataclass

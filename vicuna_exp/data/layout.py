@@ -26,12 +26,8 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 import numpy as np
-
-if TYPE_CHECKING:
-    from vicuna_exp.data.encode import Rendered
 
 Anchor = tuple[int, int]  # (event index within its region, tokens after the event to the boundary's token)
 
@@ -63,6 +59,16 @@ class Layout:
     head_sentinels: tuple[int, ...]
 
 
+@dataclass
+class Rendered:
+    """A rendering ready to tokenize: sentinel text, supervised spans, where each pair starts."""
+
+    text: str
+    bounds: np.ndarray  # supervised spans as flat sorted [s0, e0, s1, e1, ...] (character offsets)
+    pair_chars: np.ndarray  # character offset where each (user, assistant) pair starts
+    layout: Layout | None = None  # the compiled layout it was rendered with (None: the general path)
+
+
 @dataclass(frozen=True)
 class Opening:
     """Where a later piece joins the whole conversation's tokens."""
@@ -77,8 +83,6 @@ def opening(layout: Layout, sentinel_chars: tuple[str, ...], word_cut: bool) -> 
     after the same text of the later pair's role marker (Vicuna: "USER:| q" in both; the two
     markers may differ before the cut) and no special token comes before it. None sends every piece
     the general way (render its opening, try each cut)."""
-    from vicuna_exp.data.encode import Rendered
-
     if not word_cut:
         return None
     first, later, head = layout.first, layout.later, layout.head

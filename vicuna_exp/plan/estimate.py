@@ -25,6 +25,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from vicuna_exp.choices import choice_str as _str
 from vicuna_exp.errors import UsageError
 from vicuna_exp.plan.facts import ModelFacts, model_facts
 from vicuna_exp.plan.flops import flops_per_token, peak_tflops
@@ -32,10 +33,6 @@ from vicuna_exp.plan.flops import flops_per_token, peak_tflops
 GIB = 2**30
 BACKENDS = ("single", "ddp", "fsdp", "deepspeed")
 PRECISIONS = ("fp32", "bf16_mixed", "bf16")
-
-
-def _str(value: Any) -> str:
-    return str(getattr(value, "value", value))
 
 
 @dataclass(frozen=True)

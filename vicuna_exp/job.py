@@ -1,0 +1,61 @@
+"""The Hydra job of `vicuna-exp train`: one run dir per job.
+
+A run dir that already completed with the same config is skipped (`trainer.resume=never` trains it
+again); any other is started, or resumed from its latest checkpoint by the recipe. One process
+with no sharding trains here; anything else goes to torchrun (`vicuna_exp.launch`), whose ranks
+read the resolved config this job saves.
+
+    vicuna-exp train model.path=/path/to/llama-7b-hf                # one job
+    vicuna-exp train -m context=512,2048                            # one job per run dir
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig
+
+from vicuna_exp.config import config_hash, validate
+from vicuna_exp.errors import EXIT_OK, EXIT_USAGE, UsageError
+from vicuna_exp.launch import launch
+from vicuna_exp.rundir import RunStatus, Summary, completed_summary, save_resolved_config
+from vicuna_exp.train import run
+
+
+def main(cfg: DictConfig) -> int:
+    """`vicuna-exp train`: one run dir per job; skip it if already completed, else (re)start it."""
+    hc = HydraConfig.get()
+    run_dir = Path(hc.runtime.output_dir)
+    overrides = list(hc.overrides.task)
+    try:
+        validate(cfg)
+    except UsageError as e:  # recorded, so a report over a multirun shows why this job did not run
+        Summary(status=RunStatus.failed, exit_code=EXIT_USAGE, error=str(e), overrides=overrides,
+                config_hash=config_hash(cfg), run_dir=str(run_dir)).write(run_dir)
+        raise
+    finished = completed_summary(run_dir, config_hash(cfg))
+    if finished is not None and cfg.trainer.resume == "auto":
+        print(f"already completed: {run_dir} (final_loss {finished.final_loss}); skipping. "
+              "Use trainer.resume=never to train it again.")
+        return EXIT_OK
+    save_resolved_config(cfg, run_dir, overrides)
+    code = launch(cfg, run_dir) if needs_torchrun(cfg) else run(cfg, run_dir, overrides)[0]
+    report_outcome(run_dir)
+    return code
+
+
+def needs_torchrun(cfg: DictConfig) -> bool:
+    """Several processes, or a sharding backend: those need a process group, even of one, and
+    torchrun provides it."""
+    return cfg.launcher.nproc_per_node * cfg.launcher.nnodes > 1 or cfg.backend.name != "single"
+
+
+def report_outcome(run_dir: Path) -> None:
+    """One line a person (or a script) can act on: what happened and where the run dir is."""
+    s = Summary.read(run_dir)
+    if s is None:
+        return
+    losses = ", ".join(f"{name} {value:.4f}" for name, value in
+                       (("final_loss", s.final_loss), ("final_eval_loss", s.final_eval_loss)) if value is not None)
+    print(f"{s.status.value} after {s.steps} steps{': ' + losses if losses else ''}; run dir: {run_dir}")
