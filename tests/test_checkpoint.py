@@ -10,6 +10,7 @@ import pytest
 
 from vicuna_exp.checkpoint import CheckpointManager, TrainerState
 from vicuna_exp.distributed import DistInfo
+from vicuna_exp.errors import UsageError
 
 
 def _save_payload(value: int):
@@ -57,3 +58,38 @@ def test_rng_is_restored(tmp_path: Path) -> None:
     torch.manual_seed(123)
     mgr.load_latest(lambda p: None)
     assert torch.equal(torch.rand(3), expected)
+
+
+def test_a_checkpoint_from_before_the_mfu_fields_loads(tmp_path: Path) -> None:
+    """trainer_state.json used to keep MFU accounting in an `extra` dict; such checkpoints still resume."""
+    mgr = CheckpointManager(tmp_path, keep_last=1, dist=DistInfo())
+    mgr.save(TrainerState(step=3, last_loss=2.0), _save_payload(3))
+    state_file = tmp_path / "step_00000003" / "trainer_state.json"
+    old = json.loads(state_file.read_text())
+    del old["model_flops"], old["train_s"]
+    state_file.write_text(json.dumps({**old, "extra": {"model_flops": 1.5e9, "step_s": 2.0}}))
+    state = mgr.load_latest(lambda p: None)
+    assert state == TrainerState(step=3, last_loss=2.0, model_flops=1.5e9, train_s=2.0)
+
+
+def test_resume_sets_aside_the_checkpoints_of_another_configuration(tmp_path: Path) -> None:
+    mgr = CheckpointManager(tmp_path / "checkpoints", keep_last=2, dist=DistInfo())
+    mgr.save(TrainerState(step=2, config_hash="theirs"), _save_payload(2))
+    assert mgr.resume("auto", lambda p: None, config_hash="ours") is None
+    assert not mgr.complete() and (tmp_path / "checkpoints.config-theirs" / "step_00000002").is_dir()
+    mgr.save(TrainerState(step=1, config_hash="ours"), _save_payload(1))
+    assert mgr.resume("auto", lambda p: None, config_hash="ours").step == 1
+    assert mgr.resume("never", lambda p: pytest.fail("loaded"), config_hash="ours") is None
+
+
+def test_resume_from_a_path(tmp_path: Path) -> None:
+    other = CheckpointManager(tmp_path / "other", keep_last=2, dist=DistInfo())
+    other.save(TrainerState(step=5, config_hash="theirs"), _save_payload(5))
+    mgr = CheckpointManager(tmp_path / "run" / "checkpoints", keep_last=2, dist=DistInfo())
+    for path in (tmp_path / "other", tmp_path / "other" / "step_00000005"):  # a dir of checkpoints, or one
+        assert mgr.resume(str(path), lambda p: None, config_hash="ours").step == 5
+    with pytest.raises(UsageError, match="trainer.resume=.*nowhere: no such checkpoint directory"):
+        mgr.resume(str(tmp_path / "nowhere"), lambda p: None, config_hash="ours")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UsageError, match="no loadable checkpoint there"):
+        mgr.resume(str(tmp_path / "empty"), lambda p: None, config_hash="ours")

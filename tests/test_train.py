@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from vicuna_exp.cli import main
+from vicuna_exp.rundir import OPTIONAL_KEYS, SUMMARY_KEYS
 
 ENV_CPU = {**os.environ, "OMP_NUM_THREADS": "2"}
 
@@ -42,6 +43,8 @@ def test_summary_is_complete(default_run: Path) -> None:
     assert prov["versions"]["torch"].startswith("2.13") and prov["versions"]["transformers"] == "5.23.0"
     assert prov["data_hash"] and prov["hardware"]["cpu_count"]
     assert s["best_eval_loss"] <= s["final_eval_loss"]
+    assert list(s) == [k for k in SUMMARY_KEYS if k not in OPTIONAL_KEYS]  # the keys held by test_rundir
+    assert s["tflops_per_device"] > 0 and 0 < s["mfu"] < 1
 
 
 def test_loss_falls_clearly(default_run: Path) -> None:
@@ -220,6 +223,23 @@ def test_non_finite_loss_stops_with_a_clear_error(tmp_path: Path) -> None:
         assert state["last_loss"] is not None and state["last_loss"] == state["last_loss"]  # not NaN
 
 
+def test_a_checkpoint_with_the_old_mfu_bookkeeping_resumes(tmp_path: Path) -> None:
+    """Checkpoints written before TrainerState had MFU fields kept them in `extra`: they resume, and the
+    accounting carries on from them."""
+    stop_early = [*SMALL, f"hydra.run.dir={tmp_path}", "trainer.max_minutes=0.0001"]  # one step per attempt
+    assert main(["train", *stop_early]) == 75
+    state_file = tmp_path / "checkpoints" / "step_00000001" / "trainer_state.json"
+    state = json.loads(state_file.read_text())
+    flops, seconds = state.pop("model_flops"), state.pop("train_s")
+    assert flops > 0 and seconds > 0
+    state_file.write_text(json.dumps({**state, "extra": {"model_flops": flops, "step_s": seconds}}))
+    assert main(["train", *stop_early]) == 75
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["resumed_from_step"] == 1 and summary["steps"] == 2 and summary["mfu"] > 0
+    resumed = json.loads((tmp_path / "checkpoints" / "step_00000002" / "trainer_state.json").read_text())
+    assert "extra" not in resumed and resumed["model_flops"] > flops and resumed["train_s"] > seconds
+
+
 @pytest.mark.parametrize(
     "override,needle",
     [
@@ -249,3 +269,12 @@ def test_a_sharding_backend_runs_with_one_process(tmp_path: Path) -> None:
     """`train -m backend=fsdp,...` without launcher changes: one process still gets a process group."""
     assert main(["train", *SMALL, "backend=fsdp", "trainer.max_steps=2", f"hydra.run.dir={tmp_path}"]) == 0
     assert json.loads((tmp_path / "summary.json").read_text())["status"] == "completed"
+
+
+def test_the_loop_reads_on_one_screen() -> None:
+    """`Recipe.train` is the loop a reader lands in: at most 50 lines, the step itself in `train_step`."""
+    import inspect
+
+    from vicuna_exp.train import Recipe
+
+    assert len(inspect.getsource(Recipe.train).splitlines()) <= 50

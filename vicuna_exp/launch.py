@@ -36,7 +36,7 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from vicuna_exp.backends.build_ops import default_extensions_dir, op_status, use_extensions_dir
+from vicuna_exp.backends import build_ops
 from vicuna_exp.choices import choice_str
 from vicuna_exp.cluster import rendezvous_from_env, requeue_on_preemption
 from vicuna_exp.config import config_hash
@@ -120,10 +120,10 @@ def check_deepspeed(cfg: DictConfig, on_gpu: bool) -> None:
     if b.offload_params and int(b.zero_stage) != 3:
         raise UsageError("backend.offload_params=true needs backend.zero_stage=3")
     try:
-        use_extensions_dir()
+        build_ops.use_extensions_dir()
         needed = (["CPUAdamBuilder"] if b.offload_optimizer else []) + ([] if on_gpu else ["ShareMemCommBuilder"])
         for op in needed:
-            compatible, built = op_status(op)
+            compatible, built = build_ops.op_status(op)
             if not compatible:
                 what = "ZeRO offload (backend.offload_optimizer=true) needs DeepSpeed's CPU Adam op" \
                     if op == "CPUAdamBuilder" else "DeepSpeed on CPU needs its shared-memory communication op"
@@ -197,7 +197,7 @@ def scheduler_rendezvous(cfg: DictConfig) -> dict[str, Any] | None:
 
 def worker_env(base: Any) -> dict[str, str]:
     env = dict(base)
-    env.setdefault("TORCH_EXTENSIONS_DIR", str(default_extensions_dir()))  # the pre-built DeepSpeed ops
+    env.setdefault("TORCH_EXTENSIONS_DIR", str(build_ops.default_extensions_dir()))  # the pre-built DeepSpeed ops
     env.setdefault("OMP_NUM_THREADS", "1")  # torchrun's choice too, without its warning
     env.setdefault("PYTHONUNBUFFERED", "1")
     return env

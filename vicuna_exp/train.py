@@ -121,6 +121,7 @@ class Recipe:
 
     # ---- setup: each part from its config section ------------------------------------------------
     def setup(self) -> None:
+        """Each part in the order the next needs it; nothing heavy before the cheap checks."""
         cfg = self.cfg
         self.device = D.select_device(cfg.trainer.device, self.dist)
         self.precision = resolve_precision(choice_str(cfg.trainer.precision), self.device)
