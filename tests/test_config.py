@@ -8,7 +8,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from vicuna_exp.cli import main
-from vicuna_exp.config import conf_dir, config_hash, grad_accumulation_steps, validate
+from vicuna_exp.config import conf_dir, config_hash, grad_accumulation_steps, micro_batch_sizes, validate
 from vicuna_exp.errors import UsageError
 from vicuna_exp.hydra_app import compose
 
@@ -95,7 +95,7 @@ def test_unknown_group_option_lists_choices(capsys: pytest.CaptureFixture) -> No
         ("optim.lr=-1", "optim.lr"),
         ("trainer.micro_batch_size=0", "trainer.micro_batch_size"),
         ("context.length=0", "context.length"),
-        ("trainer.global_batch_size=6", "trainer.global_batch_size"),  # not divisible by micro 4
+        ("launcher.nproc_per_node=3", "trainer.global_batch_size"),  # 4 rows over 3 ranks
         ("model=llama-7b", "model.path"),  # a real model without weights
     ],
 )
@@ -110,6 +110,34 @@ def test_multirun_stops_up_front_on_a_bad_key(tmp_path: Path, capsys: pytest.Cap
     code = main(["train", "-m", "optim.lrr=1,2", f"hydra.sweep.dir={tmp_path}"])
     assert code == 2
     assert not [p for p in tmp_path.iterdir() if p.is_dir()]  # no job started
+
+
+def test_micro_batch_size_is_a_cap_not_a_divisor() -> None:
+    cfg = compose(["trainer.global_batch_size=10", "trainer.micro_batch_size=2", "launcher.nproc_per_node=2",
+                   "backend=ddp"])
+    assert micro_batch_sizes(cfg) == [2, 2, 1] and grad_accumulation_steps(cfg) == 3  # 5 rows per rank
+    validate(cfg)
+    big = compose(["trainer.global_batch_size=4", "trainer.micro_batch_size=16", "launcher.nproc_per_node=2",
+                   "backend=ddp"])
+    assert micro_batch_sizes(big) == [2]  # the cap binds only when a rank has more rows
+    validate(big)
+
+
+@pytest.mark.parametrize(("gbs", "nproc", "nearest"), [(4, 3, "3 or 6"), (4, 8, "8"), (10, 4, "8 or 12")])
+def test_an_uneven_split_over_ranks_names_both_keys_and_valid_values(gbs: int, nproc: int, nearest: str) -> None:
+    cfg = compose([f"trainer.global_batch_size={gbs}", f"launcher.nproc_per_node={nproc}", "backend=ddp"])
+    with pytest.raises(UsageError) as err:
+        validate(cfg)
+    msg = str(err.value)
+    assert msg.startswith("trainer.global_batch_size:") and f"launcher.nproc_per_node={nproc}" in msg
+    assert f"nearest valid trainer.global_batch_size is {nearest}," in msg
+    assert ("fewer than" in msg) == (gbs < nproc)
+
+
+def test_an_uneven_token_budget_names_tokens_per_step() -> None:
+    cfg = compose(["trainer.tokens_per_step=1536", "launcher.nproc_per_node=2", "backend=ddp"])  # 3 rows
+    with pytest.raises(UsageError, match=r"^trainer.tokens_per_step: 3 rows per step cannot be split evenly"):
+        validate(cfg)
 
 
 def test_validate_rejects_bad_values_directly() -> None:

@@ -20,12 +20,15 @@ class Command:
     target: str  # "module:function"
     help: str
     hydra: bool  # True: a Hydra app taking overrides; False: plain argv
+    run_dir: bool = True  # a Hydra app that keeps a run dir; False: it writes nothing under outputs/
 
 
 COMMANDS: dict[str, Command] = {
     "train": Command("vicuna_exp.job:main", "train a model (Hydra overrides; -m for a multirun)", True),
-    "prepare": Command("vicuna_exp.data.prepare:main", "clean, split, encode and cache a dataset", True),
-    "plan": Command("vicuna_exp.plan:main", "memory, time and cost of a configuration before launching", True),
+    "prepare": Command("vicuna_exp.data.prepare:main", "clean, split, encode and cache a dataset", True,
+                       run_dir=False),
+    "plan": Command("vicuna_exp.plan:main", "memory, time and cost of a configuration before launching", True,
+                    run_dir=False),
     "sweep": Command("vicuna_exp.sweep:main", "run a named ablation from sweeps/ as a Hydra multirun", False),
     "report": Command("vicuna_exp.report:main", "compare the runs of a sweep dir: table, plots, HTML", False),
     "sync": Command("vicuna_exp.sync:main", "upload a sweep's offline wandb runs", False),
@@ -83,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
         from vicuna_exp.plan.multi import wants_table
 
         if wants_table(rest):  # a whole sweep: one table, no jobs run
-            cmd = Command("vicuna_exp.plan.multi:main", cmd.help, False)
+            cmd = Command("vicuna_exp.plan.multi:main", cmd.help, False, run_dir=False)
     if name == "sky" and "--sweep" in rest:  # `sky --sweep NAME` is `sky sky.sweep=NAME`
         i = rest.index("--sweep")
         if i + 1 >= len(rest):
@@ -94,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
         if cmd.hydra:
             from vicuna_exp.hydra_app import run_hydra_app
 
-            return _exit(run_hydra_app(cmd.target, rest, prog=prog))
+            return _exit(run_hydra_app(cmd.target, rest, prog=prog, run_dir=cmd.run_dir))
         return _exit(_load(cmd.target)(rest))
     except UsageError as e:
         print(f"{prog}: error: {e}", file=sys.stderr)

@@ -20,6 +20,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from vicuna_exp import batch_split
 from vicuna_exp.data.config import DataConfig, TemplateConfig
 from vicuna_exp.errors import UsageError
 from vicuna_exp.eval.config import EvalConfig
@@ -237,8 +238,19 @@ def global_batch_size(cfg: DictConfig) -> int:
     return int(cfg.trainer.global_batch_size)
 
 
+def rows_per_rank(cfg: DictConfig) -> int:
+    """Rows each rank trains on per optimizer step (the global batch split evenly over ranks)."""
+    return global_batch_size(cfg) // world_size(cfg)
+
+
+def micro_batch_sizes(cfg: DictConfig) -> list[int]:
+    """How one rank's rows of a step are cut under the `trainer.micro_batch_size` cap."""
+    return batch_split.micro_batch_sizes(rows_per_rank(cfg), int(cfg.trainer.micro_batch_size))
+
+
 def grad_accumulation_steps(cfg: DictConfig) -> int:
-    return global_batch_size(cfg) // (world_size(cfg) * int(cfg.trainer.micro_batch_size))
+    """Micro-batches per rank per optimizer step."""
+    return len(micro_batch_sizes(cfg))
 
 
 def validate(cfg: DictConfig) -> None:
@@ -267,9 +279,10 @@ def validate(cfg: DictConfig) -> None:
     ws = world_size(cfg)
     need(cfg.launcher.nproc_per_node > 0 and cfg.launcher.nnodes > 0, "launcher.nproc_per_node",
          "nproc_per_node and nnodes must be > 0")
-    per_step = ws * t.micro_batch_size
-    need(gbs % per_step == 0, "trainer.global_batch_size",
-         f"{gbs} rows per step is not divisible by world size {ws} x micro_batch_size {t.micro_batch_size}")
+    source = "trainer.tokens_per_step" if t.tokens_per_step is not None else "trainer.global_batch_size"
+    split = batch_split.split_error(gbs, int(cfg.launcher.nproc_per_node), int(cfg.launcher.nnodes), source=source)
+    if split:
+        raise UsageError(split)
     need(t.epochs > 0, "trainer.epochs", f"must be > 0, got {t.epochs}")
     need(t.max_steps is None or t.max_steps > 0, "trainer.max_steps", f"must be > 0 or null, got {t.max_steps}")
     need(t.token_budget is None or t.token_budget >= gbs * cfg.context.length, "trainer.token_budget",

@@ -110,11 +110,23 @@ def run_task(target: str, cfg: DictConfig, prog: str) -> int:
         return EXIT_FAILED
 
 
-def run_hydra_app(target: str, argv: list[str], *, prog: str) -> int:
+# For a command without a run dir of its own: Hydra writes no `.hydra/` and no log file, and its run
+# dir is the working directory, so nothing appears under outputs/. The user's own values win.
+_NO_RUN_DIR = {"hydra.run.dir": ".", "hydra.output_subdir": "null", "hydra/job_logging": "console"}
+
+
+def without_run_dir(argv: list[str]) -> list[str]:
+    given = {a.split("=", 1)[0].lstrip("+~") for a in argv}
+    return [f"{key}={value}" for key, value in _NO_RUN_DIR.items() if key not in given] + argv
+
+
+def run_hydra_app(target: str, argv: list[str], *, prog: str, run_dir: bool = True) -> int:
     import hydra
 
     register_configs()
     argv = quote_numeric_choices(argv)
+    if not run_dir and not any(a in _MULTIRUN_FLAGS for a in argv):
+        argv = without_run_dir(argv)
     multirun = any(a in _MULTIRUN_FLAGS for a in argv)
     info_only = any(a.split("=")[0] in _INFO_FLAGS for a in argv)
     if not multirun and not info_only:

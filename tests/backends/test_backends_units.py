@@ -59,6 +59,22 @@ def test_deepspeed_config_follows_the_hydra_values() -> None:
     assert off["offload_optimizer"]["device"] == "cpu" and off["offload_param"]["device"] == "cpu"
 
 
+@pytest.mark.parametrize(("gbs", "cap", "declared"), [(16, 2, (2, 4)), (10, 2, (1, 5)), (12, 4, (3, 2)),
+                                                     (4, 16, (2, 1)), (14, 3, (1, 7))])
+def test_deepspeed_declares_what_is_trained_under_an_uneven_cut(gbs: int, cap: int, declared: tuple) -> None:
+    """train_batch_size is the global batch; the declared accumulation is > 1 exactly when ours is."""
+    from vicuna_exp.backends.deepspeed import deepspeed_config
+    from vicuna_exp.config import grad_accumulation_steps
+
+    cfg = cfg_for("backend=deepspeed_zero2", "launcher.nproc_per_node=2", f"trainer.micro_batch_size={cap}",
+                  f"trainer.global_batch_size={gbs}")
+    ds = deepspeed_config(cfg, "fp32")
+    assert (ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]) == declared
+    assert ds["train_batch_size"] == gbs == declared[0] * declared[1] * 2
+    assert ds["train_micro_batch_size_per_gpu"] <= cap
+    assert (ds["gradient_accumulation_steps"] > 1) == (grad_accumulation_steps(cfg) > 1)
+
+
 def test_deepspeed_config_refuses_impossible_combinations() -> None:
     from vicuna_exp.backends.deepspeed import deepspeed_config
 

@@ -125,6 +125,24 @@ def test_report_lists_ungraded_and_exits_1(tmp_path: Path, capsys: pytest.Captur
     assert "question 3 turn 1 (beta): HTTP 500" in out
 
 
+def test_report_without_questions_finds_every_judged_set(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """`eval report eval.run_dir=RUN` alone reports the sets that were judged, with the categories
+    of the question file each was generated from, not the packaged set (which has no judgments)."""
+    run = _run_dir(tmp_path, [r for r in SINGLE if r["score"] != -1])
+    record = run / "eval" / "qs" / "generation.json"
+    record.write_text(json.dumps({"model_id": "alpha", "questions": str(tmp_path / "qs.jsonl")}))
+    (run / "eval" / "unjudged" / "model_answer").mkdir(parents=True)  # answered, never judged: not reported
+    cfg = _cfg(tmp_path, run)
+    cfg.eval.questions = None
+    assert report_mod.main(cfg) == 0
+    scores = json.loads((run / "eval" / "qs" / "scores.json").read_text())
+    assert scores["bench"] == "qs" and scores["questions"] == str(tmp_path / "qs.jsonl")
+    assert scores["judgments"]["judge-x_single.jsonl"]["models"]["alpha"]["categories"] == {
+        "generic": 5.0, "math": 9.0, "writing": 7.0}
+    assert not (run / "eval" / "unjudged" / "scores.json").exists()
+    assert "judge-x_single.jsonl" in capsys.readouterr().out
+
+
 def test_report_without_judgments_is_bad_input(tmp_path: Path) -> None:
     run = _run_dir(tmp_path, [])
     (run / "eval" / "qs" / "model_judgment" / "judge-x_single.jsonl").unlink()

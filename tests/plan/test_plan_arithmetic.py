@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import re
 
 import pytest
 from plan_helpers import make_cfg
 
 from vicuna_exp.errors import UsageError
-from vicuna_exp.plan import check_fits, flops_per_token, make_plan, mfu, predicted_state_bytes, table
+from vicuna_exp.plan import check_fits, flops_per_token, make_plan, mfu, predicted_state_bytes, render, table
 from vicuna_exp.plan.estimate import GIB, setup_from_config
 from vicuna_exp.plan.facts import model_facts
 
@@ -181,7 +182,7 @@ def test_table_has_one_row_per_config_and_totals():
 
 
 def test_bad_input_messages_name_the_problem():
-    with pytest.raises(UsageError, match=r"global_batch_size=128 is not divisible .* = 6"):
+    with pytest.raises(UsageError, match=r"trainer.global_batch_size: 128 rows .* over 3 ranks .* 126 or 129"):
         make_plan(make_cfg("llama-7b", backend__name="fsdp", launcher__nproc_per_node=3))
     with pytest.raises(UsageError, match="hardware.gpu_memory_gb"):
         make_plan(make_cfg("llama-7b", hardware__gpu_memory_gb=0))
@@ -210,3 +211,34 @@ def test_render_says_fits_or_does_not_fit_in_words():
     assert "Verdict: fits, with" in text and "per epoch" in text and "on spot" in text
     text = render(make_plan(make_cfg("llama-7b")))
     assert "Verdict: does not fit" in text and "To make it fit" in text
+
+
+def test_the_micro_batch_is_a_cap_and_the_plan_prints_the_split():
+    """Peak memory follows the largest micro-batch a rank runs, however the rest is cut."""
+    capped = make_plan(make_cfg("llama-7b", backend__name="fsdp", launcher__nproc_per_node=8,
+                                trainer__global_batch_size=40, trainer__micro_batch_size=2))
+    assert capped.setup.micro_batches == [2, 2, 1] and capped.setup.grad_accum == 3
+    assert "5 rows per GPU: 2 micro-batches of 2 + 1 of 1, x 8 GPUs = 40 rows per step" in render(capped)
+    even = make_plan(make_cfg("llama-7b", backend__name="fsdp", launcher__nproc_per_node=8,
+                              trainer__global_batch_size=32, trainer__micro_batch_size=2))
+    assert even.memory.activations == capped.memory.activations and even.memory.logits == capped.memory.logits
+    roomy = make_plan(make_cfg("llama-7b", backend__name="fsdp", launcher__nproc_per_node=2,
+                               trainer__global_batch_size=4, trainer__micro_batch_size=8))
+    assert roomy.setup.micro_batch == 2 and "2 rows per GPU: 1 micro-batch of 2" in render(roomy)
+    assert roomy.memory.logits == even.memory.logits  # 2 rows either way
+
+
+def test_the_plan_reads_the_real_model_when_model_path_is_set(tmp_path):
+    """A preset pointed at a directory holding another model is planned from that model's config.json."""
+    small = {"vocab_size": 1000, "hidden_size": 64, "intermediate_size": 176, "num_hidden_layers": 2,
+             "num_attention_heads": 4, "num_key_value_heads": 2, "tie_word_embeddings": True}
+    (tmp_path / "config.json").write_text(json.dumps(small))
+    plan = make_plan(make_cfg("llama-7b", model__path=str(tmp_path)))
+    m = plan.setup.model
+    assert (m.hidden_size, m.num_hidden_layers, m.num_key_value_heads, m.tie_word_embeddings) == (64, 2, 2, True)
+    assert m.total_params < 1e6 and plan.memory.fits
+    assert f"facts from {tmp_path / 'config.json'}" in render(plan)
+    preset = make_plan(make_cfg("llama-7b"))
+    assert preset.setup.model.hidden_size == 4096 and "preset facts of model=llama-7b" in render(preset)
+    missing = make_plan(make_cfg("llama-7b", model__path=str(tmp_path / "absent")))
+    assert missing.setup.model.hidden_size == 4096 and "no config.json in model.path" in render(missing)

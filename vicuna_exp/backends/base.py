@@ -63,19 +63,23 @@ class OptimizerSpec:
 
 
 def lr_multiplier(schedule: str, *, total_steps: int, warmup_steps: int, min_ratio: float) -> Callable[[int], float]:
-    """Linear warmup, then cosine / linear decay to `min_ratio`, or constant.
+    """Linear warmup from 0, then cosine / linear decay to `min_ratio`, or constant.
 
-    LambdaLR calls it with the number of scheduler steps taken so far, so step 0 is the first update.
+    The multipliers equal the Hugging Face Trainer's (`get_cosine_schedule_with_warmup`,
+    `get_linear_schedule_with_warmup`, `get_constant_schedule_with_warmup`; with `min_ratio` > 0,
+    `get_cosine_with_min_lr_schedule_with_warmup`) step for step, since the published recipe ran
+    through them: update k (0-based) warms up at k / warmup, so the first update runs at lr 0.
+    LambdaLR calls it with the number of scheduler steps taken so far.
     """
 
     def f(step: int) -> float:
-        if warmup_steps > 0 and step < warmup_steps:
-            return (step + 1) / warmup_steps
+        if step < warmup_steps:
+            return step / max(1, warmup_steps)
         if schedule == "constant":
             return 1.0
-        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
         decay = 0.5 * (1.0 + math.cos(math.pi * progress)) if schedule == "cosine" else 1.0 - progress
-        return min_ratio + (1.0 - min_ratio) * decay
+        return max(0.0, min_ratio + (1.0 - min_ratio) * decay)
 
     return f
 

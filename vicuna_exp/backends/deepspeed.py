@@ -31,7 +31,7 @@ from omegaconf import DictConfig
 
 from vicuna_exp.backends.base import Backend, OptimizerSpec, tensor_bytes
 from vicuna_exp.checkpoint import DCP_SUBDIR, DEEPSPEED_SUBDIR
-from vicuna_exp.config import grad_accumulation_steps, world_size
+from vicuna_exp.config import rows_per_rank, world_size
 from vicuna_exp.distributed import free_port
 from vicuna_exp.errors import UsageError
 from vicuna_exp.model import ModelSpec
@@ -59,11 +59,11 @@ def deepspeed_config(cfg: DictConfig, precision: str, *, pin_memory: bool = Fals
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": pin_memory}
     if b.offload_params:
         zero["offload_param"] = {"device": "cpu", "pin_memory": pin_memory}
-    gas = grad_accumulation_steps(cfg)
+    micro, gas = declared_batch_split(rows_per_rank(cfg), int(t.micro_batch_size))
     ds: dict[str, Any] = {
-        "train_micro_batch_size_per_gpu": int(t.micro_batch_size),
+        "train_micro_batch_size_per_gpu": micro,
         "gradient_accumulation_steps": gas,
-        "train_batch_size": int(t.micro_batch_size) * gas * world_size(cfg),
+        "train_batch_size": micro * gas * world_size(cfg),  # = global_batch_size: what is trained
         "gradient_clipping": float(t.grad_clip),
         "zero_optimization": zero,
         "zero_allow_untested_optimizer": True,  # torch's AdamW, the same optimizer as the other backends
@@ -82,6 +82,21 @@ def deepspeed_config(cfg: DictConfig, precision: str, *, pin_memory: bool = Fals
     else:
         raise UsageError(f"trainer.precision={precision}: the deepspeed backend takes fp32, bf16_mixed or bf16")
     return ds
+
+
+def declared_batch_split(rows: int, cap: int) -> tuple[int, int]:
+    """(micro-batch, accumulation steps) to declare to DeepSpeed for `rows` per rank under `cap`.
+
+    DeepSpeed insists that train_batch_size = micro x accumulation x world, with integers. Our loop
+    cuts the rows into ceil(rows / cap) micro-batches, the last one smaller when the division is
+    uneven, which no such product describes. The declared pair only feeds DeepSpeed's bookkeeping:
+    we set the accumulation boundary ourselves and scale the loss ourselves (`scale_wrt_gas=False`).
+    So we declare the largest divisor of `rows` within the cap: the product is exactly the rows
+    trained, the declared accumulation equals ours whenever the cap divides the rows, and it is > 1
+    exactly when ours is (ZeRO's offloaded gradients take a separate accumulation path then).
+    """
+    micro = max(d for d in range(1, min(cap, rows) + 1) if rows % d == 0)
+    return micro, rows // micro
 
 
 class DeepSpeedBackend(Backend):

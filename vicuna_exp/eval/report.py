@@ -251,10 +251,53 @@ def _who(row: Mapping[str, Any]) -> str:
 
 
 def main(cfg: DictConfig) -> int:
-    """Compute, print and write the report; 1 when some items are ungraded (listed)."""
+    """Compute, print and write the report of each judged question set; 1 when some items are
+    ungraded (listed).
+
+    With `eval.questions` (or `eval.bench_name`) set, that one set; otherwise every set under the
+    eval dir that has judgments, each with the question file its answers were generated from.
+    """
     ev = cfg.eval
     paths = resolve_paths(cfg)
-    categories = {q.question_id: q.category for q in load_questions(paths.questions)}
+    targets = [paths] if (ev.questions or ev.bench_name) else judged_sets(paths)
+    ungraded = False
+    for target in targets:
+        ungraded |= _report_one(target, ev)
+    return EXIT_FAILED if ungraded else EXIT_OK
+
+
+def judged_sets(paths: EvalPaths) -> list[EvalPaths]:
+    """Every question set under `paths.out_dir` with judgment files, with the questions each was
+    generated from (its generation.json), or the default set's paths when none has judgments."""
+    found = []
+    out_dir = paths.out_dir
+    for bench_dir in sorted(out_dir.iterdir()) if out_dir.is_dir() else []:
+        candidate = EvalPaths(out_dir=out_dir, bench=bench_dir.name, questions=_questions_of(bench_dir, paths))
+        if judgment_files(candidate, None):
+            found.append(candidate)
+    return found or [paths]  # nothing judged: the default set's own "run eval judge first" error
+
+
+def _questions_of(bench_dir: Path, default: EvalPaths) -> Path:
+    record = bench_dir / "generation.json"
+    if record.is_file():
+        import json
+
+        try:
+            questions = json.loads(record.read_text(encoding="utf-8")).get("questions")
+        except ValueError:
+            questions = None
+        if isinstance(questions, str) and questions:
+            return Path(questions)
+    return default.questions
+
+
+def _report_one(paths: EvalPaths, ev: Any) -> bool:
+    """Print and write one set's report; True when some of its items are ungraded."""
+    categories = {q.question_id: q.category for q in load_questions(paths.questions)} \
+        if paths.questions.is_file() else {}
+    if not categories:
+        log.warning("eval report: %s not found; categories are unknown for %s", paths.questions, paths.bench)
     reference = ev.reference_model or ev.judge.baseline_model
     report = build_report(paths, ev.judge.model, safe_name(reference) if reference else None,
                           safe_name(ev.judge.baseline_model) if ev.judge.baseline_model else None, categories)
@@ -264,7 +307,7 @@ def main(cfg: DictConfig) -> int:
     write_json_atomic(paths.report_file("json"), report)
     plot([(name, sec) for name, sec in report["judgments"].items()], paths.report_file("png"))
     print(f"report: {paths.report_file('md')}, {paths.report_file('png')}")
-    return EXIT_FAILED if report["ungraded"] else EXIT_OK
+    return bool(report["ungraded"])
 
 
 # ---------------------------------------------------------------- for `vicuna-exp report`

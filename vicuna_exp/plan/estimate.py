@@ -25,6 +25,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from vicuna_exp.batch_split import micro_batch_sizes, split_error
 from vicuna_exp.choices import choice_str as _str
 from vicuna_exp.errors import UsageError
 from vicuna_exp.plan.facts import ModelFacts, model_facts
@@ -41,7 +42,7 @@ class Setup:
 
     model: ModelFacts
     seq_len: int
-    micro_batch: int
+    micro_batch: int  # the largest micro-batch a rank runs: what peak memory depends on
     global_batch: int
     epochs: float
     precision: str  # resolved: fp32 | bf16_mixed | bf16
@@ -60,8 +61,17 @@ class Setup:
         return self.nproc_per_node * self.nnodes
 
     @property
+    def rows_per_rank(self) -> int:
+        return self.global_batch // self.world
+
+    @property
+    def micro_batches(self) -> list[int]:
+        """One rank's rows of a step cut under the micro-batch cap, the last one smaller if uneven."""
+        return micro_batch_sizes(self.rows_per_rank, self.micro_batch)
+
+    @property
     def grad_accum(self) -> int:
-        return self.global_batch // (self.micro_batch * self.world)
+        return len(self.micro_batches)
 
     @property
     def strategy(self) -> str:
@@ -98,17 +108,19 @@ def setup_from_config(cfg: Any) -> Setup:
                          f"(hardware.gpus_per_node); use more nodes (launcher.nnodes) instead")
     world = nproc * nnodes
     t = cfg.trainer
-    micro = int(t.micro_batch_size)
+    cap = int(t.micro_batch_size)
     seq_len = int(cfg.context.length)
-    if micro < 1 or seq_len < 1:
-        raise UsageError(f"trainer.micro_batch_size and context.length must be >= 1, got {micro} and {seq_len}")
+    if cap < 1 or seq_len < 1:
+        raise UsageError(f"trainer.micro_batch_size and context.length must be >= 1, got {cap} and {seq_len}")
     tokens_per_step = t.tokens_per_step if "tokens_per_step" in t else None
     global_batch = int(tokens_per_step) // seq_len if tokens_per_step else int(t.global_batch_size)
-    if global_batch < 1 or global_batch % (micro * world):
-        raise UsageError(
-            f"trainer.global_batch_size={global_batch} is not divisible by micro_batch_size ({micro}) x "
-            f"GPUs ({nproc} per node x {nnodes} nodes = {world}) = {micro * world}: change the GPU count, "
-            f"trainer.micro_batch_size or trainer.global_batch_size")
+    if global_batch < 1:
+        raise UsageError(f"trainer.global_batch_size: must be >= 1, got {global_batch}")
+    source = "trainer.tokens_per_step" if tokens_per_step else "trainer.global_batch_size"
+    split = split_error(global_batch, nproc, nnodes, source=source)
+    if split:
+        raise UsageError(split)
+    micro = min(cap, global_batch // world)  # the cap binds only when a rank has more rows than it
     precision = _str(t.precision)
     if precision == "auto":
         precision = "bf16_mixed" if _str(hw.device) == "cuda" else "fp32"

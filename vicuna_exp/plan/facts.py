@@ -1,7 +1,8 @@
 """The architecture facts the planner reasons with, read from `cfg.model` without loading a model.
 
-Facts left null in the config are filled from `model.path`'s config.json (and the vocabulary from
-the tokenizer) when those files exist locally; otherwise the planner names the missing keys.
+A pretrained model's facts come from `model.path`'s config.json when it exists locally, the
+preset's values otherwise; the vocabulary falls back to the tokenizer. The plan says which source
+it used, and names the keys still missing.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ class ModelFacts:
     tie_word_embeddings: bool = False
     attn_implementation: str = "sdpa"
     gradient_checkpointing: bool = False
+    source: str = "the model config"  # where the architecture facts came from, for the plan to say
 
     @property
     def head_dim(self) -> int:
@@ -99,19 +101,32 @@ def _tokenizer_vocab(model_cfg: Any) -> int | None:
 
 
 def model_facts(model_cfg: Any) -> ModelFacts:
-    """Facts from `cfg.model`, completed from local files; UsageError naming whatever is still missing."""
-    hf = _hf_config(model_cfg.path)
+    """Facts of the model a run will train, from the files it will load where they exist.
+
+    A pretrained model is built from `model.path`'s config.json, so its facts come from there
+    (a preset's facts describe the model it names, not the directory it is pointed at); the
+    preset's values are used only when there is no config.json to read. A random-init model is
+    built from the preset's facts. Raises UsageError naming whatever is still missing.
+    """
+    hf = _hf_config(model_cfg.path) if str(getattr(model_cfg.init, "value", model_cfg.init)) == "pretrained" else {}
+    keys = REQUIRED + ("num_key_value_heads", "tie_word_embeddings")
     values: dict[str, Any] = {}
-    for key in REQUIRED + ("num_key_value_heads",):
-        value = model_cfg[key] if key in model_cfg else None
-        values[key] = value if value is not None else hf.get(key)
+    for key in keys:
+        preset = model_cfg[key] if key in model_cfg else None
+        values[key] = hf[key] if hf.get(key) is not None else preset
+    if hf:
+        source = f"facts from {Path(str(model_cfg.path)).expanduser() / 'config.json'}"
+    elif model_cfg.path:
+        source = f"preset facts of model={model_cfg.name}: no config.json in model.path"
+    else:
+        source = f"preset facts of model={model_cfg.name}"
     if values["vocab_size"] is None:
         values["vocab_size"] = _tokenizer_vocab(model_cfg)
     missing = [k for k in REQUIRED if values[k] is None]
     if missing:
-        keys = ", ".join(f"model.{k}" for k in missing)
+        names = ", ".join(f"model.{k}" for k in missing)
         raise UsageError(
-            f"plan: model '{model_cfg.name}' lacks the architecture facts {keys}; set them in "
+            f"plan: model '{model_cfg.name}' lacks the architecture facts {names}; set them in "
             f"conf/model/{model_cfg.name}.yaml or on the command line (e.g. model.hidden_size=4096), "
             f"or point model.path at a local model directory with a config.json")
     for key in REQUIRED:
@@ -132,7 +147,8 @@ def model_facts(model_cfg: Any) -> ModelFacts:
         num_hidden_layers=int(values["num_hidden_layers"]),
         num_attention_heads=heads,
         num_key_value_heads=kv,
-        tie_word_embeddings=bool(model_cfg.tie_word_embeddings),
+        tie_word_embeddings=bool(values["tie_word_embeddings"]),
         attn_implementation="sdpa" if attn == "auto" else attn,
         gradient_checkpointing=bool(model_cfg.gradient_checkpointing),
+        source=source,
     )

@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from vicuna_exp.batch_split import describe
 from vicuna_exp.errors import EXIT_OK, UsageError
 from vicuna_exp.plan.estimate import GIB, Plan, make_plan, memory, setup_from_config
 
@@ -68,8 +69,8 @@ def render(plan: Plan) -> str:
     ckpt = "on" if m.gradient_checkpointing else "off"
     nodes = f"{s.nnodes} node{'s' if s.nnodes > 1 else ''}"
     lines = [
-        f"Plan: {m.name} ({_num(m.total_params)} params) | context {s.seq_len:,} | "
-        f"{s.micro_batch} rows x {s.grad_accum} accumulation x {s.world} GPUs = {s.global_batch} rows per step",
+        f"Plan: {m.name} ({_num(m.total_params)} params; {m.source}) | context {s.seq_len:,} | "
+        f"{describe(s.micro_batches)}, x {s.world} GPU{'s' if s.world > 1 else ''} = {s.global_batch} rows per step",
         f"      {s.strategy}, precision {s.precision}, gradient checkpointing {ckpt}, attention "
         f"{m.attn_implementation}, on {s.world} x {plan.hardware_name} ({nodes})",
         "",
