@@ -68,6 +68,24 @@ def test_metrics_lines_have_the_documented_fields(default_run: Path) -> None:
     assert max(r["lr"] for r in train) == pytest.approx(3e-3, rel=1e-6)  # warmup reaches the peak
 
 
+def test_the_schedule_equals_the_hugging_face_trainers_over_the_whole_run(default_run: Path) -> None:
+    """The lr every step of the default ran at is the reference scheduler's (the recipe's claim)."""
+    from transformers import get_cosine_schedule_with_warmup
+
+    train, _ = read_metrics(default_run)
+    total = len(train)
+    warmup = -(-5 * total // 100)  # the demo's optim.warmup_ratio=0.05, rounded up as the Trainer does
+    opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=3e-3)
+    sched = get_cosine_schedule_with_warmup(opt, num_warmup_steps=warmup, num_training_steps=total)
+    reference = []
+    for _ in range(total):
+        reference.append(sched.get_last_lr()[0])
+        opt.step()
+        sched.step()
+    assert [r["lr"] for r in train] == pytest.approx(reference, rel=1e-12, abs=1e-15)
+    assert train[0]["lr"] == 0.0  # the reference's first update runs at lr 0
+
+
 def test_run_dir_is_self_describing(default_run: Path) -> None:
     assert (default_run / ".hydra" / "config.yaml").is_file()
     assert (default_run / ".hydra" / "overrides.yaml").is_file()
@@ -134,12 +152,13 @@ def _recipe(overrides: list[str], run_dir: Path):
 
 
 def test_accumulation_equals_one_big_batch(tmp_path: Path) -> None:
-    """k micro-batches give the same gradient as one batch of the same rows (fp32, 1e-5)."""
+    """k micro-batches give the same gradient as one batch of the same rows, also when the last
+    micro-batch is smaller (fp32, 1e-5)."""
     recipe = _recipe(SMALL, tmp_path)
     try:
         rows = recipe.epoch_rows(0)[:4]
         grads = []
-        for micro_size in (4, 1, 2):
+        for micro_size in (4, 1, 2, 3):  # 3: an uneven cut, [3 rows, 1 row], as a cap of 3 makes it
             recipe.backend.zero_grad()
             micro = [recipe.collate(rows[i:i + micro_size]) for i in range(0, 4, micro_size)]
             loss, n_sup, _ = recipe.forward_backward(micro)
