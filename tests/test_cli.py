@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -52,3 +53,15 @@ def test_every_command_target_is_importable() -> None:
         if cmd.target:
             module, _, func = cmd.target.partition(":")
             assert callable(getattr(importlib.import_module(module), func)), name
+
+
+@pytest.mark.parametrize("command", [["prepare"], ["plan"], ["plan", "hydra.run.dir=elsewhere"]])
+def test_prepare_and_plan_leave_nothing_behind(command: list[str], tmp_path, monkeypatch: pytest.MonkeyPatch,
+                                               capsys: pytest.CaptureFixture) -> None:
+    """They make no run dir (no outputs/, no .hydra/, no log file): prepare's output is the cache."""
+    monkeypatch.chdir(tmp_path)
+    assert main(command) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == (["elsewhere"] if "hydra.run.dir=elsewhere" in command
+                                                          else [])
+    if command == ["prepare"]:  # the prepared data went to the cache, as before
+        assert capsys.readouterr().out.strip().splitlines()[-1].startswith(os.environ["VICUNA_EXP_CACHE"])

@@ -22,7 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from vicuna_exp import batch_split
 from vicuna_exp.data.config import DataConfig, TemplateConfig
-from vicuna_exp.errors import UsageError
+from vicuna_exp.errors import UsageError, require_resolvable
 from vicuna_exp.eval.config import EvalConfig
 from vicuna_exp.plan.config import HardwareConfig, PlanConfig, SkyConfig
 
@@ -89,7 +89,7 @@ class OptimConfig:
 class TrainerConfig:
     """Batch sizes count sequences (rows); accumulation is derived from them and the world size."""
 
-    micro_batch_size: int = 2  # rows per rank per forward
+    micro_batch_size: int = 2  # the most rows one forward takes on one rank (a memory cap, not a divisor)
     global_batch_size: int = 128  # rows per optimizer step over all ranks (Vicuna: 128)
     tokens_per_step: int | None = None  # if set, global_batch_size = tokens_per_step / context.length
     epochs: float = 3.0
@@ -189,11 +189,19 @@ def job_dirname(override_dirname: str) -> str:
 OmegaConf.register_new_resolver(JOB_DIRNAME_RESOLVER, job_dirname, replace=True)
 
 
+# Maps whose keys are the user's own (paths, variable names): open to new keys under struct mode, so
+# `sky.file_mounts={/models:s3://weights}` adds an entry instead of failing as an unknown key.
+FREE_FORM_MAPS = ("sky.envs", "sky.file_mounts")
+
+
 def register_configs() -> None:
     """Put the schema into Hydra's ConfigStore; `conf/config.yaml` lists it first in its defaults."""
     from hydra.core.config_store import ConfigStore
 
-    ConfigStore.instance().store(name=SCHEMA_NAME, node=VicunaConfig)
+    node = OmegaConf.structured(VicunaConfig)
+    for key in FREE_FORM_MAPS:
+        OmegaConf.set_struct(OmegaConf.select(node, key), False)
+    ConfigStore.instance().store(name=SCHEMA_NAME, node=node)
 
 
 def conf_dir() -> Path:
@@ -260,6 +268,7 @@ def validate(cfg: DictConfig) -> None:
         if not cond:
             raise UsageError(f"{key}: {msg}")
 
+    require_resolvable(cfg)
     t, o = cfg.trainer, cfg.optim
     need(cfg.context.length > 0, "context.length", f"must be a positive number of tokens, got {cfg.context.length}")
     need(o.lr > 0, "optim.lr", f"must be > 0, got {o.lr}")

@@ -48,14 +48,25 @@ def quote_numeric_choices(args: list[str]) -> list[str]:
 
 
 def compose(overrides: list[str], *, return_hydra_config: bool = False) -> DictConfig:
-    """Compose the config as the CLI would (for tests, notebooks and the pre-check)."""
+    """Compose the config as the CLI would (for tests, notebooks, the pre-check, and a task that
+    composes other configs, such as `sky sky.sweep=NAME` composing each point of a sweep)."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.hydra_config import HydraConfig
 
     register_configs()
-    with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3", job_name="compose"):
-        return hydra_compose("config", overrides=quote_numeric_choices(overrides),
-                             return_hydra_config=return_hydra_config)
+    running = GlobalHydra.instance().hydra  # inside a Hydra app: set aside while composing, then put back
+    running_cfg = HydraConfig.instance().cfg
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3", job_name="compose"):
+            return hydra_compose("config", overrides=quote_numeric_choices(overrides),
+                                 return_hydra_config=return_hydra_config)
+    finally:
+        if running is not None:
+            GlobalHydra.instance().initialize(running)
+            HydraConfig.instance().cfg = running_cfg
 
 
 def explain_config_error(err: BaseException) -> str:

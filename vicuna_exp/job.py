@@ -32,7 +32,7 @@ def main(cfg: DictConfig) -> int:
         validate(cfg)
     except UsageError as e:  # recorded, so a report over a multirun shows why this job did not run
         Summary(status=RunStatus.failed, exit_code=EXIT_USAGE, error=str(e), overrides=overrides,
-                config_hash=config_hash(cfg), run_dir=str(run_dir)).write(run_dir)
+                config_hash=_hash_if_resolvable(cfg), run_dir=str(run_dir)).write(run_dir)
         raise
     finished = completed_summary(run_dir, config_hash(cfg))
     if finished is not None and cfg.trainer.resume == "auto":
@@ -59,3 +59,11 @@ def report_outcome(run_dir: Path) -> None:
     losses = ", ".join(f"{name} {value:.4f}" for name, value in
                        (("final_loss", s.final_loss), ("final_eval_loss", s.final_eval_loss)) if value is not None)
     print(f"{s.status.value} after {s.steps} steps{': ' + losses if losses else ''}; run dir: {run_dir}")
+
+
+def _hash_if_resolvable(cfg: DictConfig) -> str | None:
+    """The config's hash, or None when an interpolation does not resolve (the error says which)."""
+    try:
+        return config_hash(cfg)
+    except Exception:  # noqa: BLE001 - any resolution failure: the usage error already names it
+        return None

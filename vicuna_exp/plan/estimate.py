@@ -27,7 +27,7 @@ from typing import Any
 
 from vicuna_exp.batch_split import micro_batch_sizes, split_error
 from vicuna_exp.choices import choice_str as _str
-from vicuna_exp.errors import UsageError
+from vicuna_exp.errors import UsageError, require_resolvable
 from vicuna_exp.plan.facts import ModelFacts, model_facts
 from vicuna_exp.plan.flops import flops_per_token, peak_tflops
 
@@ -98,6 +98,7 @@ def _validate_hardware(hw: Any) -> None:
 
 def setup_from_config(cfg: Any) -> Setup:
     """Read and check everything the plan depends on; UsageError names the key at fault."""
+    require_resolvable(cfg)
     hw = cfg.hardware
     _validate_hardware(hw)
     nproc, nnodes = int(cfg.launcher.nproc_per_node), int(cfg.launcher.nnodes)
