@@ -158,3 +158,16 @@ def test_config_hash_ignores_where_metrics_go() -> None:
     assert config_hash(a) == config_hash(b)
     assert config_hash(a) != config_hash(compose(["optim.lr=0.1"]))
     assert OmegaConf.is_config(a)
+
+
+@pytest.mark.parametrize("nproc", [1, 2, 4, 3, 8])
+def test_plan_works_on_the_default_for_every_gpu_count_the_batch_allows(nproc: int,
+                                                                     capsys: pytest.CaptureFixture) -> None:
+    code = main(["plan", "backend=fsdp", f"launcher.nproc_per_node={nproc}"])
+    out, err = capsys.readouterr()
+    if 4 % nproc == 0:
+        assert code == 0 and f"{4 // nproc} row{'s' if nproc < 4 else ''} per GPU: 1 micro-batch of {4 // nproc}" in out
+        assert "Verdict: fits" in out
+    else:
+        assert code == 2 and "trainer.global_batch_size" in err and f"launcher.nproc_per_node={nproc}" in err
+        assert ("fewer than the 8 ranks" in err) == (nproc == 8)
