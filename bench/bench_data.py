@@ -19,6 +19,7 @@ package (located through importlib), the first --records of them written to a te
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -124,8 +125,8 @@ def main(argv: list[str] | None = None) -> int:
     load_before = os.getloadavg()
     from datasets import load_from_disk  # noqa: F401  (import cost is not part of any pipeline's time)
 
+    from vicuna_exp.config import load_option
     from vicuna_exp.data.clean import clean_records
-    from vicuna_exp.data.config import DataConfig, TemplateConfig
     from vicuna_exp.data.encode import ConversationEncoder
     from vicuna_exp.data.load import read_records
     from vicuna_exp.data.prepare import prepare
@@ -141,8 +142,9 @@ def main(argv: list[str] | None = None) -> int:
     subset = work / f"sharegpt_first{args.records}.json"
     subset.write_text(json.dumps(raw.records, ensure_ascii=False))
     n = len(raw.records)
-    template = TemplateConfig()
-    cleaned = clean_records(raw.records, DataConfig()).conversations
+    template = load_option("template", "vicuna_v1.1")
+    sample = load_option("data", "sample")  # the cleaning settings of the packaged sample
+    cleaned = clean_records(raw.records, sample).conversations
     encoder = ConversationEncoder(tok, template)
     texts = [encoder.render_turns(c.system, c.turns) for c in cleaned]
 
@@ -180,8 +182,8 @@ def main(argv: list[str] | None = None) -> int:
         cold_times, cold_cpu, cached_times = [], [], []
         first_in_process = None
         for rep in range(args.repeat):
-            cfg = DataConfig(name="bench", path=str(subset), cache_dir=str(work / f"cache-{context}-{rep}"),
-                             overflow="split", packing=True)
+            cfg = dataclasses.replace(sample, name="bench", path=str(subset),
+                                      cache_dir=str(work / f"cache-{context}-{rep}"))
             t, c = time.perf_counter(), time.process_time()
             cold = prepare(cfg, template, context, ours_tok, args.tokenizer)
             cold_times.append(time.perf_counter() - t)

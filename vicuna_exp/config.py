@@ -1,88 +1,94 @@
-"""The configuration schema: what every key means, its type and its default.
+"""The configuration schema: what every key means and its type.
 
-Hydra composes `conf/` on top of this schema in struct mode, so an unknown key, a wrong type
-or an unknown group option fails at composition time, before anything heavy is imported.
-Value checks that need arithmetic (`validate`) run inside each job, so in a multirun a bad
-value fails only its own job. Defaults reproduce the published Vicuna recipe where one exists;
-the CPU demo scales them down in `conf/experiment/demo.yaml`.
+Hydra composes `conf/` on top of this schema in struct mode, so an unknown key, a wrong type, a
+value outside its Enum (`vicuna_exp.choices`) or an unknown group option fails at composition,
+before anything heavy is imported. Value checks that need arithmetic across keys (`validate`) run
+inside each job, so in a multirun a bad value fails only its own job.
+
+Each default lives in one place. A section chosen by a config group (`model=`, `backend=`, ...)
+takes its values from the option's YAML, so here its keys are `MISSING`; only keys no option
+sets have a default here. Sections with no group (`trainer`, `plan`, `eval`, `sky`) are defined
+here with their defaults. Options of one group that carry different keys (the backends, the
+loggers) each have their own schema, stored in the group and named first in the option's
+defaults list, so a key of another option is an error at composition.
 
 Section schemas owned by a component live next to it (data, eval, plan) and are imported here.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from dataclasses import dataclass, field
-from enum import Enum
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import MISSING, DictConfig, OmegaConf
 
 from vicuna_exp import batch_split
+from vicuna_exp.choices import (
+    AttnImpl,
+    BackendName,
+    Device,
+    DistBackend,
+    ExportDtype,
+    LoggerMode,
+    LoggerName,
+    ModelInit,
+    OptimizerName,
+    Precision,
+    Schedule,
+    Sharding,
+)
 from vicuna_exp.data.config import DataConfig, TemplateConfig
 from vicuna_exp.errors import UsageError, require_resolvable
 from vicuna_exp.eval.config import EvalConfig
 from vicuna_exp.plan.config import HardwareConfig, PlanConfig, SkyConfig
 
 
-class AttnImpl(str, Enum):
-    auto = "auto"  # flash_attention_2 when importable on CUDA, else sdpa
-    sdpa = "sdpa"
-    eager = "eager"
-    flash_attention_2 = "flash_attention_2"
-
-
-class Precision(str, Enum):
-    auto = "auto"  # bf16_mixed on a bf16-capable GPU, fp32 elsewhere
-    fp32 = "fp32"  # fp32 weights, optimizer state and compute
-    bf16_mixed = "bf16_mixed"  # fp32 master weights and optimizer state, bf16 compute
-    bf16 = "bf16"  # bf16 weights and compute (optimizer state follows the weights)
-
-
 @dataclass
 class ModelConfig:
     """Architecture facts are plain values so the planner can reason about models it never loads."""
 
-    name: str = "tiny"
-    init: str = "pretrained"  # pretrained (weights from model.path) | random (from the facts below)
-    path: str | None = None  # local Hugging Face model dir; required when init=pretrained
+    name: str = MISSING
+    init: ModelInit = MISSING  # pretrained (weights from model.path) | random (from the facts below)
+    path: str | None = MISSING  # local Hugging Face model dir; required when init=pretrained
     tokenizer: str | None = None  # tokenizer dir; default: model.path, or the packaged tiny tokenizer
-    vocab_size: int | None = None  # None: taken from the tokenizer
-    hidden_size: int | None = None
-    intermediate_size: int | None = None
-    num_hidden_layers: int | None = None
-    num_attention_heads: int | None = None
-    num_key_value_heads: int | None = None
-    max_position_embeddings: int = 2048
-    rms_norm_eps: float = 1e-6
-    rope_theta: float = 10000.0
-    tie_word_embeddings: bool = False
+    vocab_size: int | None = MISSING  # None: taken from the tokenizer
+    hidden_size: int | None = MISSING
+    intermediate_size: int | None = MISSING
+    num_hidden_layers: int | None = MISSING
+    num_attention_heads: int | None = MISSING
+    num_key_value_heads: int | None = MISSING
+    max_position_embeddings: int = MISSING
+    rms_norm_eps: float = MISSING
+    rope_theta: float = MISSING
+    tie_word_embeddings: bool = MISSING
     initializer_range: float = 0.02
     attn_implementation: AttnImpl = AttnImpl.auto
-    gradient_checkpointing: bool = True  # Vicuna trains with it on
+    gradient_checkpointing: bool = MISSING  # Vicuna trains with it on
 
 
 @dataclass
 class ContextConfig:
-    length: int = 2048  # Vicuna: 2048; Alpaca: 512
+    length: int = MISSING  # Vicuna: 2048; Alpaca: 512
 
 
 @dataclass
 class OptimConfig:
-    """AdamW with linear warmup and cosine decay: FastChat's train_mem.py settings."""
+    """AdamW with linear warmup and a decay schedule; `conf/optim/adamw.yaml` holds FastChat's settings."""
 
-    name: str = "adamw"
-    lr: float = 2e-5
-    weight_decay: float = 0.0
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
-    eps: float = 1e-8
-    warmup_ratio: float = 0.03
-    warmup_steps: int | None = None  # overrides warmup_ratio when set
-    schedule: str = "cosine"  # cosine | linear | constant
-    min_lr_ratio: float = 0.0  # floor of the decay, as a fraction of lr
-    fused: bool = False  # torch's fused AdamW kernel (CUDA only)
+    name: OptimizerName = MISSING
+    lr: float = MISSING
+    weight_decay: float = MISSING
+    betas: list[float] = MISSING
+    eps: float = MISSING
+    warmup_ratio: float = MISSING
+    warmup_steps: int | None = MISSING  # overrides warmup_ratio when set
+    schedule: Schedule = MISSING
+    min_lr_ratio: float = MISSING  # floor of the decay, as a fraction of lr
+    fused: bool = MISSING  # torch's fused AdamW kernel (CUDA only)
 
 
 @dataclass
@@ -106,11 +112,13 @@ class TrainerConfig:
     save_every_steps: int | None = None
     save_every_minutes: float | None = 30.0
     keep_last: int = 2
-    resume: str = "auto"  # auto (latest complete checkpoint in the run dir) | never | PATH
+    # auto (latest complete checkpoint in the run dir) | never | PATH: a string, since a path is
+    # allowed; the named values are `choices.ResumeMode`.
+    resume: str = "auto"
     preempt_grace_s: float = 30.0
     log_every_steps: int = 1
-    device: str = "auto"  # auto | cpu | cuda
-    export_dtype: str = "bf16"  # dtype of final/ (bf16 | fp16 | fp32)
+    device: Device = Device.auto
+    export_dtype: ExportDtype = ExportDtype.bf16  # dtype of final/
     export_shard_mb: int = 5120  # largest safetensors file of final/; the writing rank buffers at most this
     save_final: bool = True
     loss_spike_guard: bool = True  # a non-finite loss stops the run before the optimizer step
@@ -118,42 +126,84 @@ class TrainerConfig:
 
 @dataclass
 class BackendConfig:
-    """How parameters, gradients and optimizer state are placed across ranks."""
+    """How parameters, gradients and optimizer state are placed across ranks: the keys every
+    backend has. Each backend's own schema extends it (`BACKEND_SCHEMAS`)."""
 
-    name: str = "single"  # single | ddp | fsdp | deepspeed
-    sharding: str = "full"  # fsdp: full | hybrid (shard within a node, replicate across nodes)
-    reshard_after_forward: bool = True  # fsdp: free gathered params after forward (ZeRO-3 style)
-    cpu_offload: bool = False  # fsdp: parameters and optimizer state on the CPU
-    zero_stage: int = 3  # deepspeed: 2 or 3
-    offload_optimizer: bool = False  # deepspeed: optimizer state on the CPU (needs the cpu_adam op)
-    offload_params: bool = False  # deepspeed ZeRO-3: parameters on the CPU
-    overlap_comm: bool = True
-    bucket_size_mb: int = 200
+    name: BackendName = MISSING
+
+
+@dataclass
+class SingleBackendConfig(BackendConfig):
+    """One process, one device."""
+
+
+@dataclass
+class DdpBackendConfig(BackendConfig):
+    bucket_size_mb: int = MISSING  # DDP's gradient all-reduce buckets
+
+
+@dataclass
+class FsdpBackendConfig(BackendConfig):
+    sharding: Sharding = MISSING  # full | hybrid (shard within a node, replicate across nodes)
+    reshard_after_forward: bool = MISSING  # free gathered params after forward (ZeRO-3 style)
+    cpu_offload: bool = MISSING  # parameters, gradients and optimizer state on the CPU
+
+
+@dataclass
+class DeepSpeedBackendConfig(BackendConfig):
+    zero_stage: int = MISSING  # 2 or 3
+    offload_optimizer: bool = MISSING  # optimizer state on the CPU (needs the cpu_adam op)
+    offload_params: bool = MISSING  # ZeRO-3: parameters on the CPU
+    overlap_comm: bool = MISSING
+    bucket_size_mb: int = MISSING
+
+
+BACKEND_SCHEMAS: dict[BackendName, type[BackendConfig]] = {
+    BackendName.single: SingleBackendConfig,
+    BackendName.ddp: DdpBackendConfig,
+    BackendName.fsdp: FsdpBackendConfig,
+    BackendName.deepspeed: DeepSpeedBackendConfig,
+}
 
 
 @dataclass
 class LauncherConfig:
     """One process per device; several nodes rendezvous through `rdzv_endpoint`."""
 
-    nproc_per_node: int = 1
-    nnodes: int = 1
-    node_rank: int = 0
-    rdzv_endpoint: str | None = None  # host:port of node 0 when nnodes > 1
+    nproc_per_node: int = MISSING
+    nnodes: int = MISSING
+    node_rank: int = MISSING
+    rdzv_endpoint: str | None = MISSING  # host:port of node 0 when nnodes > 1
     rdzv_id: str | None = None
-    dist_backend: str = "auto"  # auto (nccl on GPU, gloo on CPU) | nccl | gloo
+    dist_backend: DistBackend = DistBackend.auto  # auto (nccl on GPU, gloo on CPU) | nccl | gloo
     max_restarts: int = 0
     monitor_interval_s: float = 1.0
 
 
 @dataclass
 class LoggerConfig:
-    name: str = "wandb"  # wandb | none
-    project: str = "vicuna-exp"
+    """Where metrics go besides metrics.jsonl: the keys every logger has (`logger=none`)."""
+
+    name: LoggerName = MISSING
+    group: str | None = None  # sweeps set it to the sweep name, whatever the logger
+
+
+@dataclass
+class WandbLoggerConfig(LoggerConfig):
+    project: str = MISSING
     entity: str | None = None
-    group: str | None = None  # sweeps set it to the sweep name
-    mode: str = "auto"  # auto (online when an API key is configured, else offline) | online | offline | disabled
+    mode: LoggerMode = MISSING  # auto (online when an API key is configured, else offline) | online | offline | disabled
     tags: list[str] = field(default_factory=list)
     job_type: str = "train"
+
+
+LOGGER_SCHEMAS: dict[LoggerName, type[LoggerConfig]] = {
+    LoggerName.wandb: WandbLoggerConfig,
+    LoggerName.none: LoggerConfig,
+}
+
+# Groups whose options carry different keys: the section's schema per option, by its `name`.
+OPTION_SCHEMAS: dict[str, dict[Any, type]] = {"backend": BACKEND_SCHEMAS, "logger": LOGGER_SCHEMAS}
 
 
 @dataclass
@@ -164,15 +214,17 @@ class VicunaConfig:
     template: TemplateConfig = field(default_factory=TemplateConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
-    backend: BackendConfig = field(default_factory=BackendConfig)
+    backend: BackendConfig = MISSING  # one of BACKEND_SCHEMAS, from the option's defaults list
     launcher: LauncherConfig = field(default_factory=LauncherConfig)
-    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    logger: LoggerConfig = MISSING  # one of LOGGER_SCHEMAS, from the option's defaults list
     hardware: HardwareConfig = field(default_factory=HardwareConfig)
     plan: PlanConfig = field(default_factory=PlanConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     sky: SkyConfig = field(default_factory=SkyConfig)
     experiment: str | None = None  # name of the experiment preset, for the record
 
+
+T = TypeVar("T")
 
 SCHEMA_NAME = "vicuna_schema"
 JOB_DIRNAME_RESOLVER = "vicuna_exp_job_dirname"
@@ -194,14 +246,49 @@ OmegaConf.register_new_resolver(JOB_DIRNAME_RESOLVER, job_dirname, replace=True)
 FREE_FORM_MAPS = ("sky.envs", "sky.file_mounts")
 
 
+def schema_option(name: Any) -> str:
+    """The ConfigStore name of an option schema in its group (`backend/ddp_schema`): what an
+    option's YAML names first in its defaults list."""
+    return f"{name}_schema"
+
+
 def register_configs() -> None:
-    """Put the schema into Hydra's ConfigStore; `conf/config.yaml` lists it first in its defaults."""
+    """Put the schemas into Hydra's ConfigStore: the root one, which `conf/config.yaml` lists first
+    in its defaults, and one per option of the groups whose options carry different keys."""
     from hydra.core.config_store import ConfigStore
 
     node = OmegaConf.structured(VicunaConfig)
     for key in FREE_FORM_MAPS:
         OmegaConf.set_struct(OmegaConf.select(node, key), False)
-    ConfigStore.instance().store(name=SCHEMA_NAME, node=node)
+    store = ConfigStore.instance()
+    store.store(name=SCHEMA_NAME, node=node)
+    for group, schemas in OPTION_SCHEMAS.items():
+        for name, schema in schemas.items():
+            store.store(group=group, name=schema_option(name), node=schema)
+
+
+def typed_config(resolved: Any) -> DictConfig:
+    """A resolved config (a run dir's `resolved_config.yaml`) typed by the schema again, each
+    option's section by its own schema. Keys of the first, shared layout (`V1_LAYOUT`) that the
+    option's schema lacks are dropped: run dirs written before the per-option schemas carry them,
+    and nothing ever read them for that option."""
+    raw = OmegaConf.to_container(OmegaConf.create(resolved), resolve=False)
+    assert isinstance(raw, dict)
+    cfg = OmegaConf.structured(VicunaConfig)
+    for section, schemas in OPTION_SCHEMAS.items():
+        node = raw.pop(section, None)
+        if not isinstance(node, dict):
+            raise UsageError(f"{section}: missing from the resolved config")
+        schema = schemas.get(node.get("name"))
+        if schema is None:
+            raise UsageError(f"{section}.name={node.get('name')!r}: choose one of {', '.join(map(str, schemas))}")
+        own = {f.name for f in dataclasses.fields(schema)}
+        legacy = V1_LAYOUT.get(section, {})
+        cfg[section] = OmegaConf.merge(OmegaConf.structured(schema),
+                                       {k: v for k, v in node.items() if k in own or k not in legacy})
+    merged = OmegaConf.merge(cfg, raw)
+    assert isinstance(merged, DictConfig)
+    return merged
 
 
 def conf_dir() -> Path:
@@ -213,25 +300,91 @@ def conf_dir() -> Path:
     raise UsageError(f"config tree not found next to {here}: expected conf/config.yaml")
 
 
+def as_schema(section: Any, schema: type[T], key: str) -> T:
+    """A config section as its schema's object: from a node of the composed config (`cfg.data`),
+    a mapping, or the object itself, checked against the schema either way. A key the schema does
+    not have, a value of the wrong type or outside its Enum, and a key left `MISSING` are errors
+    naming the key (UsageError), never dropped or passed on."""
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        obj = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema), section))
+    except OmegaConfBaseException as e:
+        where = f"{key}.{e.full_key}" if getattr(e, "full_key", None) else key
+        raise UsageError(f"{where}: {str(e).splitlines()[0]}") from None
+    assert isinstance(obj, schema)
+    return obj
+
+
+def load_option(group: str, option: str) -> Any:
+    """One option of a config group as its section's object (`load_option("data", "sample")` is a
+    `DataConfig`), without composing the whole config: for tools and tests that need one section.
+    The option's YAML over the section's schema, so every key is checked and none is dropped."""
+    path = conf_dir() / group / f"{option}.yaml"
+    if not path.is_file():
+        raise UsageError(f"unknown option '{option}' for {group}; choose one of: "
+                         f"{', '.join(sorted(p.stem for p in path.parent.glob('*.yaml')))}")
+    values = OmegaConf.load(path)
+    if group in OPTION_SCHEMAS or "defaults" in values:
+        raise ValueError(f"{group}={option} has a defaults list: compose it (vicuna_exp.hydra_app.compose)")
+    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(VicunaConfig)[group], values))
+
+
 # Keys that do not change what is trained: excluded from the config hash, so a rerun that only
 # changes where metrics go, or how it resumes, is still recognised as the same job.
 _HASH_EXCLUDED = ("logger", "trainer.resume", "launcher.rdzv_endpoint", "launcher.rdzv_id",
                   "launcher.node_rank", "launcher.monitor_interval_s", "eval", "plan", "hardware", "sky")
 
+# The sections whose layout changed since hashes were first written, as that first layout had
+# them: one union of every backend's keys, at these values. An option's hash form carries the keys
+# its own schema lacks at these values, so configs hash as they always did (see `hash_form`).
+V1_LAYOUT: dict[str, dict[str, Any]] = {
+    "backend": {"sharding": "full", "reshard_after_forward": True, "cpu_offload": False, "zero_stage": 3,
+                "offload_optimizer": False, "offload_params": False, "overlap_comm": True, "bucket_size_mb": 200},
+    "logger": {"project": "vicuna-exp", "entity": None, "mode": "auto", "tags": [], "job_type": "train"},
+}
 
-def config_hash(cfg: DictConfig) -> str:
-    """A short content hash of everything that determines the trained model."""
+# Keys added after hashes were first written, each with the value that reproduces the behaviour
+# from before it existed. While a key holds that value it stays out of the hash, so adding a
+# feature never sets aside existing checkpoints or reruns completed sweep jobs. An issue that adds
+# a key to a hashed section registers it here; tests/test_config.py pins the shipped presets' hashes.
+HASH_NEUTRAL: dict[str, Any] = {}
+
+
+_ANY = object()
+
+
+def _pop(container: dict, dotted: str, *, only_if: Any = _ANY) -> None:
+    node: Any = container
+    *parents, leaf = dotted.split(".")
+    for p in parents:
+        node = node.get(p, {}) if isinstance(node, dict) else {}
+    if isinstance(node, dict) and leaf in node and (only_if is _ANY or node[leaf] == only_if):
+        node.pop(leaf)
+
+
+def hash_form(cfg: DictConfig) -> dict[str, Any]:
+    """The canonical form `config_hash` hashes: the resolved config, less the keys that do not
+    change what is trained and the later keys at their neutral values, with each option's
+    section laid out as the first schema had it (`V1_LAYOUT`)."""
     container = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
     assert isinstance(container, dict)
     container.pop("hydra", None)
-    for dotted in _HASH_EXCLUDED:
-        node: Any = container
-        *parents, leaf = dotted.split(".")
-        for p in parents:
-            node = node.get(p, {}) if isinstance(node, dict) else {}
+    for section, first in V1_LAYOUT.items():
+        node = container.get(section)
         if isinstance(node, dict):
-            node.pop(leaf, None)
-    blob = json.dumps(container, sort_keys=True, default=str)
+            for key, value in first.items():
+                node.setdefault(key, value)
+    for dotted in _HASH_EXCLUDED:
+        _pop(container, dotted)
+    for dotted, neutral in HASH_NEUTRAL.items():
+        _pop(container, dotted, only_if=neutral)
+    return container
+
+
+def config_hash(cfg: DictConfig) -> str:
+    """A short content hash of everything that determines the trained model."""
+    blob = json.dumps(hash_form(cfg), sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -262,7 +415,8 @@ def grad_accumulation_steps(cfg: DictConfig) -> int:
 
 
 def validate(cfg: DictConfig) -> None:
-    """Checks that need values, not just types. Raises UsageError naming the key."""
+    """Arithmetic across keys and ranges: what the schema's types and Enums cannot say.
+    Raises UsageError naming the key."""
 
     def need(cond: bool, key: str, msg: str) -> None:
         if not cond:
@@ -275,9 +429,7 @@ def validate(cfg: DictConfig) -> None:
     need(o.weight_decay >= 0, "optim.weight_decay", f"must be >= 0, got {o.weight_decay}")
     need(0 <= o.warmup_ratio < 1, "optim.warmup_ratio", f"must be in [0, 1), got {o.warmup_ratio}")
     need(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), "optim.betas", f"must be two values in [0, 1), got {list(o.betas)}")
-    need(o.schedule in ("cosine", "linear", "constant"), "optim.schedule", f"must be cosine, linear or constant, got {o.schedule!r}")
     need(0 <= o.min_lr_ratio <= 1, "optim.min_lr_ratio", f"must be in [0, 1], got {o.min_lr_ratio}")
-    need(o.name == "adamw", "optim.name", f"only 'adamw' is implemented, got {o.name!r}")
     need(t.micro_batch_size > 0, "trainer.micro_batch_size", f"must be > 0, got {t.micro_batch_size}")
     if t.tokens_per_step is not None:
         need(t.tokens_per_step > 0, "trainer.tokens_per_step", f"must be > 0, got {t.tokens_per_step}")
@@ -303,18 +455,10 @@ def validate(cfg: DictConfig) -> None:
     for key in ("eval_every_steps", "save_every_steps"):
         v = t[key]
         need(v is None or v > 0, f"trainer.{key}", f"must be > 0 or null, got {v}")
-    need(t.device in ("auto", "cpu", "cuda"), "trainer.device", f"must be auto, cpu or cuda, got {t.device!r}")
-    need(t.export_dtype in ("bf16", "fp16", "fp32"), "trainer.export_dtype", f"must be bf16, fp16 or fp32, got {t.export_dtype!r}")
-    need(cfg.logger.name in ("wandb", "none"), "logger.name", f"must be wandb or none, got {cfg.logger.name!r}")
-    need(cfg.logger.mode in ("auto", "online", "offline", "disabled"), "logger.mode",
-         f"must be auto, online, offline or disabled, got {cfg.logger.mode!r}")
-    need(cfg.backend.name in ("single", "ddp", "fsdp", "deepspeed"), "backend.name",
-         f"must be single, ddp, fsdp or deepspeed, got {cfg.backend.name!r}")
-    need(not (cfg.backend.name == "single" and ws > 1), "backend",
+    need(not (cfg.backend.name == BackendName.single and ws > 1), "backend",
          f"backend=single runs one process, but launcher asks for {ws}; choose backend=ddp, fsdp or deepspeed_zero3")
     m = cfg.model
-    need(m.init in ("pretrained", "random"), "model.init", f"must be pretrained or random, got {m.init!r}")
-    if m.init == "pretrained":
+    if m.init == ModelInit.pretrained:
         need(m.path is not None, "model.path",
              f"model '{m.name}' loads pretrained weights: set model.path=/path/to/local/{m.name}-hf")
     else:

@@ -9,6 +9,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from vicuna_exp.choices import Device, DistBackend
+
 
 @dataclass(frozen=True)
 class DistInfo:
@@ -40,7 +42,7 @@ def from_env() -> DistInfo:
 def select_device(requested: str, info: DistInfo) -> torch.device:
     from vicuna_exp.errors import UsageError
 
-    if requested == "cpu" or (requested == "auto" and not torch.cuda.is_available()):
+    if requested == Device.cpu or (requested == Device.auto and not torch.cuda.is_available()):
         return torch.device("cpu")
     if not torch.cuda.is_available():
         raise UsageError("trainer.device=cuda, but no CUDA device is visible (torch.cuda.is_available() is False)")
@@ -50,14 +52,14 @@ def select_device(requested: str, info: DistInfo) -> torch.device:
     return torch.device("cuda", info.local_rank)
 
 
-def init_process_group(info: DistInfo, device: torch.device, backend: str = "auto") -> None:
+def init_process_group(info: DistInfo, device: torch.device, backend: str = DistBackend.auto) -> None:
     """gloo on CPU, nccl on GPU, unless the launcher config names one."""
     if not info.is_distributed or dist.is_initialized():
         return
-    if backend == "auto":
-        backend = "nccl" if device.type == "cuda" else "gloo"
+    if backend == DistBackend.auto:
+        backend = DistBackend.nccl if device.type == "cuda" else DistBackend.gloo
     kwargs = {"device_id": device} if device.type == "cuda" else {}
-    dist.init_process_group(backend=backend, **kwargs)
+    dist.init_process_group(backend=str(backend), **kwargs)
 
 
 def destroy_process_group() -> None:

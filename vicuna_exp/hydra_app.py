@@ -1,8 +1,8 @@
 """Run a task function as a Hydra app over `conf/`, with the project's exit codes.
 
-Hydra composes (every job of a multirun before running any) and then calls the task, which
-returns an exit code. Errors Hydra finds while composing mean nothing started: they become one
-line and exit 2. A multirun's code is 0 when every job completed, else 1; a failing job never
+Every job is composed here first (`check_composes`: each job of a basic multirun too), then Hydra
+composes again and calls the task, which returns an exit code. Errors found while composing mean
+nothing started: they become one line naming the key and the valid keys or values, and exit 2. A multirun's code is 0 when every job completed, else 1; a failing job never
 stops the others, because task functions catch their own errors.
 """
 
@@ -18,15 +18,17 @@ import time
 import traceback
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from omegaconf import DictConfig
 
 from vicuna_exp.config import conf_dir, register_configs
 from vicuna_exp.errors import EXIT_FAILED, EXIT_OK, EXIT_USAGE, UsageError
 
-_INFO_FLAGS = {"-h", "--help", "--hydra-help", "-c", "--cfg", "-i", "--info", "--version", "-p", "--package",
-               "--shell-completion", "-sc"}
+_HELP_FLAGS = {"-h", "--help", "--hydra-help", "-i", "--info", "--version", "--shell-completion", "-sc"}
 _MULTIRUN_FLAGS = {"-m", "--multirun"}
+_VALUED_FLAGS = {"-c", "--cfg", "-p", "--package", "--config-path", "-cp", "--config-name", "-cn",
+                 "--config-dir", "-cd", "--experimental-rerun"}  # the next argument is the flag's
 
 
 def _load(target: str) -> Callable[[DictConfig], int]:
@@ -49,7 +51,10 @@ def quote_numeric_choices(args: list[str]) -> list[str]:
 
 def compose(overrides: list[str], *, return_hydra_config: bool = False) -> DictConfig:
     """Compose the config as the CLI would (for tests, notebooks, the pre-check, and a task that
-    composes other configs, such as `sky sky.sweep=NAME` composing each point of a sweep)."""
+    composes other configs, such as `sky sky.sweep=NAME` composing each point of a sweep).
+
+    A key left `MISSING` (an option that does not supply what its schema asks for) is an error
+    here, naming the keys, since the job would otherwise stop at the first read of one."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
@@ -61,17 +66,81 @@ def compose(overrides: list[str], *, return_hydra_config: bool = False) -> DictC
     GlobalHydra.instance().clear()
     try:
         with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3", job_name="compose"):
-            return hydra_compose("config", overrides=quote_numeric_choices(overrides),
-                                 return_hydra_config=return_hydra_config)
+            cfg = hydra_compose("config", overrides=quote_numeric_choices(overrides),
+                                return_hydra_config=return_hydra_config)
     finally:
         if running is not None:
             GlobalHydra.instance().initialize(running)
             HydraConfig.instance().cfg = running_cfg
+    missing = sorted(_missing_keys(cfg))
+    if missing:
+        raise UsageError(f"no value for {', '.join(missing)}: set it (key=value) or choose an option that supplies it")
+    return cfg
+
+
+def _missing_keys(cfg: DictConfig) -> set[str]:
+    """Keys of the app's sections still `MISSING` (Hydra's own node is left alone: its runtime
+    values are filled when a job runs)."""
+    from omegaconf import OmegaConf
+
+    out: set[str] = set()
+    for key in cfg:
+        if key == "hydra":
+            continue
+        if OmegaConf.is_missing(cfg, key):
+            out.add(str(key))
+        elif OmegaConf.is_config(cfg[key]):
+            out |= OmegaConf.missing_keys(cfg[key])  # full keys (`model.hidden_size`)
+    return out
+
+
+def expand_sweep(overrides: list[str]) -> list[list[str]]:
+    """The jobs Hydra's basic sweeper makes of these overrides (same parser, same order)."""
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    try:
+        parsed = OverridesParser.create().parse_overrides(overrides)
+    except Exception as e:  # noqa: BLE001 - Hydra's grammar errors: one line, exit 2
+        raise UsageError(f"bad override: {e}") from None
+    (batch,) = BasicSweeper.split_arguments(parsed, None)
+    return [list(job) for job in batch]
+
+
+def check_composes(overrides: list[str], *, multirun: bool) -> None:
+    """Compose what will run (every job of a basic multirun) before anything starts, so a bad
+    key or value stops the command with one line and exit 2."""
+    args = _overrides(overrides)
+    custom_sweeper = any(a.partition("=")[0].lstrip("+~") == "hydra/sweeper" for a in args)
+    if multirun and custom_sweeper:
+        return  # the sweeper (Optuna) draws its own values; Hydra checks them as it goes
+    for job in (expand_sweep(args) if multirun else [args]):
+        try:
+            compose(job)
+        except UsageError:
+            raise
+        except Exception as e:  # noqa: BLE001 - Hydra's and OmegaConf's composition errors
+            raise UsageError(explain_config_error(e)) from None
+
+
+def _overrides(argv: list[str]) -> list[str]:
+    """The overrides of a Hydra command line: flags and their values left out."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a.startswith("-"):
+            skip = a in _VALUED_FLAGS
+        else:
+            out.append(a)
+    return out
 
 
 def explain_config_error(err: BaseException) -> str:
     """Turn Hydra/OmegaConf composition errors into one line that names the key and the choices."""
     from omegaconf.errors import OmegaConfBaseException
+
+    from vicuna_exp.config import OPTION_SCHEMAS, schema_option
 
     text = str(err).strip()
     cause = err.__cause__ or err.__context__
@@ -79,28 +148,48 @@ def explain_config_error(err: BaseException) -> str:
         key = cause.full_key
         if "not in struct" in str(cause) or "Key '" in str(cause) and "not" in str(cause):
             parent = key.rsplit(".", 1)[0] if "." in key else ""
-            return f"unknown key '{key}'" + (f"; valid keys of '{parent}': {', '.join(_keys_of(parent))}" if parent else
-                                            f"; valid top-level keys: {', '.join(_keys_of(''))}")
+            keys = ", ".join(_keys_of(parent, getattr(cause, "object_type", None)))
+            return f"unknown key '{key}'" + (f"; valid keys of '{parent}'{_option_of(cause)}: {keys}" if parent else
+                                            f"; valid top-level keys: {keys}")
         msg = str(cause).splitlines()[0]
         return f"{key}: {msg}"
     m = re.search(r"Could not find '([^']+)'", text)
     if m:
         group, _, option = m.group(1).rpartition("/")
-        options = re.findall(r"^\s+(\S+)$", text, flags=re.M)
+        schemas = {schema_option(n) for schemas in OPTION_SCHEMAS.values() for n in schemas}
+        options = [o for o in re.findall(r"^\s+(\S+)$", text, flags=re.M) if o not in schemas]
         return f"unknown option '{option}' for {group or 'config'}; choose one of: {', '.join(options) or '(none)'}"
     first = " ".join(line.strip() for line in text.splitlines() if line.strip())
     return first
 
 
-def _keys_of(dotted: str) -> list[str]:
+def _option_of(cause: BaseException) -> str:
+    """` (backend.name=ddp)` when the section's schema is one option's: its keys are that option's."""
+    from vicuna_exp.config import OPTION_SCHEMAS
+
+    node = getattr(cause, "parent_node", None)
+    for section, schemas in OPTION_SCHEMAS.items():
+        if getattr(cause, "object_type", None) in schemas.values() and node is not None and "name" in node:
+            return f" for {section}.name={node.name}"
+    return ""
+
+
+def _keys_of(dotted: str, schema: type | None = None) -> list[str]:
+    """The keys of a section: of the schema the error came from, else of the root schema's node."""
+    import dataclasses
+
     from omegaconf import OmegaConf
 
     from vicuna_exp.config import VicunaConfig
 
-    node = OmegaConf.structured(VicunaConfig)
+    if schema is not None and dataclasses.is_dataclass(schema):
+        return [f.name for f in dataclasses.fields(schema)]
+    node: Any = OmegaConf.structured(VicunaConfig)
     for part in filter(None, dotted.split(".")):
+        if not OmegaConf.is_config(node) or part not in node or OmegaConf.is_missing(node, part):
+            return []
         node = node[part]
-    return list(node.keys())
+    return list(node.keys()) if OmegaConf.is_config(node) else []
 
 
 def run_task(target: str, cfg: DictConfig, prog: str) -> int:
@@ -139,14 +228,8 @@ def run_hydra_app(target: str, argv: list[str], *, prog: str, run_dir: bool = Tr
     if not run_dir and not any(a in _MULTIRUN_FLAGS for a in argv):
         argv = without_run_dir(argv)
     multirun = any(a in _MULTIRUN_FLAGS for a in argv)
-    info_only = any(a.split("=")[0] in _INFO_FLAGS for a in argv)
-    if not multirun and not info_only:
-        try:
-            compose([a for a in argv if not a.startswith("-")])
-        except UsageError:
-            raise
-        except Exception as e:
-            raise UsageError(explain_config_error(e)) from None
+    if not any(a.split("=")[0] in _HELP_FLAGS for a in argv):
+        check_composes(argv, multirun=multirun)
 
     # Jobs may run in other processes (joblib): each leaves its exit code in a file here.
     codes_dir = Path(tempfile.mkdtemp(prefix="vicuna-exp-codes-"))

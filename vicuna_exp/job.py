@@ -16,6 +16,7 @@ from pathlib import Path
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
+from vicuna_exp.choices import BackendName, ResumeMode
 from vicuna_exp.config import config_hash, validate
 from vicuna_exp.errors import EXIT_OK, EXIT_USAGE, UsageError
 from vicuna_exp.launch import launch
@@ -35,7 +36,7 @@ def main(cfg: DictConfig) -> int:
                 config_hash=_hash_if_resolvable(cfg), run_dir=str(run_dir)).write(run_dir)
         raise
     finished = completed_summary(run_dir, config_hash(cfg))
-    if finished is not None and cfg.trainer.resume == "auto":
+    if finished is not None and cfg.trainer.resume == ResumeMode.auto:
         print(f"already completed: {run_dir} (final_loss {finished.final_loss}); skipping. "
               "Use trainer.resume=never to train it again.")
         return EXIT_OK
@@ -48,7 +49,7 @@ def main(cfg: DictConfig) -> int:
 def needs_torchrun(cfg: DictConfig) -> bool:
     """Several processes, or a sharding backend: those need a process group, even of one, and
     torchrun provides it."""
-    return cfg.launcher.nproc_per_node * cfg.launcher.nnodes > 1 or cfg.backend.name != "single"
+    return cfg.launcher.nproc_per_node * cfg.launcher.nnodes > 1 or cfg.backend.name != BackendName.single
 
 
 def report_outcome(run_dir: Path) -> None:

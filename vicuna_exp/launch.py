@@ -37,7 +37,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from vicuna_exp.backends import build_ops
-from vicuna_exp.choices import choice_str
+from vicuna_exp.choices import BF16_PRECISIONS, BackendName, Device, DistBackend, choice_str
 from vicuna_exp.cluster import rendezvous_from_env, requeue_on_preemption
 from vicuna_exp.config import config_hash
 from vicuna_exp.errors import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, UsageError
@@ -95,21 +95,19 @@ def check_hardware(cfg: DictConfig) -> None:
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
     device = str(t.device)
     comm = str(cfg.launcher.dist_backend)
-    if device == "cuda" and gpus == 0:
+    if device == Device.cuda and gpus == 0:
         raise UsageError("trainer.device=cuda, but no CUDA device is visible; use trainer.device=auto or cpu")
-    on_gpu = device == "cuda" or (device == "auto" and gpus > 0)
-    if comm not in ("auto", "nccl", "gloo"):
-        raise UsageError(f"launcher.dist_backend={comm!r}: choose auto, nccl or gloo")
-    if comm == "nccl" and not on_gpu:
+    on_gpu = device == Device.cuda or (device == Device.auto and gpus > 0)
+    if comm == DistBackend.nccl and not on_gpu:
         why = "trainer.device=cpu" if gpus else "no CUDA device is visible"
         raise UsageError(f"launcher.dist_backend=nccl needs GPUs, but {why}; use launcher.dist_backend=auto (gloo on CPU)")
     if on_gpu and nproc > gpus:
         raise UsageError(f"launcher.nproc_per_node={nproc}, but this node has {gpus} GPU(s): one process per GPU")
     precision = choice_str(t.precision)
-    if on_gpu and precision in ("bf16", "bf16_mixed") and not torch.cuda.is_bf16_supported():
+    if on_gpu and precision in BF16_PRECISIONS and not torch.cuda.is_bf16_supported():
         raise UsageError(f"trainer.precision={precision}: {torch.cuda.get_device_name(0)} does not support bf16; "
                          "use trainer.precision=fp32")
-    if b.name == "deepspeed":
+    if b.name == BackendName.deepspeed:
         check_deepspeed(cfg, on_gpu)
 
 

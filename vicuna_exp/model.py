@@ -13,28 +13,28 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig
 
-from vicuna_exp.choices import choice_str
+from vicuna_exp.choices import BF16_PRECISIONS, AttnImpl, ModelInit, Precision
 from vicuna_exp.errors import UsageError
 
 
-def resolve_attn_implementation(requested: str, device: torch.device) -> str:
+def resolve_attn_implementation(requested: str, device: torch.device) -> AttnImpl:
     """`auto` = flash_attention_2 when it can run, else sdpa: transformers raises instead of falling back."""
     flash_ok = device.type == "cuda" and importlib.util.find_spec("flash_attn") is not None
-    if requested == "auto":
-        return "flash_attention_2" if flash_ok else "sdpa"
-    if requested == "flash_attention_2" and not flash_ok:
+    if requested == AttnImpl.auto:
+        return AttnImpl.flash_attention_2 if flash_ok else AttnImpl.sdpa
+    if requested == AttnImpl.flash_attention_2 and not flash_ok:
         where = "no CUDA device" if device.type != "cuda" else "the flash-attn package is not installed (pip install '.[gpu]')"
         raise UsageError(f"model.attn_implementation=flash_attention_2 cannot run here: {where}; use auto or sdpa")
-    return requested
+    return AttnImpl(requested)
 
 
-def resolve_precision(requested: str, device: torch.device) -> str:
+def resolve_precision(requested: str, device: torch.device) -> Precision:
     """`auto` = bf16 compute over fp32 master weights on a bf16 GPU, plain fp32 elsewhere."""
-    if requested == "auto":
-        return "bf16_mixed" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
-    if requested in ("bf16", "bf16_mixed") and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+    if requested == Precision.auto:
+        return Precision.bf16_mixed if device.type == "cuda" and torch.cuda.is_bf16_supported() else Precision.fp32
+    if requested in BF16_PRECISIONS and device.type == "cuda" and not torch.cuda.is_bf16_supported():
         raise UsageError(f"trainer.precision={requested}: this GPU does not support bf16; use fp32")
-    return requested
+    return Precision(requested)
 
 
 def check_model_dir(path: str, key: str = "model.path") -> Path:
@@ -53,7 +53,7 @@ class ModelSpec:
     """Everything needed to build the model, on any device, the same way on every rank."""
 
     hf_config: object  # transformers.LlamaConfig (or the pretrained model's config)
-    init: str  # random | pretrained
+    init: ModelInit
     path: Path | None
     gradient_checkpointing: bool
     param_dtype: torch.dtype  # dtype the weights are stored in during training
@@ -62,7 +62,7 @@ class ModelSpec:
         """A ready model on `device`; pretrained weights are read straight from model.path."""
         from transformers import AutoModelForCausalLM
 
-        if self.init == "pretrained":
+        if self.init == ModelInit.pretrained:
             # No device_map: it needs `accelerate`, which is not a dependency.
             model = AutoModelForCausalLM.from_pretrained(str(self.path), config=self.hf_config,
                                                          dtype=self.param_dtype).to(device)
@@ -94,21 +94,21 @@ class ModelSpec:
 def make_model_spec(model_cfg: DictConfig, *, vocab_size: int, device: torch.device, precision: str) -> ModelSpec:
     from transformers import AutoConfig, LlamaConfig
 
-    attn = resolve_attn_implementation(choice_str(model_cfg.attn_implementation), device)
-    param_dtype = torch.bfloat16 if precision == "bf16" else torch.float32
-    if model_cfg.init == "pretrained":
+    attn = resolve_attn_implementation(model_cfg.attn_implementation, device)
+    param_dtype = torch.bfloat16 if precision == Precision.bf16 else torch.float32
+    if model_cfg.init == ModelInit.pretrained:
         path = check_model_dir(model_cfg.path)
         try:
             hf_config = AutoConfig.from_pretrained(str(path))
         except Exception as e:  # a config.json transformers cannot read
             raise UsageError(f"model.path={model_cfg.path}: config.json cannot be loaded ({e})") from None
-        hf_config._attn_implementation = attn
+        hf_config._attn_implementation = str(attn)
         hf_config.use_cache = False
         model_vocab = getattr(hf_config, "vocab_size", None)
         if model_vocab is not None and model_vocab < vocab_size:
             raise UsageError(f"model.tokenizer: the tokenizer has {vocab_size} tokens but model.path={model_cfg.path} "
                              f"has an embedding for {model_vocab}")
-        return ModelSpec(hf_config, "pretrained", path, bool(model_cfg.gradient_checkpointing), param_dtype)
+        return ModelSpec(hf_config, ModelInit.pretrained, path, bool(model_cfg.gradient_checkpointing), param_dtype)
     hf_config = LlamaConfig(
         vocab_size=model_cfg.vocab_size or vocab_size,
         hidden_size=model_cfg.hidden_size,
@@ -125,9 +125,9 @@ def make_model_spec(model_cfg: DictConfig, *, vocab_size: int, device: torch.dev
         eos_token_id=2,
         pad_token_id=0,
         use_cache=False,
-        attn_implementation=attn,
+        attn_implementation=str(attn),
     )
-    return ModelSpec(hf_config, "random", None, bool(model_cfg.gradient_checkpointing), param_dtype)
+    return ModelSpec(hf_config, ModelInit.random, None, bool(model_cfg.gradient_checkpointing), param_dtype)
 
 
 def count_parameters(model: torch.nn.Module) -> int:

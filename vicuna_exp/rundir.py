@@ -22,7 +22,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from vicuna_exp.checkpoint import CHECKPOINTS_DIR, TrainerState, complete_checkpoints, read_state
-from vicuna_exp.config import VicunaConfig
+from vicuna_exp.config import typed_config
 from vicuna_exp.tracking import write_json_atomic
 
 RESOLVED_CONFIG = "resolved_config.yaml"
@@ -49,7 +49,7 @@ def save_resolved_config(cfg: DictConfig, run_dir: Path, overrides: list[str]) -
 
 def load_resolved_config(run_dir: Path) -> tuple[DictConfig, list[str]]:
     payload = OmegaConf.load(run_dir / RESOLVED_CONFIG)
-    cfg = OmegaConf.merge(OmegaConf.structured(VicunaConfig), payload.config)
+    cfg = typed_config(payload.config)
     assert isinstance(cfg, DictConfig)
     return cfg, list(payload.overrides)
 

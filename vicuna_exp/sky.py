@@ -22,6 +22,7 @@ import shlex
 from pathlib import Path
 from typing import Any
 
+from vicuna_exp.choices import LoggerName
 from vicuna_exp.errors import EXIT_OK, UsageError
 
 # Keys the task sets itself on every node: user overrides of them are dropped (with a note).
@@ -71,8 +72,6 @@ def task(cfg: Any, overrides: list[str], name: str) -> dict[str, Any]:
     if not sky.bucket or "://" not in str(sky.bucket):
         raise UsageError("sky.bucket: set the checkpoint bucket URL, e.g. sky.bucket=s3://my-ckpts/vicuna "
                          "(or gs://..., r2://...); checkpoints must outlive a preempted VM")
-    if str(sky.mode) not in ("MOUNT", "MOUNT_CACHED"):
-        raise UsageError(f"sky.mode: must be MOUNT_CACHED or MOUNT, got {sky.mode!r}")
     nnodes, gpus = int(launcher.nnodes), int(launcher.nproc_per_node)
     run_dir = f"{str(sky.mount).rstrip('/')}/{name}"
     resources: dict[str, Any] = {"accelerators": f"{hw.accelerator}:{gpus}", "use_spot": bool(sky.use_spot),
@@ -178,7 +177,7 @@ def main(cfg: Any, overrides: list[str] | None = None) -> int:
     overrides = _hydra_overrides() if overrides is None else overrides
     paths = write(cfg, overrides)
     command = "sky jobs launch -n" if cfg.sky.use_spot else "sky launch -c"
-    if cfg.logger.name == "wandb":  # the key travels from this shell at launch, never through a file
+    if cfg.logger.name == LoggerName.wandb:  # the key travels from this shell at launch, never through a file
         command = command.replace(" -", " --env WANDB_API_KEY -", 1)
     for path in paths:
         print(f"wrote {path}\n  launch: {command} {path.stem} {path}")

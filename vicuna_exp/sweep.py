@@ -28,6 +28,7 @@ from typing import Any
 
 from omegaconf import DictConfig
 
+from vicuna_exp.choices import ResumeMode
 from vicuna_exp.config import JOB_DIRNAME_RESOLVER, job_dirname  # noqa: F401 - job_dirname: re-exported
 from vicuna_exp.errors import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, UsageError
 
@@ -116,7 +117,7 @@ class Plan:
     name_keys: list[str]  # the keys that name a job's dir
 
 def plan_sweep(spec: SweepSpec, overrides: list[str]) -> Plan:
-    from vicuna_exp.hydra_app import quote_numeric_choices
+    from vicuna_exp.hydra_app import expand_sweep, quote_numeric_choices
 
     user_hydra = [o for o in overrides if _key(o).startswith(("hydra.", "hydra/")) or o.startswith("-")]
     user_app = [o for o in overrides if o not in user_hydra]
@@ -137,7 +138,7 @@ def plan_sweep(spec: SweepSpec, overrides: list[str]) -> Plan:
         merged["logger.group"] = f"logger.group={spec.name}-{hashlib.sha256(definition.encode()).hexdigest()[:6]}"
     group = merged["logger.group"].partition("=")[2]
     app = quote_numeric_choices(list(merged.values()))
-    jobs = _expand(app)
+    jobs = expand_sweep(app)
 
     name_keys = [k for k in merged if k in spec.axes or len({_job_value(j, k) for j in jobs}) > 1]
     excluded = sorted(set(_conf_excluded_keys()) | {k for k in merged if k not in name_keys})
@@ -154,18 +155,6 @@ def plan_sweep(spec: SweepSpec, overrides: list[str]) -> Plan:
     hydra += [o for o in user_hydra if _key(o) != "hydra.sweep.dir"]
     return Plan(spec=spec, sweep_dir=sweep_dir, group=group, run_id=run_id, app_overrides=app,
                 hydra_overrides=hydra, jobs=jobs, name_keys=name_keys)
-
-def _expand(app_overrides: list[str]) -> list[list[str]]:
-    """The jobs Hydra's basic sweeper will make of these overrides (same parser, same order)."""
-    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
-    try:
-        parsed = OverridesParser.create().parse_overrides(app_overrides)
-    except Exception as e:  # noqa: BLE001 - Hydra's grammar errors: one line, exit 2
-        raise UsageError(f"bad override: {e}") from None
-    (batch,) = BasicSweeper.split_arguments(parsed, None)
-    return [list(job) for job in batch]
 
 def _job_value(job: list[str], key: str) -> str | None:
     return next((o.partition("=")[2] for o in job if _key(o) == key), None)
@@ -214,7 +203,7 @@ def run_sweep_job(cfg: DictConfig) -> int:
     try:
         chash = config_hash(cfg)
         record["config_hash"] = chash
-        if cfg.trainer.resume == "auto" and completed_summary(run_dir, chash) is not None:
+        if cfg.trainer.resume == ResumeMode.auto and completed_summary(run_dir, chash) is not None:
             code, outcome = EXIT_OK, "skipped"
             print(f"[sweep] {run_dir.name}: completed earlier with the same config; skipped")
         else:

@@ -20,6 +20,8 @@ from urllib.parse import urlparse
 
 from omegaconf import DictConfig, OmegaConf
 
+from vicuna_exp.choices import LoggerMode, LoggerName
+
 # metrics.jsonl name -> wandb key
 _WANDB_KEYS = {"eval_loss": "eval/loss", "epoch": "train/epoch", "step": "train/step"}
 
@@ -39,8 +41,8 @@ def wandb_key_configured(env: dict[str, str] | None = None) -> bool:
 
 def resolve_wandb_mode(requested: str, env: dict[str, str] | None = None) -> str:
     env = dict(os.environ) if env is None else env
-    if requested != "auto":
-        return requested
+    if requested != LoggerMode.auto:
+        return str(requested)
     if env.get("WANDB_MODE") in ("online", "offline", "disabled"):
         return env["WANDB_MODE"]
     return "online" if wandb_key_configured(env) else "offline"
@@ -70,7 +72,7 @@ class Tracker:
             return
         self._truncate_after(start_step)
         self._file = self.metrics_path.open("a", buffering=1)
-        if cfg.logger.name == "wandb":
+        if cfg.logger.name == LoggerName.wandb:
             self._wandb = self._init_wandb(cfg, run_dir, overrides, extra_config or {})
         self._bar = self._make_bar(total_steps, start_step)
 

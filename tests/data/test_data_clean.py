@@ -7,14 +7,16 @@ from dataclasses import replace
 
 import pytest
 
+from vicuna_exp.config import load_option
 from vicuna_exp.data.clean import clean_records, in_eval_split
-from vicuna_exp.data.config import DataConfig
 from vicuna_exp.data.html import html_to_markdown
 from vicuna_exp.data.load import read_records, resolve_path
 from vicuna_exp.data.make_sample import SAMPLE_PATH
 from vicuna_exp.errors import UsageError
 
-CFG = DataConfig()
+SAMPLE = load_option("data", "sample")  # the packaged sample, as conf/data/sample.yaml sets it
+
+CFG = SAMPLE
 
 
 def rec(rid, *turns):
@@ -166,6 +168,6 @@ def test_missing_paths(tmp_path):
         resolve_path("???", None)
     with pytest.raises(UsageError, match="data.path: not set"):
         resolve_path(None, None)  # data=sharegpt without data.path
-    assert resolve_path(None, DataConfig().package_file) == SAMPLE_PATH
+    assert resolve_path(None, SAMPLE.package_file) == SAMPLE_PATH
     with pytest.raises(UsageError, match="package 'no_such_pkg_xyz' is not installed"):
         resolve_path(None, "no_such_pkg_xyz:data/x.json")

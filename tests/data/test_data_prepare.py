@@ -10,11 +10,14 @@ from dataclasses import replace
 import pytest
 from omegaconf import OmegaConf
 
-from vicuna_exp.data.config import DataConfig, TemplateConfig
+from vicuna_exp.config import load_option
 from vicuna_exp.data.make_sample import SAMPLE_PATH
 from vicuna_exp.data.prepare import main, prepare
 from vicuna_exp.data.tokenizer import load_tokenizer
 from vicuna_exp.errors import UsageError
+
+SAMPLE = load_option("data", "sample")  # the packaged sample, as conf/data/sample.yaml sets it
+VICUNA = load_option("template", "vicuna_v1.1")
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +32,7 @@ def cache(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def sample(tok, cache):
-    return prepare(DataConfig(cache_dir=cache), TemplateConfig(), 512, tok, None)
+    return prepare(replace(SAMPLE, cache_dir=cache), VICUNA, 512, tok, None)
 
 
 def test_sample_preparation_stats(sample):
@@ -54,10 +57,10 @@ def test_sample_preparation_stats(sample):
 
 def test_cache_hit_and_eval_split_shared_across_contexts(sample, tok, cache):
     t = time.perf_counter()
-    again = prepare(DataConfig(cache_dir=cache, num_proc=1, group_by_length=True), TemplateConfig(), 512, tok, None)
+    again = prepare(replace(SAMPLE, cache_dir=cache, num_proc=1, group_by_length=True), VICUNA, 512, tok, None)
     assert time.perf_counter() - t < 1.0
     assert again.from_cache and again.path == sample.path and again.data_hash == sample.data_hash
-    short = prepare(DataConfig(cache_dir=cache), TemplateConfig(), 32, tok, None)
+    short = prepare(replace(SAMPLE, cache_dir=cache), VICUNA, 32, tok, None)
     assert short.path != sample.path and not short.from_cache
     assert set(short.eval["conversation_id"]) == set(sample.eval["conversation_id"])
     assert short.stats["retention"] == 1.0 and max(short.train["length"]) <= 32
@@ -66,11 +69,11 @@ def test_cache_hit_and_eval_split_shared_across_contexts(sample, tok, cache):
 
 @pytest.mark.parametrize("change", ["context", "system", "packing", "overflow", "eval_fraction", "data"])
 def test_cache_invalidation(sample, tok, cache, tmp_path, change):
-    data, template, context = DataConfig(cache_dir=cache), TemplateConfig(), 512
+    data, template, context = replace(SAMPLE, cache_dir=cache), VICUNA, 512
     if change == "context":
         context = 256
     elif change == "system":
-        template = TemplateConfig(system="Be brief.")
+        template = replace(VICUNA, system="Be brief.")
     elif change == "packing":
         data = replace(data, packing=False)
     elif change == "overflow":
@@ -88,10 +91,10 @@ def test_cache_invalidation(sample, tok, cache, tmp_path, change):
 
 
 def test_incomplete_entry_is_rebuilt(tok, tmp_path):
-    cfg = DataConfig(cache_dir=str(tmp_path), max_records=50)
-    first = prepare(cfg, TemplateConfig(), 128, tok, None)
+    cfg = replace(SAMPLE, cache_dir=str(tmp_path), max_records=50)
+    first = prepare(cfg, VICUNA, 128, tok, None)
     (first.path / "stats.json").unlink()  # as if someone else's copy was cut short
-    again = prepare(cfg, TemplateConfig(), 128, tok, None)
+    again = prepare(cfg, VICUNA, 128, tok, None)
     assert again.path == first.path and not again.from_cache and (again.path / "stats.json").is_file()
     assert not list((tmp_path / "prepared").glob(".tmp-*"))
 
@@ -100,13 +103,12 @@ def _prepare_in_child(cache_dir: str, barrier) -> tuple[str, bool, int]:
     import os
 
     os.environ["OMP_NUM_THREADS"] = "1"
-    from vicuna_exp.data.config import DataConfig, TemplateConfig
     from vicuna_exp.data.prepare import prepare
     from vicuna_exp.data.tokenizer import load_tokenizer
 
     tok = load_tokenizer(None)
     barrier.wait()
-    p = prepare(DataConfig(cache_dir=cache_dir), TemplateConfig(), 384, tok, None)
+    p = prepare(replace(SAMPLE, cache_dir=cache_dir), VICUNA, 384, tok, None)
     return str(p.path), p.from_cache, p.stats["created_by"]["pid"]
 
 
@@ -126,7 +128,7 @@ def test_truncated_file_is_reported(tok, tmp_path):
     text = SAMPLE_PATH.read_text()
     path = tmp_path / "cut.json"
     path.write_text(text[: len(text) // 2])
-    p = prepare(DataConfig(path=str(path), cache_dir=str(tmp_path)), TemplateConfig(), 256, tok, None)
+    p = prepare(replace(SAMPLE, path=str(path), cache_dir=str(tmp_path)), VICUNA, 256, tok, None)
     cut = p.stats["source"]["truncated"]
     assert cut is not None and cut["whole_records"] == p.stats["input_records"] > 100
     assert "ends in the middle of record" in p.stats["source"]["notes"][0]
@@ -139,7 +141,7 @@ def test_corrupt_record_mid_file_is_a_usage_error(tok, tmp_path):
     path = tmp_path / "broken.json"
     path.write_text(broken)
     with pytest.raises(UsageError, match=r"broken\.json:\d+:\d+: record 200 is not valid JSON"):
-        prepare(DataConfig(path=str(path), cache_dir=str(tmp_path)), TemplateConfig(), 256, tok, None)
+        prepare(replace(SAMPLE, path=str(path), cache_dir=str(tmp_path)), VICUNA, 256, tok, None)
     assert not (tmp_path / "prepared").exists() or not any((tmp_path / "prepared").iterdir())
 
 
@@ -147,17 +149,17 @@ def test_nothing_left_is_a_usage_error(tok, tmp_path):
     path = tmp_path / "strings.json"
     path.write_text(json.dumps(["not", "sharegpt"]))
     with pytest.raises(UsageError, match=r"strings\.json: nothing left after cleaning: 2 records read.*malformed"):
-        prepare(DataConfig(path=str(path), cache_dir=str(tmp_path)), TemplateConfig(), 256, tok, None)
+        prepare(replace(SAMPLE, path=str(path), cache_dir=str(tmp_path)), VICUNA, 256, tok, None)
     with pytest.raises(UsageError, match="data.overflow"):
-        prepare(DataConfig(overflow="wrap", cache_dir=str(tmp_path)), TemplateConfig(), 256, tok, None)
+        prepare(replace(SAMPLE, overflow="wrap", cache_dir=str(tmp_path)), VICUNA, 256, tok, None)
 
 
 def test_prepare_task_prints_the_directory_last(tmp_path, capsys, sample):
     cfg = OmegaConf.create({
         "model": {"tokenizer": None, "path": None},
         "context": {"length": 512},
-        "data": OmegaConf.structured(DataConfig(cache_dir=str(sample.path.parent.parent))),
-        "template": OmegaConf.structured(TemplateConfig()),
+        "data": OmegaConf.structured(replace(SAMPLE, cache_dir=str(sample.path.parent.parent))),
+        "template": OmegaConf.structured(VICUNA),
     })
     assert main(cfg) == 0
     out = capsys.readouterr().out.strip().splitlines()

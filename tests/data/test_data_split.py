@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import Counter
+from dataclasses import replace
 from functools import lru_cache
 
 import numpy as np
@@ -10,21 +11,23 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from vicuna_exp.config import load_option
 from vicuna_exp.data.clean import Conversation
-from vicuna_exp.data.config import TemplateConfig
 from vicuna_exp.data.encode import ConversationEncoder, EncodeError
 from vicuna_exp.data.split import encode_and_split, overflow_examples, windows
 from vicuna_exp.data.template import render_segments
 from vicuna_exp.data.tokenizer import load_tokenizer
+
+VICUNA = load_option("template", "vicuna_v1.1")
 
 WORDS = ["what", "is", "the", "capital", "of", "Peru", "Lima", "plus", "7", "12", "café", "你好", "</s>", "USER:"]
 
 
 @lru_cache(maxsize=16)
 def encoder(system: str, stitch: bool = True, template: str = "vicuna", compiled: bool = True) -> ConversationEncoder:
-    t = TemplateConfig(system=system)
+    t = replace(VICUNA, system=system)
     if template == "llama2":
-        t = TemplateConfig(system=system, system_format="<<SYS>>\n{system}\n<</SYS>>\n\n",
+        t = replace(VICUNA, system=system, system_format="<<SYS>>\n{system}\n<</SYS>>\n\n",
                            user_format="{bos}[INST] {system}{content} [/INST]", assistant_format=" {content} {eos}")
     enc = ConversationEncoder(load_tokenizer(None), t, stitch=stitch)
     if not compiled:  # as past the compiled layouts' limit: the general renderer, offsets, cuts tried one by one

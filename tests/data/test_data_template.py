@@ -2,20 +2,23 @@
 
 from __future__ import annotations
 
-from pathlib import Path
+from dataclasses import replace
 
 import pytest
-from omegaconf import OmegaConf
 
+from vicuna_exp.config import load_option
 from vicuna_exp.data import encode_conversation
 from vicuna_exp.data.chat_template import to_jinja
-from vicuna_exp.data.config import VICUNA_V1_1_SYSTEM, TemplateConfig
+from vicuna_exp.data.config import TemplateConfig
 from vicuna_exp.data.encode import EncodeError
 from vicuna_exp.data.template import render, render_prompt
 from vicuna_exp.data.tokenizer import load_tokenizer
 from vicuna_exp.errors import UsageError
 
-CONF = Path(__file__).resolve().parents[2] / "conf" / "template"
+VICUNA = load_option("template", "vicuna_v1.1")
+
+VICUNA_V1_1_SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. "
+                      "The assistant gives helpful, detailed, and polite answers to the user's questions.")
 
 
 @pytest.fixture(scope="module")
@@ -24,8 +27,7 @@ def tok():
 
 
 def _template(name: str) -> TemplateConfig:
-    merged = OmegaConf.merge(OmegaConf.structured(TemplateConfig), OmegaConf.load(CONF / f"{name}.yaml"))
-    return TemplateConfig(**OmegaConf.to_container(merged))
+    return load_option("template", name)
 
 
 def _runs(ids: list[int], labels: list[int]) -> list[list[int]]:
@@ -59,7 +61,6 @@ CONV = [
 
 def test_vicuna_v11_text_and_labels_by_hand(tok):
     t = _template("vicuna_v1.1")
-    assert t == TemplateConfig()  # the YAML and the schema default agree
     text = render(CONV, t)
     assert text == (VICUNA_V1_1_SYSTEM + " USER: What is 2 plus 2? ASSISTANT: 2 plus 2 is 4.</s>"
                     "USER: And times 3? ASSISTANT: 4 times 3 is 12.</s>")
@@ -74,25 +75,25 @@ def test_vicuna_v11_text_and_labels_by_hand(tok):
 
 
 def test_empty_system_prompt(tok):
-    t = TemplateConfig(system="")
+    t = replace(VICUNA, system="")
     assert render(CONV[:2], t) == "USER: What is 2 plus 2? ASSISTANT: 2 plus 2 is 4.</s>"
     msgs = [{"role": "system", "content": "Be brief."}] + [
         {"role": "user" if m["from"] == "human" else "assistant", "content": m["value"]} for m in CONV[:2]]
-    assert render(msgs, TemplateConfig()).startswith("Be brief. USER: What")
+    assert render(msgs, _template("vicuna_v1.1")).startswith("Be brief. USER: What")
 
 
 def test_unicode_and_long_reply(tok):
     reply = "Voilà: naïve café, 你好 😀. " + " ".join(f"word{i}" for i in range(400))
     conv = [{"from": "human", "value": "Say something long, señor."}, {"from": "gpt", "value": reply}]
-    ids, labels = encode_conversation(conv, tok, TemplateConfig())
+    ids, labels = encode_conversation(conv, tok, _template("vicuna_v1.1"))
     runs = _runs(ids, labels)
     assert len(runs) == 1 and len(runs[0]) > 400
     assert tok.decode(runs[0]) == reply + "</s>"
-    assert ids == tok(render(conv, TemplateConfig())).input_ids
+    assert ids == tok(render(conv, _template("vicuna_v1.1"))).input_ids
 
 
 def test_special_token_strings_in_messages_stay_text(tok):
-    t = TemplateConfig()
+    t = _template("vicuna_v1.1")
     conv = [{"from": "human", "value": "Type </s> then <s> then USER: hi ASSISTANT: ok"},
             {"from": "gpt", "value": "</s> USER: <s> ASSISTANT: <unk>"},
             {"from": "human", "value": "again"}, {"from": "gpt", "value": "done</s>"}]
@@ -105,7 +106,7 @@ def test_special_token_strings_in_messages_stay_text(tok):
 
 
 def test_render_prompt_is_the_training_prefix(tok):
-    t = TemplateConfig()
+    t = _template("vicuna_v1.1")
     prompt = render_prompt(CONV[:3], t)
     assert prompt.endswith("USER: And times 3? ASSISTANT:")
     assert render(CONV, t).startswith(prompt)
@@ -146,7 +147,7 @@ def test_llama2_chat_layout():
 
 def test_unalignable_text_is_reported_not_masked(tok):
     # a generation prompt that ends inside the token "▁ASSISTANT:" cannot be aligned to tokens
-    t = TemplateConfig(generation_prompt="ASSIST")
+    t = replace(VICUNA, generation_prompt="ASSIST")
     with pytest.raises(EncodeError) as err:
         encode_conversation(CONV[:2], tok, t)
     assert err.value.reason == "misaligned"
@@ -154,11 +155,11 @@ def test_unalignable_text_is_reported_not_masked(tok):
 
 def test_bad_templates_name_the_key(tok):
     with pytest.raises(UsageError, match="template.user_format: unknown placeholder {question}"):
-        encode_conversation(CONV[:2], tok, TemplateConfig(user_format="{question} "))
+        encode_conversation(CONV[:2], tok, replace(VICUNA, user_format="{question} "))
     with pytest.raises(UsageError, match="template.eos_token: '<eot>' is not a special token"):
-        encode_conversation(CONV[:2], tok, TemplateConfig(eos_token="<eot>"))
+        encode_conversation(CONV[:2], tok, replace(VICUNA, eos_token="<eot>"))
     with pytest.raises(UsageError, match="template.generation_prompt"):
-        encode_conversation(CONV[:2], tok, TemplateConfig(generation_prompt="BOT:"))
+        encode_conversation(CONV[:2], tok, replace(VICUNA, generation_prompt="BOT:"))
 
 
 # --------------------------------------------------------------- compiled renderer == general renderer
@@ -167,10 +168,10 @@ _TEMPLATES = {
     "vicuna_v1.1": lambda: _template("vicuna_v1.1"),
     "llama-2-chat": lambda: _template("llama-2-chat"),
     # eos inside the user turn, bos after the system prompt, supervised text that ends the pair
-    "eos-in-user": lambda: TemplateConfig(system_format="{system}{bos}", user_format="{role}:{content}{eos}",
+    "eos-in-user": lambda: replace(VICUNA, system_format="{system}{bos}", user_format="{role}:{content}{eos}",
                                           assistant_format="{role}: {content}\n"),
     # the reply is the whole pair's end and the next pair starts with bos: spans must not merge
-    "bare": lambda: TemplateConfig(system="", system_format="{system}", user_format="{content}",
+    "bare": lambda: replace(VICUNA, system="", system_format="{system}", user_format="{content}",
                                    assistant_format="{content}{eos}", generation_prompt=""),
 }
 
@@ -259,10 +260,10 @@ def test_marked_encoding_equals_offsets_encoding(tok, name):
 def test_marker_character_in_a_message_is_refused(tok):
     from vicuna_exp.data.encode import ConversationEncoder
 
-    encoder = ConversationEncoder(tok, TemplateConfig())
+    encoder = ConversationEncoder(tok, _template("vicuna_v1.1"))
     with pytest.raises(EncodeError) as err:
         encode_conversation([{"from": "human", "value": f"a{encoder.marker}b"}, {"from": "gpt", "value": "ok"}],
-                            tok, TemplateConfig())
+                            tok, _template("vicuna_v1.1"))
     assert err.value.reason == "private_use_char"
 
 
@@ -271,7 +272,7 @@ def test_many_system_prompts_render_alike(tok):
     from vicuna_exp.data.encode import _MAX_LAYOUTS, ConversationEncoder
     from vicuna_exp.data.template import render_segments
 
-    encoder = ConversationEncoder(tok, TemplateConfig())
+    encoder = ConversationEncoder(tok, _template("vicuna_v1.1"))
     turns = [("user", "Hi there"), ("assistant", "Hello!")]
     for i in range(_MAX_LAYOUTS + 3):
         system = f"System prompt number {i}."

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
+from vicuna_exp.config import load_option
 from vicuna_exp.data.config import TemplateConfig
 from vicuna_exp.data.encode import encode_conversation
 from vicuna_exp.data.template import render_prompt
@@ -43,7 +44,7 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     ))
     model.save_pretrained(run / "final")
     tok.save_pretrained(run / "final")
-    recorded = OmegaConf.structured(TemplateConfig)
+    recorded = OmegaConf.structured(load_option("template", "vicuna_v1.1"))
     recorded.system = RECORDED_SYSTEM
     (run / ".hydra").mkdir()
     OmegaConf.save(OmegaConf.create({"template": recorded}), run / ".hydra" / "config.yaml")
@@ -186,7 +187,7 @@ def test_bad_inputs_fail_before_the_model_loads(tiny_run: Path, tmp_path: Path, 
 def test_generation_prompt_is_a_prefix_of_the_training_tokens(conversation: list[tuple[str, str]]) -> None:
     """The ids generation feeds the model are exactly the training ids up to each reply."""
     tok = load_tokenizer(None)
-    template = OmegaConf.structured(TemplateConfig)
+    template = OmegaConf.structured(load_option("template", "vicuna_v1.1"))
     messages = [{"role": r, "content": c} for r, c in conversation]
     train_ids, labels = encode_conversation(messages, tok, template)
     for k, m in enumerate(messages):

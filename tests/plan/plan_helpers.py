@@ -1,28 +1,30 @@
 """Build configs for planner tests from the real schema and the real conf/ option files.
 
-Composed through the schema directly (not Hydra's compose) so the tests pin the planner's
-arithmetic, not the state of every other config group.
+Composed with no experiment preset (`~experiment`), so the trainer keys hold the schema's
+defaults and the tests pin the planner's arithmetic, not the CPU demo's settings.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
+from omegaconf import DictConfig, OmegaConf
 
-from omegaconf import DictConfig, OmegaConf, open_dict
+from vicuna_exp.hydra_app import compose
 
-from vicuna_exp.config import VicunaConfig
-from vicuna_exp.plan.config import SkyConfig
-
-CONF = Path(__file__).resolve().parents[2] / "conf"
+# backend.name -> the option whose keys are the planner's assumptions for it
+_BACKEND_OPTION = {"single": "single", "ddp": "ddp", "fsdp": "fsdp", "deepspeed": "deepspeed_zero3"}
 
 
 def make_cfg(model: str = "llama-7b", hardware: str = "a100-80gb", **overrides: object) -> DictConfig:
-    """Schema defaults + conf/model/MODEL.yaml + conf/hardware/HARDWARE.yaml + dotted overrides."""
-    cfg = OmegaConf.structured(VicunaConfig)
-    if "sky" not in cfg:  # until the root schema carries the section
-        with open_dict(cfg):
-            cfg.sky = OmegaConf.structured(SkyConfig)
-    cfg.model = OmegaConf.merge(cfg.model, OmegaConf.load(CONF / "model" / f"{model}.yaml"))
-    cfg.hardware = OmegaConf.merge(cfg.hardware, OmegaConf.load(CONF / "hardware" / f"{hardware}.yaml"))
-    dotlist = [f"{k.replace('__', '.')}={'null' if v is None else v}" for k, v in overrides.items()]
-    return OmegaConf.merge(cfg, OmegaConf.from_dotlist(dotlist))
+    """conf/model/MODEL.yaml + conf/hardware/HARDWARE.yaml + context 2048 + the backend option
+    named by `backend__name` (default single) + dotted overrides (`trainer__precision=...`)."""
+    backend = _BACKEND_OPTION[str(overrides.pop("backend__name", "single"))]
+    experiment = overrides.pop("experiment", None)
+    nested = {k.replace("__", "."): v for k, v in overrides.items() if isinstance(v, (dict, list))}
+    dotted = [f"{k.replace('__', '.')}={'null' if v is None else v}" for k, v in overrides.items()
+              if k.replace("__", ".") not in nested]
+    cfg = compose(["~experiment", f"model={model}", f"hardware={hardware}", "context=2048", f"backend={backend}",
+                   *dotted])
+    for key, value in nested.items():
+        OmegaConf.update(cfg, key, value, merge=False)
+    cfg.experiment = experiment  # the preset's name only, as a run records it
+    return cfg

@@ -153,12 +153,10 @@ def test_submitit_local_executor_requeues_and_resumes(tmp_path):
 
 def test_launch_takes_the_rendezvous_from_slurm(monkeypatch):
     """A 2-node SLURM job with no rdzv_endpoint: torchrun gets node 0's address and this node's rank."""
-    from omegaconf import OmegaConf
-
-    from vicuna_exp.config import VicunaConfig
+    from vicuna_exp.hydra_app import compose
     from vicuna_exp.launch import torchrun_command
 
-    cfg = OmegaConf.structured(VicunaConfig)
+    cfg = compose([])
     cfg.launcher.nnodes, cfg.launcher.nproc_per_node = 2, 4
     for k, v in {"SLURM_JOB_ID": "77", "SLURM_JOB_NODELIST": "gpu[03-04]", "SLURM_NNODES": "2",
                  "SLURM_NODEID": "1", "SLURM_GPUS_ON_NODE": "4"}.items():

@@ -9,6 +9,7 @@ import pytest
 from plan_helpers import make_cfg
 
 from vicuna_exp.errors import UsageError
+from vicuna_exp.hydra_app import check_composes
 from vicuna_exp.plan import check_fits, flops_per_token, make_plan, mfu, predicted_state_bytes, render, table
 from vicuna_exp.plan.estimate import GIB, setup_from_config
 from vicuna_exp.plan.facts import model_facts
@@ -41,7 +42,7 @@ def test_7b_unsharded_refused_with_breakdown_and_advice():
 
 @pytest.mark.parametrize("backend", ["fsdp", "deepspeed"])
 def test_13b_sharded_over_8x80gb_fits(backend):
-    cfg = make_cfg("llama-13b", backend__name=backend, backend__zero_stage=3, launcher__nproc_per_node=8,
+    cfg = make_cfg("llama-13b", backend__name=backend, launcher__nproc_per_node=8,
                    context__length=2048, trainer__micro_batch_size=2, trainer__precision="bf16_mixed")
     plan = make_plan(cfg)
     assert plan.memory.fits, plan.memory
@@ -186,8 +187,8 @@ def test_bad_input_messages_name_the_problem():
         make_plan(make_cfg("llama-7b", backend__name="fsdp", launcher__nproc_per_node=3))
     with pytest.raises(UsageError, match="hardware.gpu_memory_gb"):
         make_plan(make_cfg("llama-7b", hardware__gpu_memory_gb=0))
-    with pytest.raises(UsageError, match="hardware.device"):
-        make_plan(make_cfg("llama-7b", hardware__device="tpu"))
+    with pytest.raises(UsageError, match=r"hardware.device: .*expected one of \[cuda, cpu\]"):
+        check_composes(["hardware.device=tpu"], multirun=False)  # the schema's Enum, at composition
     with pytest.raises(UsageError, match="gpus_per_node"):
         make_plan(make_cfg("llama-7b", backend__name="fsdp", launcher__nproc_per_node=16))
     with pytest.raises(UsageError) as err:

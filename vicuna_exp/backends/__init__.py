@@ -7,22 +7,20 @@ import importlib
 from omegaconf import DictConfig
 
 from vicuna_exp.backends.base import Backend, OptimizerSpec, lr_multiplier
-from vicuna_exp.errors import UsageError
+from vicuna_exp.choices import BackendName
 
 # backend.name -> "module:class"; modules are imported only when chosen.
-REGISTRY = {
-    "single": "vicuna_exp.backends.single:SingleBackend",
-    "ddp": "vicuna_exp.backends.ddp:DDPBackend",
-    "fsdp": "vicuna_exp.backends.fsdp:FSDPBackend",
-    "deepspeed": "vicuna_exp.backends.deepspeed:DeepSpeedBackend",
+REGISTRY: dict[BackendName, str] = {
+    BackendName.single: "vicuna_exp.backends.single:SingleBackend",
+    BackendName.ddp: "vicuna_exp.backends.ddp:DDPBackend",
+    BackendName.fsdp: "vicuna_exp.backends.fsdp:FSDPBackend",
+    BackendName.deepspeed: "vicuna_exp.backends.deepspeed:DeepSpeedBackend",
 }
 
 
 def backend_class(cfg: DictConfig) -> type[Backend]:
-    target = REGISTRY.get(cfg.backend.name)
-    if target is None:
-        raise UsageError(f"backend.name={cfg.backend.name!r}: choose one of {', '.join(REGISTRY)}")
-    module, _, cls = target.partition(":")
+    """The class of `backend.name` (an Enum the schema checked, so every value is here)."""
+    module, _, cls = REGISTRY[BackendName(cfg.backend.name)].partition(":")
     return getattr(importlib.import_module(module), cls)
 
 

@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig
 
+from vicuna_exp.choices import Precision, Schedule
 from vicuna_exp.distributed import DistInfo
 from vicuna_exp.model import ModelSpec
 
@@ -62,7 +63,7 @@ class OptimizerSpec:
         return torch.optim.lr_scheduler.LambdaLR(optimizer, self.lr_lambda)
 
 
-def lr_multiplier(schedule: str, *, total_steps: int, warmup_steps: int, min_ratio: float) -> Callable[[int], float]:
+def lr_multiplier(schedule: Schedule, *, total_steps: int, warmup_steps: int, min_ratio: float) -> Callable[[int], float]:
     """Linear warmup from 0, then cosine / linear decay to `min_ratio`, or constant.
 
     The multipliers equal the Hugging Face Trainer's (`get_cosine_schedule_with_warmup`,
@@ -75,10 +76,10 @@ def lr_multiplier(schedule: str, *, total_steps: int, warmup_steps: int, min_rat
     def f(step: int) -> float:
         if step < warmup_steps:
             return step / max(1, warmup_steps)
-        if schedule == "constant":
+        if schedule == Schedule.constant:
             return 1.0
         progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-        decay = 0.5 * (1.0 + math.cos(math.pi * progress)) if schedule == "cosine" else 1.0 - progress
+        decay = 0.5 * (1.0 + math.cos(math.pi * progress)) if schedule == Schedule.cosine else 1.0 - progress
         return max(0.0, min_ratio + (1.0 - min_ratio) * decay)
 
     return f
@@ -87,7 +88,7 @@ def lr_multiplier(schedule: str, *, total_steps: int, warmup_steps: int, min_rat
 class Backend(ABC):
     name: str = "base"
 
-    def __init__(self, cfg: DictConfig, dist: DistInfo, device: torch.device, precision: str) -> None:
+    def __init__(self, cfg: DictConfig, dist: DistInfo, device: torch.device, precision: Precision) -> None:
         self.cfg = cfg
         self.dist = dist
         self.device = device
@@ -99,7 +100,7 @@ class Backend(ABC):
 
     def autocast(self) -> contextlib.AbstractContextManager:
         """bf16 compute over fp32 weights where the backend does not cast itself."""
-        if self.precision == "bf16_mixed":
+        if self.precision == Precision.bf16_mixed:
             return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 

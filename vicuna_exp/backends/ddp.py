@@ -16,6 +16,7 @@ import torch
 
 from vicuna_exp.backends.base import OptimizerSpec
 from vicuna_exp.backends.dcp_state import TorchOptimizerBackend
+from vicuna_exp.choices import ModelInit
 from vicuna_exp.model import ModelSpec
 
 
@@ -28,7 +29,7 @@ class DDPBackend(TorchOptimizerBackend):
 
         from vicuna_exp.weights import load_full_tensors, rebuild_buffers
 
-        if spec.init == "pretrained":
+        if spec.init == ModelInit.pretrained:
             module = spec.build_meta()
             module.to_empty(device=self.device)
             rebuild_buffers(module)

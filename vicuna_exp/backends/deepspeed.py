@@ -31,6 +31,7 @@ from omegaconf import DictConfig
 
 from vicuna_exp.backends.base import Backend, OptimizerSpec, tensor_bytes
 from vicuna_exp.checkpoint import DCP_SUBDIR, DEEPSPEED_SUBDIR
+from vicuna_exp.choices import ModelInit, Precision
 from vicuna_exp.config import rows_per_rank, world_size
 from vicuna_exp.distributed import free_port
 from vicuna_exp.errors import UsageError
@@ -70,13 +71,13 @@ def deepspeed_config(cfg: DictConfig, precision: str, *, pin_memory: bool = Fals
         "steps_per_print": 2**31 - 1,  # our tracker logs
         "wall_clock_breakdown": False,
     }
-    if precision == "fp32":
+    if precision == Precision.fp32:
         ds["bf16"] = {"enabled": False}
-    elif precision == "bf16_mixed":
+    elif precision == Precision.bf16_mixed:
         # No step skipping on overflow (bf16 has fp32's range; FSDP never skips), fp32 gradient reduction.
         ds["bf16"] = {"enabled": True, "check_grad_overflow": False}
         ds["communication_data_type"] = "fp32"
-    elif precision == "bf16":
+    elif precision == Precision.bf16:
         ds["bf16"] = {"enabled": True, "check_grad_overflow": False,
                       "bf16_master_weights_and_grads": True, "bf16_optimizer_states": True}
     else:
@@ -119,7 +120,7 @@ class DeepSpeedBackend(Backend):
         self.engine = engine
         self.module = engine.module
         self.model = engine
-        if spec.init == "pretrained":
+        if spec.init == ModelInit.pretrained:
             self.elements_loaded = self._load_pretrained(spec.path)
         return engine
 
@@ -142,7 +143,7 @@ class DeepSpeedBackend(Backend):
 
         from vicuna_exp.weights import rebuild_buffers
 
-        if spec.init == "random":
+        if spec.init == ModelInit.random:
             # The same draw from the same seed as `single`; ZeRO-3 partitions it in initialize.
             return spec.build(self.device)
         if self.stage == 3:

@@ -25,6 +25,7 @@ import torch
 
 from vicuna_exp.backends.base import OptimizerSpec
 from vicuna_exp.backends.dcp_state import TorchOptimizerBackend
+from vicuna_exp.choices import ModelInit, Precision, Sharding
 from vicuna_exp.errors import UsageError
 from vicuna_exp.model import ModelSpec
 
@@ -40,7 +41,7 @@ class FSDPBackend(TorchOptimizerBackend):
 
         offload = bool(self.cfg.backend.cpu_offload)
         home = torch.device("cpu") if offload else self.device
-        if spec.init == "pretrained":
+        if spec.init == ModelInit.pretrained:
             model = spec.build_meta()
         else:
             # Random init materialises the (small) model once, so it starts from exactly the
@@ -58,7 +59,7 @@ class FSDPBackend(TorchOptimizerBackend):
         for layer in layers:
             fully_shard(layer, **kwargs)
         fully_shard(model, **{**kwargs, "reshard_after_forward": False})  # the root is needed again at once
-        if spec.init == "pretrained":
+        if spec.init == ModelInit.pretrained:
             model.to_empty(device=home)
             rebuild_buffers(model)
             self.elements_loaded = load_dtensor_shards(model, spec.path)
@@ -71,19 +72,17 @@ class FSDPBackend(TorchOptimizerBackend):
         from torch.distributed.device_mesh import init_device_mesh
 
         world, local = self.dist.world_size, self.dist.local_world_size
-        if self.cfg.backend.sharding == "full":
+        if self.cfg.backend.sharding == Sharding.full:
             return init_device_mesh(self.device.type, (world,), mesh_dim_names=("shard",))
-        if self.cfg.backend.sharding == "hybrid":
-            if world % local:
-                raise UsageError(f"backend.sharding=hybrid: world size {world} is not a multiple of the "
-                                 f"{local} processes per node")
-            return init_device_mesh(self.device.type, (world // local, local), mesh_dim_names=("replicate", "shard"))
-        raise UsageError(f"backend.sharding={self.cfg.backend.sharding!r}: choose full or hybrid")
+        if world % local:
+            raise UsageError(f"backend.sharding=hybrid: world size {world} is not a multiple of the "
+                             f"{local} processes per node")
+        return init_device_mesh(self.device.type, (world // local, local), mesh_dim_names=("replicate", "shard"))
 
     def _mp_policy(self) -> object:
         from torch.distributed.fsdp import MixedPrecisionPolicy
 
-        if self.precision == "bf16_mixed":
+        if self.precision == Precision.bf16_mixed:
             return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
         return MixedPrecisionPolicy()  # fp32, or bf16 weights that are already bf16
 

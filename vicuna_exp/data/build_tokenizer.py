@@ -16,7 +16,7 @@ import json
 from collections.abc import Iterator
 from pathlib import Path
 
-from vicuna_exp.data.config import VICUNA_V1_1_SYSTEM
+from vicuna_exp.config import load_option
 
 TOKENIZER_DIR = Path(__file__).resolve().parent.parent / "assets" / "tokenizer"
 SPECIALS = ["<unk>", "<s>", "</s>"]
@@ -26,8 +26,9 @@ BYTE_PIECES = [f"<0x{b:02X}>" for b in range(256)]
 def _corpus(sample_path: Path) -> Iterator[str]:
     """Every message of the sample, plus the template text that will surround it."""
     records = json.loads(sample_path.read_text(encoding="utf-8"))
+    system = load_option("template", "vicuna_v1.1").system
     for _ in range(20):
-        yield VICUNA_V1_1_SYSTEM
+        yield system
         yield "USER: ASSISTANT: [INST] [/INST] <<SYS>> <</SYS>>"
     for record in records:
         for turn in record.get("conversations") or []:

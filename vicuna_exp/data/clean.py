@@ -13,6 +13,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from vicuna_exp.choices import NonAlternating, SystemPolicy
 from vicuna_exp.data.config import DataConfig
 from vicuna_exp.data.template import ASSISTANT, SYSTEM, USER
 from vicuna_exp.errors import UsageError
@@ -45,12 +46,7 @@ class CleanResult:
 
 
 def check_config(cfg: DataConfig) -> None:
-    if cfg.system_policy not in ("template", "drop"):
-        raise UsageError(f"data.system_policy: must be template or drop, got {cfg.system_policy!r}")
-    if cfg.non_alternating not in ("merge", "drop"):
-        raise UsageError(f"data.non_alternating: must be merge or drop, got {cfg.non_alternating!r}")
-    if cfg.overflow not in ("split", "truncate", "drop"):
-        raise UsageError(f"data.overflow: must be split, truncate or drop, got {cfg.overflow!r}")
+    """Ranges, and what the chosen filters need installed (the schema's Enums check the choices)."""
     if not 0.0 <= cfg.eval_fraction < 1.0:
         raise UsageError(f"data.eval_fraction: must be in [0, 1), got {cfg.eval_fraction}")
     if cfg.min_pairs < 1:
@@ -114,7 +110,7 @@ class _Cleaner:
             messages = kept
         # system messages: a leading one fills the template's system slot (policy "template")
         system: str | None = None
-        if messages and messages[0][0] == SYSTEM and cfg.system_policy == "template":
+        if messages and messages[0][0] == SYSTEM and cfg.system_policy == SystemPolicy.template:
             system = messages[0][1]
             messages = messages[1:]
             changes["system_prompts_used"] += 1
@@ -138,7 +134,7 @@ class _Cleaner:
         turns: list[tuple[str, str]] = []
         for role, value in messages:
             if turns and turns[-1][0] == role:
-                if cfg.non_alternating == "drop":
+                if cfg.non_alternating == NonAlternating.drop:
                     return "non_alternating"
                 turns[-1] = (role, turns[-1][1] + "\n\n" + value)
                 changes["turns_merged"] += 1

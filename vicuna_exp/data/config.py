@@ -9,26 +9,27 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-SAMPLE_PACKAGE_FILE = "vicuna_exp:assets/sample_sharegpt.json"  # the packaged sample conversations
-VICUNA_V1_1_SYSTEM = (
-    "A chat between a curious user and an artificial intelligence assistant. "
-    "The assistant gives helpful, detailed, and polite answers to the user's questions."
-)
+from omegaconf import MISSING
+
+from vicuna_exp.choices import DataFormat, NonAlternating, Overflow, SystemPolicy
 
 
 @dataclass
 class DataConfig:
-    """Where the conversations come from, how they are cleaned, split and batched."""
+    """Where the conversations come from, how they are cleaned, split and batched.
 
-    name: str = "sample"
-    path: str | None = None  # a ShareGPT JSON/JSONL file; when null, package_file names the data
-    package_file: str | None = SAMPLE_PACKAGE_FILE  # "module:relative/path" inside an installed package
-    format: str = "auto"  # auto | json | jsonl
+    Keys a `conf/data/` option sets are `MISSING` here: the option's YAML holds their values.
+    """
+
+    name: str = MISSING
+    path: str | None = MISSING  # a ShareGPT JSON/JSONL file; when null, package_file names the data
+    package_file: str | None = MISSING  # "module:relative/path" inside an installed package
+    format: DataFormat = MISSING  # auto | json | jsonl
     max_records: int | None = None  # read only the first N records (quick experiments, benchmarks)
-    eval_fraction: float = 0.02  # share of conversations (by seeded hash of the id) held out for eval
+    eval_fraction: float = MISSING  # share of conversations (by seeded hash of the id) held out for eval
     seed: int = 0  # seed of the eval-split hash
-    packing: bool = True  # padding-free packing of several examples per row
-    overflow: str = "split"  # a single (user, assistant) pair longer than the context: split | truncate | drop
+    packing: bool = MISSING  # padding-free packing of several examples per row
+    overflow: Overflow = MISSING  # a single (user, assistant) pair longer than the context: split | truncate | drop
     group_by_length: bool = False  # unpacked mode: batch examples of similar length together
     # Cleaning; each step is a switch and each drop is counted by reason in stats.json.
     user_roles: list[str] = field(default_factory=lambda: ["human", "user"])
@@ -36,13 +37,13 @@ class DataConfig:
         default_factory=lambda: ["gpt", "chatgpt", "bard", "bing", "assistant", "model"]
     )
     system_roles: list[str] = field(default_factory=lambda: ["system"])
-    system_policy: str = "template"  # template (a leading system message fills the template's slot) | drop
+    system_policy: SystemPolicy = SystemPolicy.template  # template (a leading system message fills the template's slot) | drop
     strip_whitespace: bool = True  # strip leading/trailing whitespace of every message
-    html_to_markdown: bool = True  # scraped ChatGPT HTML back to markdown (markdownify)
+    html_to_markdown: bool = MISSING  # scraped ChatGPT HTML back to markdown (markdownify)
     drop_empty_messages: bool = True  # empty or whitespace-only messages are removed
     trim_edges: bool = True  # drop leading non-user turns and a trailing user turn (else: drop the record)
-    non_alternating: str = "merge"  # consecutive turns of one role: merge (joined by a blank line) | drop
-    dedup: bool = True  # exact duplicate conversations (after cleaning) are dropped
+    non_alternating: NonAlternating = NonAlternating.merge  # consecutive turns of one role: merge (joined by a blank line) | drop
+    dedup: bool = MISSING  # exact duplicate conversations (after cleaning) are dropped
     blocked_words: list[str] = field(default_factory=list)  # case-insensitive; a match drops the record
     languages: list[str] | None = None  # e.g. [en]: keep records detected as these (offline, langdetect)
     min_pairs: int = 1  # records with fewer (user, assistant) pairs after cleaning are dropped
@@ -54,7 +55,7 @@ class DataConfig:
 
 @dataclass
 class TemplateConfig:
-    """A conversation template as format strings.
+    """A conversation template as format strings (every key from the `conf/template/` option).
 
     Placeholders: `{system}`, `{role}`, `{content}`, and `{bos}` / `{eos}` for the tokenizer's
     special tokens (structural: real special tokens, never text). The assistant's supervised part
@@ -63,15 +64,15 @@ class TemplateConfig:
     tokenizer, which adds BOS itself, exactly as at inference.
     """
 
-    name: str = "vicuna_v1.1"
-    system: str = VICUNA_V1_1_SYSTEM  # default system prompt; "" for none
-    roles: dict[str, str] = field(default_factory=lambda: {"user": "USER", "assistant": "ASSISTANT"})
-    system_format: str = "{system} "  # rendered once when the system prompt is not empty
-    user_format: str = "{role}: {content} "  # may contain {system}: the system part goes into the first user turn
-    assistant_format: str = "{role}: {content}{eos}"
-    generation_prompt: str | None = None  # null: assistant_format up to {content}, trailing spaces removed
-    bos_token: str = "<s>"
-    eos_token: str = "</s>"
+    name: str = MISSING
+    system: str = MISSING  # default system prompt; "" for none
+    roles: dict[str, str] = MISSING
+    system_format: str = MISSING  # rendered once when the system prompt is not empty
+    user_format: str = MISSING  # may contain {system}: the system part goes into the first user turn
+    assistant_format: str = MISSING
+    generation_prompt: str | None = MISSING  # null: assistant_format up to {content}, trailing spaces removed
+    bos_token: str = MISSING
+    eos_token: str = MISSING
 
 
 # DataConfig keys that do not change what a preparation contains: left out of its cache key.

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from vicuna_exp.choices import DataFormat
 from vicuna_exp.errors import UsageError
 
 _WS = re.compile(r"[ \t\n\r]*")
@@ -26,7 +27,7 @@ _SEP = re.compile(r"[ \t\n\r]*(,|\])?[ \t\n\r]*")
 @dataclass
 class RawData:
     path: str
-    format: str  # json | jsonl
+    format: DataFormat  # json | jsonl (resolved, never auto)
     records: list[Any] = field(default_factory=list)  # filled by read_records (iter_records streams them)
     count: int = 0  # records read so far
     truncated: dict[str, Any] | None = None  # where the file was cut, when it was
@@ -173,14 +174,12 @@ def _iter_jsonl(text: str, path: Path, max_records: int | None, data: RawData) -
         yield record
 
 
-def iter_records(path: Path, fmt: str = "auto", max_records: int | None = None) -> tuple[RawData, Iterator[Any]]:
+def iter_records(path: Path, fmt: DataFormat = DataFormat.auto, max_records: int | None = None) -> tuple[RawData, Iterator[Any]]:
     """Stream the whole records of a ShareGPT JSON list or JSONL file (the first `max_records` if set).
 
     The returned RawData fills in (`count`, `truncated`, `notes`) as the iterator is consumed; a
     file that is not JSON/JSONL fails here, a record that is not valid JSON when it is reached.
     """
-    if fmt not in ("auto", "json", "jsonl"):
-        raise UsageError(f"data.format: must be auto, json or jsonl, got {fmt!r}")
     try:
         blob = path.read_bytes()
     except OSError as exc:
@@ -189,17 +188,17 @@ def iter_records(path: Path, fmt: str = "auto", max_records: int | None = None) 
         blob = blob[len(codecs.BOM_UTF8):]
     m = _WS_BYTES.match(blob)
     first = blob[m.end():m.end() + 1] if m else b""
-    if fmt == "auto":
+    if fmt == DataFormat.auto:
         if first == b"[":
-            fmt = "json"
+            fmt = DataFormat.json
         elif first == b"{":
-            fmt = "jsonl"
+            fmt = DataFormat.jsonl
         elif not first:
             raise UsageError(f"{path}: the file is empty; expected ShareGPT JSON or JSONL")
         else:
             raise UsageError(f"{path}:1: expected a JSON list of ShareGPT records or JSONL, found {blob[:20]!r}")
     data = RawData(str(path), fmt)
-    if fmt == "json" and max_records is None and first == b"[" and blob[-4096:].rstrip().endswith(b"]"):
+    if fmt == DataFormat.json and max_records is None and first == b"[" and blob[-4096:].rstrip().endswith(b"]"):
         records = _whole_json_list(blob)
         if records is not None:
             return data, _iter_list(records, data)
@@ -207,7 +206,7 @@ def iter_records(path: Path, fmt: str = "auto", max_records: int | None = None) 
         text = _decode(blob)
     except UnicodeDecodeError as exc:
         raise UsageError(f"{path}: not UTF-8 text (byte {exc.start}); expected ShareGPT JSON or JSONL") from None
-    if fmt == "json":
+    if fmt == DataFormat.json:
         pos = _WS.match(text, 0).end()  # type: ignore[union-attr]
         if pos >= len(text) or text[pos] != "[":  # checked up front, not when the stream starts
             raise UsageError(f"{path}: expected a JSON list of ShareGPT records (or JSONL), "
@@ -216,7 +215,7 @@ def iter_records(path: Path, fmt: str = "auto", max_records: int | None = None) 
     return data, _iter_jsonl(text, path, max_records, data)
 
 
-def read_records(path: Path, fmt: str = "auto", max_records: int | None = None) -> RawData:
+def read_records(path: Path, fmt: DataFormat = DataFormat.auto, max_records: int | None = None) -> RawData:
     """All whole records of a ShareGPT JSON list or JSONL file, in `records`."""
     data, records = iter_records(path, fmt, max_records)
     data.records = list(records)

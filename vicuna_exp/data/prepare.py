@@ -48,18 +48,6 @@ class PreparedData:
     from_cache: bool = False
 
 
-def _as_dataclass(cfg: Any, cls: type) -> Any:
-    """A section as its dataclass, whether given as the dataclass, a DictConfig or a dict."""
-    if isinstance(cfg, cls):
-        return cfg
-    if not isinstance(cfg, dict):
-        from omegaconf import OmegaConf
-
-        cfg = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
-    names = {f.name for f in dataclasses.fields(cls)}
-    return cls(**{k: v for k, v in cfg.items() if k in names})
-
-
 def _key_parts(data: DataConfig, template: TemplateConfig, context: int, raw_hash: str, tok_hash: str) -> dict:
     settings = {k: v for k, v in dataclasses.asdict(data).items() if k not in CACHE_IRRELEVANT}
     return {"pipeline": PIPELINE_VERSION, "raw_data": raw_hash, "data": settings,
@@ -67,20 +55,25 @@ def _key_parts(data: DataConfig, template: TemplateConfig, context: int, raw_has
 
 
 def prepare(
-    data_cfg: Any,
-    template_cfg: Any,
+    data_cfg: DataConfig | DictConfig,
+    template_cfg: TemplateConfig | DictConfig,
     context_length: int,
     tokenizer: PreTrainedTokenizerFast,
     tokenizer_dir: str | None,
 ) -> PreparedData:
-    """The prepared dataset for these settings: from the cache, or built (once, under a lock) and cached."""
+    """The prepared dataset for these settings: from the cache, or built (once, under a lock) and cached.
+
+    The sections are the schema's objects, or the composed config's nodes of those schemas
+    (`cfg.data`); either is checked against the schema again, so no key is lost on the way.
+    """
+    from vicuna_exp.config import as_schema
     from vicuna_exp.data import cache
     from vicuna_exp.data.clean import check_config
     from vicuna_exp.data.load import resolve_path
     from vicuna_exp.data.template import check_template
 
-    data: DataConfig = _as_dataclass(data_cfg, DataConfig)
-    template: TemplateConfig = _as_dataclass(template_cfg, TemplateConfig)
+    data = as_schema(data_cfg, DataConfig, "data")
+    template = as_schema(template_cfg, TemplateConfig, "template")
     check_config(data)
     check_template(template)
     if context_length < 8:

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from vicuna_exp.choices import Overflow
 from vicuna_exp.data.encode import IGNORE, Encoded, EncodeError, Marked, Rendered
 from vicuna_exp.data.layout import opening
 
@@ -87,14 +88,15 @@ def windows(ids: np.ndarray, labels: np.ndarray, lo: int, hi: int, context: int)
     return out
 
 
-def overflow_examples(ids: np.ndarray, labels: np.ndarray, context: int, policy: str, counts: Counter) -> list[Example]:
+def overflow_examples(ids: np.ndarray, labels: np.ndarray, context: int, policy: Overflow,
+                      counts: Counter) -> list[Example]:
     """Examples for one pair, rendered on its own, that does not fit the context (counted in `counts`)."""
     supervised = int((labels != IGNORE).sum())
-    if policy == "drop":
+    if policy == Overflow.drop:
         counts["dropped_pairs"] += 1
         counts["dropped_supervised_tokens"] += supervised
         return []
-    if policy == "truncate":
+    if policy == Overflow.truncate:
         counts["truncated_pairs"] += 1
         kept = labels[:context]
         counts["truncated_supervised_tokens"] += supervised - int((kept != IGNORE).sum())
@@ -117,7 +119,7 @@ class SplitResult:
 
 
 def encode_and_split(
-    convs: Iterable[Conversation], encoder: ConversationEncoder, context: int, overflow_policy: str,
+    convs: Iterable[Conversation], encoder: ConversationEncoder, context: int, overflow_policy: Overflow,
     on_chunk: Callable[[SplitResult, int, int], None] | None = None,
 ) -> SplitResult:
     """Encode every conversation whole; those longer than the context become whole-pair pieces.
@@ -200,7 +202,7 @@ def _chunks(stream: Iterator[Conversation]) -> Iterator[list[Conversation]]:
 
 
 def _split_chunk(start: int, encoded: list[Encoded | EncodeError], convs: Sequence[Conversation],
-                 encoder: ConversationEncoder, context: int, policy: str, res: SplitResult,
+                 encoder: ConversationEncoder, context: int, policy: Overflow, res: SplitResult,
                  source: list[int], alive: list[bool]) -> None:
     pending: list[Piece] = []
     wholes: dict[int, Encoded] = {}
@@ -225,7 +227,7 @@ def _split_chunk(start: int, encoded: list[Encoded | EncodeError], convs: Sequen
 
 
 def _encode_pieces(pending: list[Piece], wholes: dict[int, Encoded], convs: Sequence[Conversation],
-                   encoder: ConversationEncoder, context: int, policy: str, res: SplitResult) -> None:
+                   encoder: ConversationEncoder, context: int, policy: Overflow, res: SplitResult) -> None:
     """Each piece gets the ids of its own rendering; one that still does not fit gives up its last pair."""
     pieces: dict[tuple[int, int], list[Example]] = {}
     while pending:
@@ -236,7 +238,7 @@ def _encode_pieces(pending: list[Piece], wholes: dict[int, Encoded], convs: Sequ
         early: dict[int, list[Example]] = {}  # lone pairs that certainly overflow: windowed at once
         for i, p in enumerate(pending):
             conv = convs[p.conv]
-            if policy == "split" and p.stop - p.first == 1 and _estimate(wholes[p.conv], p) > context + SURE_OVERFLOW:
+            if policy == Overflow.split and p.stop - p.first == 1 and _estimate(wholes[p.conv], p) > context + SURE_OVERFLOW:
                 built.append(EncodeError("pending", ""))
                 early[i] = _overflow(p, None, wholes[p.conv], context, policy, res)
                 continue
@@ -317,12 +319,12 @@ def _estimate(whole: Encoded, p: Piece) -> int:
     return int(starts[0]) + end - int(starts[p.first])
 
 
-def _overflow(p: Piece, own: Example | None, whole: Encoded, context: int, policy: str,
+def _overflow(p: Piece, own: Example | None, whole: Encoded, context: int, policy: Overflow,
               res: SplitResult) -> list[Example]:
     """A lone pair longer than the context. `split` windows the whole conversation's token stream
     over the pair (earlier turns are the preceding text, no re-tokenizing); `truncate` and `drop`
     work on the pair rendered on its own."""
-    if policy != "split":
+    if policy != Overflow.split:
         assert own is not None
         return overflow_examples(own[0], own[1], context, policy, res.overflow)
     starts = whole.pair_starts

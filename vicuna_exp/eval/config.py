@@ -21,6 +21,7 @@ from enum import Enum
 from pathlib import Path
 from typing import Any
 
+from vicuna_exp.choices import EvalDtype
 from vicuna_exp.errors import UsageError
 
 PACKAGED_QUESTIONS_DIR = Path(__file__).resolve().parents[1] / "assets" / "questions"
@@ -89,7 +90,7 @@ class EvalConfig:
     default_temperature: float = 0.7  # categories not listed above
     seed: int = 0
     device: str = "auto"  # auto: cuda if available, else cpu
-    dtype: str = "auto"  # auto: bfloat16 on cuda, float32 on cpu; or float32|bfloat16|float16
+    dtype: EvalDtype = EvalDtype.auto  # auto: bfloat16 on cuda, float32 on cpu; or float32|bfloat16|float16
     overwrite: bool = False  # False: keep answers already written and answer only the missing questions
     require_judge: bool = True  # generate checks the judge endpoint first, so a missing key fails fast
     reference_model: str | None = None  # report: relative total score denominator; None: judge.baseline_model

@@ -23,6 +23,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from vicuna_exp.choices import Device, EvalDtype
 from vicuna_exp.errors import EXIT_FAILED, EXIT_OK, UsageError
 from vicuna_exp.eval.client import resolve_endpoint
 from vicuna_exp.eval.config import (
@@ -77,20 +78,19 @@ def conversation(q: Question, answers: list[str], upto: int) -> list[dict[str, s
     return msgs
 
 
-def load_model(src: Path, tokenizer_dir: Path, device: str, dtype: str) -> tuple[Any, Any, Any]:
+def load_model(src: Path, tokenizer_dir: Path, device: str, dtype: EvalDtype) -> tuple[Any, Any, Any]:
     """(model, tokenizer, device) from local files only."""
     import torch
     from transformers import AutoModelForCausalLM
 
     from vicuna_exp.data.tokenizer import load_tokenizer
 
-    if device == "auto":
+    if device == Device.auto:
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    if dtype == "auto":
-        dtype = "bfloat16" if device.startswith("cuda") and torch.cuda.is_bf16_supported() else "float32"
-    torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(dtype)
-    if torch_dtype is None:
-        raise UsageError(f"eval.dtype={dtype}: choose auto, float32, bfloat16 or float16")
+    if dtype == EvalDtype.auto:
+        dtype = EvalDtype.bfloat16 if device.startswith("cuda") and torch.cuda.is_bf16_supported() else EvalDtype.float32
+    torch_dtype = {EvalDtype.float32: torch.float32, EvalDtype.bfloat16: torch.bfloat16,
+                   EvalDtype.float16: torch.float16}[EvalDtype(dtype)]
     tokenizer = load_tokenizer(str(tokenizer_dir), key="model.tokenizer")
     try:
         model = AutoModelForCausalLM.from_pretrained(str(src), dtype=torch_dtype, local_files_only=True)

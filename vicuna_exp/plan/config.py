@@ -10,22 +10,27 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from omegaconf import MISSING
+
+from vicuna_exp.choices import DeviceType, Interconnect, StorageMode
+
 
 @dataclass
 class HardwareConfig:
-    """One accelerator type; a node holds `gpus_per_node` of them."""
+    """One accelerator type; a node holds `gpus_per_node` of them. Every value comes from the
+    `conf/hardware/` option."""
 
-    name: str = "cpu"
-    device: str = "cpu"  # cuda | cpu: what `trainer.precision=auto` resolves against
-    accelerator: str | None = None  # SkyPilot's name for it (A100, A100-80GB, H100); None on a CPU
-    gpu_memory_gb: float = 24.0  # usable memory of one device, GiB (on a CPU: the host RAM)
-    bf16_tflops: float = 0.1  # peak dense bf16 TFLOP/s of one device (datasheet, no sparsity)
-    fp32_tflops: float = 0.1  # peak fp32 TFLOP/s of one device (no TF32: torch leaves it off)
-    interconnect: str = "none"  # within a node: nvlink | pcie | none
-    gpus_per_node: int = 1  # devices in one node (most clouds: 8)
-    cpu_memory_gb: float = 24.0  # host RAM of one node, GiB: bounds CPU offload
-    on_demand_usd_per_gpu_hour: float = 0.0
-    spot_usd_per_gpu_hour: float = 0.0
+    name: str = MISSING
+    device: DeviceType = MISSING  # cuda | cpu: what `trainer.precision=auto` resolves against
+    accelerator: str | None = MISSING  # SkyPilot's name for it (A100, A100-80GB, H100); None on a CPU
+    gpu_memory_gb: float = MISSING  # usable memory of one device, GiB (on a CPU: the host RAM)
+    bf16_tflops: float = MISSING  # peak dense bf16 TFLOP/s of one device (datasheet, no sparsity)
+    fp32_tflops: float = MISSING  # peak fp32 TFLOP/s of one device (no TF32: torch leaves it off)
+    interconnect: Interconnect = MISSING  # within a node: nvlink | pcie | none
+    gpus_per_node: int = MISSING  # devices in one node (most clouds: 8)
+    cpu_memory_gb: float = MISSING  # host RAM of one node, GiB: bounds CPU offload
+    on_demand_usd_per_gpu_hour: float = MISSING
+    spot_usd_per_gpu_hour: float = MISSING
 
 
 @dataclass
@@ -51,7 +56,7 @@ class SkyConfig:
     name: str | None = None  # task / managed-job name; default: the experiment (or model) name
     bucket: str | None = None  # checkpoint bucket URL, e.g. s3://my-ckpts/vicuna or gs://my-ckpts
     mount: str = "/checkpoints"  # where the bucket appears on every node; run dirs live under it
-    mode: str = "MOUNT_CACHED"  # SkyPilot storage mode: MOUNT_CACHED (recommended for checkpoints) | MOUNT
+    mode: StorageMode = StorageMode.MOUNT_CACHED  # SkyPilot storage mode: MOUNT_CACHED (recommended for checkpoints) | MOUNT
     use_spot: bool = True  # managed spot: preempted jobs are relaunched and resume from the bucket
     cloud: str | None = None  # aws | gcp | azure | ... ; None lets SkyPilot pick the cheapest
     region: str | None = None

@@ -26,14 +26,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from vicuna_exp.batch_split import micro_batch_sizes, split_error
-from vicuna_exp.choices import choice_str as _str
+from vicuna_exp.choices import AttnImpl, BackendName, DeviceType, Precision, Sharding
 from vicuna_exp.errors import UsageError, require_resolvable
 from vicuna_exp.plan.facts import ModelFacts, model_facts
 from vicuna_exp.plan.flops import flops_per_token, peak_tflops
 
 GIB = 2**30
-BACKENDS = ("single", "ddp", "fsdp", "deepspeed")
-PRECISIONS = ("fp32", "bf16_mixed", "bf16")
+REPLICATED = (BackendName.single, BackendName.ddp)  # every rank holds the whole state
 
 
 @dataclass(frozen=True)
@@ -45,8 +44,8 @@ class Setup:
     micro_batch: int  # the largest micro-batch a rank runs: what peak memory depends on
     global_batch: int
     epochs: float
-    precision: str  # resolved: fp32 | bf16_mixed | bf16
-    backend: str  # single | ddp | fsdp | deepspeed
+    precision: Precision  # resolved: fp32 | bf16_mixed | bf16
+    backend: BackendName
     zero_stage: int
     reshard_after_forward: bool
     shard_group: int  # ranks one copy of the state is split over
@@ -75,17 +74,15 @@ class Setup:
 
     @property
     def strategy(self) -> str:
-        if self.backend == "deepspeed":
+        if self.backend == BackendName.deepspeed:
             where = [w for w, on in (("optimizer", self.offload_optimizer), ("params", self.offload_params)) if on]
             return f"ZeRO-{self.zero_stage}" + (f" (offload {'+'.join(where)})" if where else "")
-        if self.backend == "fsdp":
+        if self.backend == BackendName.fsdp:
             return "FSDP2" + (" (CPU offload)" if self.offload_params else "")
-        return self.backend
+        return str(self.backend)
 
 
 def _validate_hardware(hw: Any) -> None:
-    if _str(hw.device) not in ("cuda", "cpu"):
-        raise UsageError(f"hardware.device: must be cuda or cpu, got {_str(hw.device)!r} (hardware={hw.name})")
     for key in ("gpu_memory_gb", "bf16_tflops", "fp32_tflops", "cpu_memory_gb"):
         if not float(hw[key]) > 0:
             raise UsageError(f"hardware.{key}: must be > 0, got {hw[key]} (hardware={hw.name})")
@@ -104,7 +101,7 @@ def setup_from_config(cfg: Any) -> Setup:
     nproc, nnodes = int(cfg.launcher.nproc_per_node), int(cfg.launcher.nnodes)
     if nproc < 1 or nnodes < 1:
         raise UsageError(f"launcher.nproc_per_node and launcher.nnodes must be >= 1, got {nproc} and {nnodes}")
-    if _str(hw.device) == "cuda" and nproc > int(hw.gpus_per_node):
+    if hw.device == DeviceType.cuda and nproc > int(hw.gpus_per_node):
         raise UsageError(f"launcher.nproc_per_node={nproc}: a {hw.name} node has {hw.gpus_per_node} GPUs "
                          f"(hardware.gpus_per_node); use more nodes (launcher.nnodes) instead")
     world = nproc * nnodes
@@ -122,26 +119,22 @@ def setup_from_config(cfg: Any) -> Setup:
     if split:
         raise UsageError(split)
     micro = min(cap, global_batch // world)  # the cap binds only when a rank has more rows than it
-    precision = _str(t.precision)
-    if precision == "auto":
-        precision = "bf16_mixed" if _str(hw.device) == "cuda" else "fp32"
-    if precision not in PRECISIONS:
-        raise UsageError(f"trainer.precision: must be auto, fp32, bf16_mixed or bf16, got {precision!r}")
+    precision = Precision(t.precision)
+    if precision == Precision.auto:
+        precision = Precision.bf16_mixed if hw.device == DeviceType.cuda else Precision.fp32
     b = cfg.backend
-    name = _str(b.name)
-    if name not in BACKENDS:
-        raise UsageError(f"backend.name: the planner knows {', '.join(BACKENDS)}, got {name!r}")
-    zero_stage = int(b.zero_stage) if name == "deepspeed" else 0
-    if name == "deepspeed" and zero_stage not in (2, 3):
+    name = BackendName(b.name)
+    zero_stage = int(b.zero_stage) if name == BackendName.deepspeed else 0
+    if name == BackendName.deepspeed and zero_stage not in (2, 3):
         raise UsageError(f"backend.zero_stage: must be 2 or 3, got {zero_stage}")
-    if name == "fsdp":
+    if name == BackendName.fsdp:
         offload_params = offload_optimizer = bool(b.cpu_offload)
-    elif name == "deepspeed":
+    elif name == BackendName.deepspeed:
         offload_optimizer, offload_params = bool(b.offload_optimizer), bool(b.offload_params) and zero_stage == 3
     else:
         offload_params = offload_optimizer = False
-    hybrid = name == "fsdp" and _str(b.sharding) == "hybrid"
-    shard_group = 1 if name in ("single", "ddp") else (nproc if hybrid else world)
+    hybrid = name == BackendName.fsdp and b.sharding == Sharding.hybrid
+    shard_group = 1 if name in REPLICATED else (nproc if hybrid else world)
     return Setup(
         model=model_facts(cfg.model),
         seq_len=seq_len,
@@ -151,7 +144,7 @@ def setup_from_config(cfg: Any) -> Setup:
         precision=precision,
         backend=name,
         zero_stage=zero_stage,
-        reshard_after_forward=bool(b.reshard_after_forward) if name == "fsdp" else True,
+        reshard_after_forward=bool(b.reshard_after_forward) if name == BackendName.fsdp else True,
         shard_group=shard_group,
         offload_params=offload_params,
         offload_optimizer=offload_optimizer,
@@ -202,8 +195,8 @@ class Memory:
 def _state_bytes(s: Setup) -> tuple[dict[str, float], dict[str, float]]:
     """(on device, in host RAM) bytes per rank of params, grads and optimizer state."""
     n, g = float(s.model.total_params), float(s.shard_group)
-    if s.backend == "deepspeed":
-        c = 4.0 if s.precision == "fp32" else 2.0  # DeepSpeed keeps module weights in the compute dtype
+    if s.backend == BackendName.deepspeed:
+        c = 4.0 if s.precision == Precision.fp32 else 2.0  # DeepSpeed keeps module weights in the compute dtype
         params = c * n / g if s.zero_stage == 3 else c * n
         if s.zero_stage == 3:
             grads = 4.0 * n / g  # reduced straight into an fp32 partition
@@ -218,7 +211,7 @@ def _state_bytes(s: Setup) -> tuple[dict[str, float], dict[str, float]]:
         if s.offload_params:
             host["params"], dev["params"] = params, 0.0
         return dev, host
-    p = 2.0 if s.precision == "bf16" else 4.0  # stored weights; bf16_mixed keeps fp32 masters
+    p = 2.0 if s.precision == Precision.bf16 else 4.0  # stored weights; bf16_mixed keeps fp32 masters
     dev = {"params": p * n / g, "grads": p * n / g, "optim": 2 * p * n / g}
     host = {"params": 0.0, "grads": 0.0, "optim": 0.0}
     if s.offload_params:  # FSDP2 CPUOffloadPolicy: sharded params, grads and optimizer state on the host
@@ -230,16 +223,16 @@ def activation_bytes(s: Setup, checkpointing: bool) -> float:
     """Saved activations of one micro-batch on one rank (fitted to HF's LLaMA, see module doc)."""
     m = s.model
     h, i, kv, heads, seq = m.hidden_size, m.intermediate_size, m.kv_dim, m.num_attention_heads, s.seq_len
-    autocast = s.precision == "bf16_mixed" and s.backend in ("single", "ddp")
-    if s.precision == "fp32":
+    autocast = s.precision == Precision.bf16_mixed and s.backend in REPLICATED
+    if s.precision == Precision.fp32:
         per_layer, act, residual = 32 * h + 16 * i + 8 * kv, 4, 4
     elif autocast:
         per_layer, act, residual = 30 * h + 8 * i + 4 * kv, 2, 4
     else:  # bf16 weights (pure bf16, FSDP param_dtype=bf16, DeepSpeed bf16)
         per_layer, act, residual = 20 * h + 8 * i + 4 * kv, 2, 2
     per_layer += 4 * heads + 8  # softmax log-sum-exp per head, RMSNorm scales
-    if m.attn_implementation == "eager":
-        per_layer += heads * seq * (4 if s.precision == "fp32" else 6) + act * h
+    if m.attn_implementation == AttnImpl.eager:
+        per_layer += heads * seq * (4 if s.precision == Precision.fp32 else 6) + act * h
     outside = h * (8 + act) + 8 * m.head_dim + 16  # final norm, lm_head input, rotary tables, ids
     tokens = s.micro_batch * seq
     layers = m.num_hidden_layers
@@ -249,7 +242,7 @@ def activation_bytes(s: Setup, checkpointing: bool) -> float:
 
 def logits_bytes(s: Setup) -> float:
     """Logits, their fp32 copy for the loss, log-softmax kept for backward, and their gradient."""
-    out = 4 if s.precision == "fp32" else 2
+    out = 4 if s.precision == Precision.fp32 else 2
     per_token = s.model.vocab_size * (out + (4 if out != 4 else 0) + 4 + 4)
     return float(s.micro_batch * s.seq_len * per_token)
 
@@ -257,33 +250,33 @@ def logits_bytes(s: Setup) -> float:
 def memory(s: Setup, hw: Any, plan_cfg: Any) -> Memory:
     m = s.model
     dev, host = _state_bytes(s)
-    c = 4.0 if s.precision == "fp32" else 2.0  # compute dtype bytes
+    c = 4.0 if s.precision == Precision.fp32 else 2.0  # compute dtype bytes
     gathered = comm = autocast = 0.0
-    if s.backend == "fsdp":
+    if s.backend == BackendName.fsdp:
         layer = float(m.layer_params)
         root = float(m.total_params - m.num_hidden_layers * m.layer_params)  # embedding, lm_head, final norm
-        reduce_extra = 4.0 if s.precision == "bf16_mixed" else 0.0  # fp32 reduce-scatter copy
+        reduce_extra = 4.0 if s.precision == Precision.bf16_mixed else 0.0  # fp32 reduce-scatter copy
         if s.reshard_after_forward:
             gathered = root * c + 2 * layer * c + layer * (c + reduce_extra)
         else:
             gathered = float(m.total_params) * c + layer * (c + reduce_extra)
-        if s.shard_group == 1 and s.precision != "bf16_mixed":
+        if s.shard_group == 1 and s.precision != Precision.bf16_mixed:
             gathered = 0.0  # one rank, no dtype change: the "unsharded" params are the params
-    elif s.backend == "deepspeed":
+    elif s.backend == BackendName.deepspeed:
         if s.zero_stage == 3:
             gathered = 2 * c * m.largest_module_params  # DeepSpeed: the largest module's params + grads
             comm = min(s.bucket_bytes, c * m.total_params)  # prefetch bucket
         else:
             comm = 2 * min(s.bucket_bytes, c * m.total_params)  # reduce + all-gather buckets
-    elif s.backend == "ddp":
+    elif s.backend == BackendName.ddp:
         comm = dev["grads"]  # DDP's gradient buckets hold a copy of every gradient
-    if s.precision == "bf16_mixed" and s.backend in ("single", "ddp"):
+    if s.precision == Precision.bf16_mixed and s.backend in REPLICATED:
         autocast = 2.0 * m.matmul_params  # bf16 weight copies autocast keeps for backward
     act_ckpt, act_full = activation_bytes(s, True), activation_bytes(s, False)
     activations = act_ckpt if m.gradient_checkpointing else act_full
     logits = logits_bytes(s)
     tensors = sum(dev.values()) + activations + gathered + comm + logits + autocast
-    context = float(plan_cfg.cuda_context_gb) * GIB if _str(hw.device) == "cuda" else 0.0
+    context = float(plan_cfg.cuda_context_gb) * GIB if hw.device == DeviceType.cuda else 0.0
     overhead = context + float(plan_cfg.fragmentation) * tensors
     cpu_per_node = sum(host.values()) * s.nproc_per_node * (1.0 + float(plan_cfg.fragmentation))
     return Memory(
@@ -364,10 +357,10 @@ def make_plan(cfg: Any, dataset_tokens: int | None = None) -> Plan:
     notes = []
     if s.offload_params or s.offload_optimizer:
         notes.append("offload moves state over PCIe every step: expect a lower MFU than assumed")
-    if s.precision == "fp32" and _str(hw.device) == "cuda":
+    if s.precision == Precision.fp32 and hw.device == DeviceType.cuda:
         notes.append(f"fp32 runs at the fp32 peak ({hw.fp32_tflops:g} TFLOP/s): trainer.precision=bf16_mixed "
                      f"uses the {hw.bf16_tflops:g} TFLOP/s bf16 peak")
-    if s.model.attn_implementation == "eager":
+    if s.model.attn_implementation == AttnImpl.eager:
         notes.append("eager attention stores seq x seq scores per head: use sdpa or flash_attention_2")
     return Plan(
         setup=s, hardware_name=str(hw.name), memory=mem, flops_per_token=fpt, peak_tflops=peak,

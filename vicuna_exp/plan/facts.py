@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from vicuna_exp.choices import AttnImpl
 from vicuna_exp.errors import UsageError
 
 REQUIRED = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
@@ -31,7 +32,7 @@ class ModelFacts:
     num_attention_heads: int
     num_key_value_heads: int
     tie_word_embeddings: bool = False
-    attn_implementation: str = "sdpa"
+    attn_implementation: AttnImpl = AttnImpl.sdpa
     gradient_checkpointing: bool = False
     source: str = "the model config"  # where the architecture facts came from, for the plan to say
 
@@ -138,7 +139,7 @@ def model_facts(model_cfg: Any) -> ModelFacts:
     kv = int(values["num_key_value_heads"] or heads)
     if heads % kv:
         raise UsageError(f"model.num_key_value_heads: {kv} does not divide model.num_attention_heads={heads}")
-    attn = str(getattr(model_cfg.attn_implementation, "value", model_cfg.attn_implementation))
+    attn = AttnImpl(model_cfg.attn_implementation)
     return ModelFacts(
         name=str(model_cfg.name),
         vocab_size=int(values["vocab_size"]),
@@ -148,7 +149,7 @@ def model_facts(model_cfg: Any) -> ModelFacts:
         num_attention_heads=heads,
         num_key_value_heads=kv,
         tie_word_embeddings=bool(values["tie_word_embeddings"]),
-        attn_implementation="sdpa" if attn == "auto" else attn,
+        attn_implementation=AttnImpl.sdpa if attn == AttnImpl.auto else attn,
         gradient_checkpointing=bool(model_cfg.gradient_checkpointing),
         source=source,
     )

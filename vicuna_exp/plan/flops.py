@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from vicuna_exp.choices import Precision
 from vicuna_exp.plan.facts import ModelFacts, model_facts
 
 ModelLike = Any  # ModelFacts, or a `cfg.model` node to read them from
@@ -42,7 +43,7 @@ def flops_per_token(model: ModelLike, seq_lens: Sequence[int]) -> float:
 
 def peak_tflops(hardware: Any, precision: str) -> float:
     """The datasheet peak of one device for the precision the matmuls run in."""
-    return float(hardware.fp32_tflops if precision == "fp32" else hardware.bf16_tflops)
+    return float(hardware.fp32_tflops if precision == Precision.fp32 else hardware.bf16_tflops)
 
 
 def achieved_tflops(model_flops: float, seconds: float, n_devices: int) -> float:

@@ -11,9 +11,9 @@ def wants_table(argv: list[str]) -> bool:
 
 
 def main(argv: list[str]) -> int:
-    from vicuna_exp.hydra_app import compose, explain_config_error, quote_numeric_choices
+    from vicuna_exp.hydra_app import compose, expand_sweep, explain_config_error, quote_numeric_choices
     from vicuna_exp.plan.report import table
-    from vicuna_exp.sweep import _expand, load_spec, plan_sweep
+    from vicuna_exp.sweep import load_spec, plan_sweep
 
     named = [a.partition("=")[2] for a in argv if a.startswith("sweep=")]
     rest = [a for a in argv if not a.startswith("sweep=") and a not in ("-m", "--multirun")]
@@ -21,7 +21,7 @@ def main(argv: list[str]) -> int:
         plan = plan_sweep(load_spec(named[0]), rest)
         jobs, keys = plan.jobs, plan.name_keys
     else:
-        jobs = _expand(quote_numeric_choices(rest))
+        jobs = expand_sweep(quote_numeric_choices(rest))
         keys = sorted({o.partition("=")[0] for job in jobs for o in job
                        if len({x for j in jobs for x in j if x.partition("=")[0] == o.partition("=")[0]}) > 1})
     cfgs, labels = [], []

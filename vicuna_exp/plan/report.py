@@ -10,8 +10,9 @@ from collections.abc import Sequence
 from typing import Any
 
 from vicuna_exp.batch_split import describe
+from vicuna_exp.choices import BackendName
 from vicuna_exp.errors import EXIT_OK, UsageError
-from vicuna_exp.plan.estimate import GIB, Plan, make_plan, memory, setup_from_config
+from vicuna_exp.plan.estimate import GIB, REPLICATED, Plan, make_plan, memory, setup_from_config
 
 
 def _gb(x: float) -> str:
@@ -49,14 +50,14 @@ def suggestions(plan: Plan) -> list[str]:
     """What would make a config that does not fit, fit; most effective first."""
     s, mem = plan.setup, plan.memory
     out = []
-    if s.backend in ("single", "ddp"):
+    if s.backend in REPLICATED:
         out.append("shard the model state: backend=fsdp or backend=deepspeed_zero3")
     if not s.model.gradient_checkpointing and mem.activations_no_ckpt > 2 * mem.activations_ckpt:
         out.append(f"model.gradient_checkpointing=true (activations {_gb(mem.activations_no_ckpt)} -> "
                    f"{_gb(mem.activations_ckpt)} GiB)")
     if s.micro_batch > 1:
         out.append(f"trainer.micro_batch_size={s.micro_batch // 2} (more accumulation, same global batch)")
-    if s.backend in ("fsdp", "deepspeed") and not (s.offload_params or s.offload_optimizer):
+    if s.backend not in REPLICATED and not (s.offload_params or s.offload_optimizer):
         out.append("more GPUs (launcher.nproc_per_node / launcher.nnodes), or CPU offload "
                    "(backend=fsdp_offload, backend=deepspeed_zero3_offload)")
     out.append("a bigger GPU (hardware=a100-80gb, hardware=h100-80gb)")
@@ -85,7 +86,7 @@ def render(plan: Plan) -> str:
         (f"logits + loss ({m.vocab_size:,} x {s.micro_batch * s.seq_len:,} tokens)", mem.logits),
     ]
     if mem.gathered:
-        what = "gathered FSDP units (2 layers + root + layer grads)" if s.backend == "fsdp" \
+        what = "gathered FSDP units (2 layers + root + layer grads)" if s.backend == BackendName.fsdp \
             else "ZeRO-3 gathered largest module (params + grads)"
         rows.append((what, mem.gathered))
     if mem.comm_buckets:
