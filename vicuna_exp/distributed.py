@@ -1,4 +1,8 @@
-"""Process-group facts and the few collectives the loop needs, that work with one process too."""
+"""Process-group facts and the few collectives the loop needs, that work with one process too.
+
+Every collective of the project goes through this module (a test checks it), so the one rule that
+nccl imposes, tensors on the rank's GPU, is kept in one place: `collective_device()`.
+"""
 
 from __future__ import annotations
 
@@ -67,10 +71,27 @@ def destroy_process_group() -> None:
         dist.destroy_process_group()
 
 
+def collective_device() -> torch.device:
+    """Where a tensor must live to take part in a collective of the process group: nccl serves only
+    CUDA tensors (on this rank's device), gloo serves CPU tensors."""
+    if dist.is_initialized() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def all_reduce(t: torch.Tensor, op: str = "sum") -> torch.Tensor:
-    """In place across ranks; the identity with one process."""
+    """In place across ranks, wherever `t` lives; the identity with one process.
+
+    The loop's bookkeeping (token counts, loss sums, stop flags) is small and lives on the host;
+    it is moved to the collective device for the reduction and the result copied back, so the
+    same call works under gloo and nccl.
+    """
     if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(t, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX)
+        device = collective_device()
+        work = t if t.device == device else t.to(device)
+        dist.all_reduce(work, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX)
+        if work is not t:
+            t.copy_(work)
     return t
 
 
@@ -80,9 +101,10 @@ def barrier() -> None:
 
 
 def broadcast_object(obj: object, src: int = 0) -> object:
+    """`obj` from rank `src` on every rank (pickled; serialised through the collective device)."""
     if dist.is_initialized() and dist.get_world_size() > 1:
         box = [obj]
-        dist.broadcast_object_list(box, src=src)
+        dist.broadcast_object_list(box, src=src, device=collective_device())
         return box[0]
     return obj
 

@@ -62,7 +62,7 @@ def launch(cfg: DictConfig, run_dir: Path) -> int:
     check_hardware(cfg)
     check_run_dir_shared(cfg, hydra_overrides())
     cmd = torchrun_command(cfg, run_dir)
-    env = worker_env(os.environ)
+    env = worker_env(os.environ, procs_per_node=int(cfg.launcher.nproc_per_node))
     started = time.time()
     (run_dir / WORKER_STATUS_DIR).mkdir(parents=True, exist_ok=True)
     log.info("starting %s", " ".join(cmd))
@@ -193,12 +193,20 @@ def scheduler_rendezvous(cfg: DictConfig) -> dict[str, Any] | None:
     return rdzv
 
 
-def worker_env(base: Any) -> dict[str, str]:
+def worker_env(base: Any, procs_per_node: int = 1) -> dict[str, str]:
     env = dict(base)
     env.setdefault("TORCH_EXTENSIONS_DIR", str(build_ops.default_extensions_dir()))  # the pre-built DeepSpeed ops
-    env.setdefault("OMP_NUM_THREADS", "1")  # torchrun's choice too, without its warning
+    # torchrun would give each worker one thread, which cripples an optimizer step on the CPU (FSDP
+    # offload, DeepSpeedCPUAdam): each gets its share of the cores this job may use, unless set.
+    env.setdefault("OMP_NUM_THREADS", str(threads_per_worker(procs_per_node)))
     env.setdefault("PYTHONUNBUFFERED", "1")
     return env
+
+
+def threads_per_worker(procs_per_node: int) -> int:
+    """The cores this process may run on, shared evenly by the workers of one node (at least 1)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cores // max(1, procs_per_node))
 
 
 # --------------------------------------------------------------------------------------------

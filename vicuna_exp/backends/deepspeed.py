@@ -29,6 +29,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig
 
+from vicuna_exp import distributed as D
 from vicuna_exp.backends.base import Backend, OptimizerSpec, tensor_bytes
 from vicuna_exp.checkpoint import DCP_SUBDIR, DEEPSPEED_SUBDIR
 from vicuna_exp.choices import ModelInit, Precision
@@ -248,8 +249,6 @@ class DeepSpeedBackend(Backend):
     def _agree_readable(self, ds_dir: Path) -> None:
         """Every rank opens its own files first and all agree: a rank failing alone inside
         load_checkpoint would leave the others waiting in a collective (a hang, not a fallback)."""
-        from vicuna_exp import distributed as D
-
         r = self.dist.rank
         model_file = f"zero_pp_rank_{r}_mp_rank_00_model_states.pt" if self.stage == 3 else "mp_rank_00_model_states.pt"
         error = None
@@ -273,8 +272,6 @@ class DeepSpeedBackend(Backend):
 
     def _universal(self, ckpt_dir: Path, saved: int) -> str:
         """Rank 0 converts once (kept beside the original), the others wait; returns the tag to load."""
-        import torch.distributed as dist
-
         tag = f"{DEEPSPEED_SUBDIR}_universal_from_{saved}"
         out = ckpt_dir / tag
         error = None
@@ -285,12 +282,10 @@ class DeepSpeedBackend(Backend):
                 convert_to_universal(ckpt_dir / DEEPSPEED_SUBDIR, out)
             except Exception as e:  # noqa: BLE001 - reported on every rank below
                 error = f"{type(e).__name__}: {e}"
-        box = [error]
-        if dist.is_initialized():
-            dist.broadcast_object_list(box, src=0)
-        if box[0]:
+        error = D.broadcast_object(error)
+        if error:
             raise RuntimeError(f"cannot resume {ckpt_dir} (saved by {saved} ranks) on {self.dist.world_size} "
-                               f"ranks: conversion to DeepSpeed's universal checkpoint failed: {box[0]}")
+                               f"ranks: conversion to DeepSpeed's universal checkpoint failed: {error}")
         return tag
 
     # ---- export --------------------------------------------------------------------------------

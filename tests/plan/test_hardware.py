@@ -1,0 +1,82 @@
+"""Hardware facts from the device: profiles for known GPUs, the driver's memory for unknown ones,
+the CPU profile without a GPU, and a warning (or exit 2) when a named profile contradicts the device."""
+
+from __future__ import annotations
+
+import pytest
+from omegaconf import OmegaConf
+
+from vicuna_exp import hardware as H
+from vicuna_exp.errors import UsageError
+
+H200 = H.DeviceFacts(name="NVIDIA H200", memory_gib=143_771 / 1024, count=8)
+A100_80 = H.DeviceFacts(name="NVIDIA A100-SXM4-80GB", memory_gib=81_920 / 1024, count=8)
+
+
+def hw(name: str, **extra: object):
+    values = H.load_profile(name) if name != "auto" else {"name": "auto"}
+    return OmegaConf.create({"reference": None, "strict": False, **values, **extra})
+
+
+@pytest.mark.parametrize(("device", "profile"), [
+    (H200, "h200"), (A100_80, "a100-80gb"),
+    (H.DeviceFacts("NVIDIA A100-PCIE-40GB", 40.0, 1), "a100-40gb"),
+    (H.DeviceFacts("NVIDIA H100 80GB HBM3", 79.6, 8), "h100-80gb"),
+])
+def test_a_known_gpu_gets_its_profile(device: H.DeviceFacts, profile: str) -> None:
+    r = H.resolve(hw("auto"), on_gpu=True, device=device)
+    assert r.facts["name"] == profile and r.facts["device"] == "cuda" and not r.warnings
+    assert r.facts["gpu_memory_gb"] == pytest.approx(device.memory_gib, abs=0.05)  # what the card has
+    assert device.name in r.source
+
+
+def test_the_h200_profile_has_the_driver_figures() -> None:
+    p = H.load_profile("h200")
+    assert (p["gpu_memory_gb"], p["bf16_tflops"], p["gpus_per_node"]) == (140.4, 989, 8)
+
+
+def test_an_unknown_gpu_takes_its_memory_from_the_driver_and_peaks_from_the_chip_table() -> None:
+    l4 = H.resolve(hw("auto"), on_gpu=True, device=H.DeviceFacts("NVIDIA L4", 22.5, 1))
+    assert (l4.facts["gpu_memory_gb"], l4.facts["bf16_tflops"], l4.facts["device"]) == (22.5, 121.0, "cuda")
+    assert not l4.warnings
+    odd = H.resolve(hw("auto"), on_gpu=True, device=H.DeviceFacts("NVIDIA Quadro X9", 47.5, 2))
+    assert odd.facts["gpu_memory_gb"] == 47.5 and odd.facts["bf16_tflops"] is None
+    assert "peak FLOP/s unknown" in odd.warnings[0] and "hardware.bf16_tflops" in odd.warnings[0]
+
+
+def test_no_gpu_means_the_cpu_profile_or_the_presets_reference_when_planning() -> None:
+    assert H.resolve(hw("auto"), on_gpu=False).facts["name"] == "cpu"
+    planned = H.resolve(hw("auto", reference="a100-80gb"), on_gpu=None, device=None)
+    assert planned.facts["name"] == "a100-80gb" and "reference profile" in planned.source
+    assert H.resolve(hw("auto", reference="a100-80gb"), on_gpu=False).facts["name"] == "cpu"  # training on CPU
+
+
+def test_a_contradicting_profile_warns_and_the_device_wins_unless_strict() -> None:
+    r = H.resolve(hw("a100-40gb"), on_gpu=True, device=A100_80)
+    assert r.facts["name"] == "a100-80gb" and "the device wins" in r.warnings[-1]
+    with pytest.raises(UsageError, match=r"hardware=a100-40gb: the profile says 40 GiB .* 80.0 GiB"):
+        H.resolve(hw("a100-40gb", strict=True), on_gpu=True, device=A100_80)
+    agree = H.resolve(hw("a100-80gb"), on_gpu=True, device=A100_80)
+    assert agree.facts["name"] == "a100-80gb" and not agree.warnings
+    cpu = H.resolve(hw("a100-80gb"), on_gpu=False)
+    assert cpu.facts["name"] == "cpu" and "trains on the CPU" in cpu.warnings[0]
+
+
+def test_planning_for_other_hardware_on_a_machine_without_gpus_uses_the_profile_named() -> None:
+    r = H.resolve(hw("h100-80gb"), on_gpu=None, device=None)
+    assert r.facts["name"] == "h100-80gb" and r.source == "hardware=h100-80gb"
+
+
+def test_the_probe_creates_no_cuda_context(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+    """nvidia-smi's answer, restricted to CUDA_VISIBLE_DEVICES; no torch.cuda call is made."""
+    fake = tmp_path / "nvidia-smi"
+    fake.write_text("#!/bin/sh\necho '0, NVIDIA H200, 143771'\necho '1, NVIDIA H200, 143771'\n"
+                    "echo '2, NVIDIA H200, 143771'\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}:/usr/bin:/bin")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,2")
+    H.probe_gpus.cache_clear()
+    try:
+        assert H.probe_gpus() == H.DeviceFacts("NVIDIA H200", 143_771 / 1024, 2)
+    finally:
+        H.probe_gpus.cache_clear()

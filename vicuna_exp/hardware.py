@@ -1,0 +1,180 @@
+"""The hardware a run is on: what the driver reports, and which `conf/hardware/` profile describes it.
+
+`hardware=auto` (the default) takes its facts from the device: a known GPU gets its profile, an
+unknown one its memory from the driver and its peak FLOP/s from a table of chips (with a warning
+when the chip is not in it), and no GPU means the CPU profile. A named profile that contradicts the
+device found gives a warning and the device wins, unless `hardware.strict=true` (exit 2).
+
+The device is probed without creating a CUDA context in this process (nvidia-smi, which asks NVML),
+so the parent job of a multi-GPU run does not hold GPU 0's memory while its workers train. Planning
+on a machine without a GPU uses the preset's reference profile (`hardware.reference`).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import re
+import shutil
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from vicuna_exp.errors import UsageError
+
+log = logging.getLogger(__name__)
+
+AUTO = "auto"
+CPU_PROFILE = "cpu"
+GIB = 2**30
+PROFILE_DIR = Path(__file__).resolve().parent.parent / "conf" / "hardware"
+
+# Device names as the driver spells them -> the profile that describes them, first match wins.
+PROFILE_OF_DEVICE: tuple[tuple[str, str], ...] = (
+    (r"\bH200\b", "h200"),
+    (r"\bH100\b.*(SXM|HBM3)|\bH100 80GB HBM3\b", "h100-80gb"),
+    (r"\bA100\b.*80\s?GB", "a100-80gb"),
+    (r"\bA100\b", "a100-40gb"),
+)
+# Dense (no sparsity) peak TFLOP/s of chips without a profile of their own, from NVIDIA's
+# datasheets: (bf16, fp32). Memory always comes from the driver.
+PEAKS_OF_CHIP: tuple[tuple[str, tuple[float, float]], ...] = (
+    (r"\bH100\b.*PCIe", (756.0, 51.0)),
+    (r"\bL40S\b", (362.0, 91.6)),
+    (r"\bL4\b", (121.0, 30.3)),
+    (r"\bA10G?\b", (125.0, 31.2)),
+)
+# A named profile and the device agree when their memory differs by less than this fraction.
+MEMORY_TOLERANCE = 0.05
+
+
+@dataclass(frozen=True)
+class DeviceFacts:
+    """One visible GPU model as the driver reports it, and how many this process may use."""
+
+    name: str
+    memory_gib: float
+    count: int
+
+
+@functools.cache
+def probe_gpus() -> DeviceFacts | None:
+    """The visible GPUs (the first one's model), or None: from nvidia-smi, never a CUDA context here."""
+    exe = shutil.which("nvidia-smi")
+    if exe is None:
+        return None
+    try:
+        out = subprocess.run([exe, "--query-gpu=index,name,memory.total", "--format=csv,noheader,nounits"],
+                             capture_output=True, text=True, timeout=20, check=True).stdout
+    except (OSError, subprocess.SubprocessError) as e:
+        log.warning("nvidia-smi failed (%s): planning as if there were no GPU", e)
+        return None
+    rows = [[c.strip() for c in line.split(",")] for line in out.splitlines() if line.count(",") >= 2]
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        wanted = {v.strip() for v in visible.split(",") if v.strip()}
+        rows = [r for r in rows if r[0] in wanted]
+    if not rows:
+        return None
+    _, name, mib = rows[0]
+    return DeviceFacts(name=name, memory_gib=float(mib) / 1024, count=len(rows))
+
+
+def load_profile(name: str) -> dict[str, Any]:
+    """A `conf/hardware/NAME.yaml` profile as plain values."""
+    path = PROFILE_DIR / f"{name}.yaml"
+    if not path.is_file():
+        choices = ", ".join(sorted(p.stem for p in PROFILE_DIR.glob("*.yaml")))
+        raise UsageError(f"hardware={name}: no such profile; choose one of: {choices}")
+    values = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
+    assert isinstance(values, dict)
+    return values
+
+
+def profile_for(device: DeviceFacts) -> tuple[dict[str, Any], str | None]:
+    """The facts of this GPU: its profile when known, else the driver's memory and the chip's peaks.
+
+    Returns (facts, warning or None)."""
+    for pattern, profile in PROFILE_OF_DEVICE:
+        if re.search(pattern, device.name, flags=re.I):
+            facts = load_profile(profile)
+            facts["gpu_memory_gb"] = round(device.memory_gib, 1)  # what this card really has
+            return facts, None
+    facts = load_profile(CPU_PROFILE) | {
+        "name": re.sub(r"[^a-z0-9]+", "-", device.name.lower()).strip("-"), "device": "cuda",
+        "accelerator": None, "gpu_memory_gb": round(device.memory_gib, 1), "gpus_per_node": device.count,
+        "interconnect": "unknown", "on_demand_usd_per_gpu_hour": 0.0, "spot_usd_per_gpu_hour": 0.0}
+    for pattern, (bf16, fp32) in PEAKS_OF_CHIP:
+        if re.search(pattern, device.name, flags=re.I):
+            facts.update(bf16_tflops=bf16, fp32_tflops=fp32)
+            return facts, None
+    facts.update(bf16_tflops=None, fp32_tflops=None)
+    return facts, (f"{device.name}: peak FLOP/s unknown, so MFU is not reported; set hardware.bf16_tflops and "
+                   "hardware.fp32_tflops (and the prices) for this GPU")
+
+
+@dataclass(frozen=True)
+class Resolved:
+    """The facts a run plans and trains with, and where they came from (recorded in summary.json)."""
+
+    facts: dict[str, Any]
+    source: str
+    warnings: tuple[str, ...] = ()
+
+
+def resolve(hw: Any, *, on_gpu: bool | None, device: DeviceFacts | None = None) -> Resolved:
+    """The hardware facts for a config's `hardware` node.
+
+    `on_gpu`: whether the run trains on a GPU (True/False), or None when planning, which follows
+    whatever this machine has. `device` defaults to what the driver reports here.
+    """
+    device = probe_gpus() if device is None and on_gpu is not False else device
+    named = str(hw.name)
+    given = {k: v for k, v in _plain(hw).items() if k not in ("reference", "strict")}
+    if on_gpu is False and named not in (AUTO, CPU_PROFILE) and given.get("device") != "cpu":
+        problem = f"hardware={named} describes a GPU, but this run trains on the CPU"
+        if hw.strict:
+            raise UsageError(f"{problem}; use hardware=auto, or hardware.strict=false to let the device win")
+        return Resolved(load_profile(CPU_PROFILE), "hardware=cpu: the run trains on the CPU",
+                        (f"{problem}; the device wins (hardware.strict=true refuses)",))
+    if on_gpu is False or device is None:
+        if named != AUTO:
+            return Resolved(given, f"hardware={named}")
+        if on_gpu is None and hw.reference:
+            facts = load_profile(str(hw.reference))
+            return Resolved(facts, f"hardware={hw.reference}, the preset's reference profile (no GPU here)")
+        return Resolved(load_profile(CPU_PROFILE), "hardware=cpu (no GPU here)")
+    facts, warning = profile_for(device)
+    warnings = (warning,) if warning else ()
+    found = f"{device.name} ({device.memory_gib:.1f} GiB)"
+    if named == AUTO:
+        return Resolved(facts, f"hardware=auto: {facts['name']} from the device found, {found}", warnings)
+    contradiction = _contradiction(given, device)
+    if contradiction is None:
+        return Resolved(given | {"gpu_memory_gb": facts["gpu_memory_gb"]}, f"hardware={named}, matching {found}")
+    if hw.strict:
+        raise UsageError(f"hardware={named}: {contradiction}; use hardware=auto, or hardware.strict=false to let "
+                         "the device win")
+    return Resolved(facts, f"hardware={named} contradicts the device; using {facts['name']} from {found}",
+                    (*warnings, f"hardware={named}: {contradiction}; the device wins (hardware.strict=true refuses)"))
+
+
+def _contradiction(given: dict[str, Any], device: DeviceFacts) -> str | None:
+    if given.get("device") != "cuda":
+        return f"the profile is for a {given.get('device')} but this machine has {device.count} x {device.name}"
+    memory = float(given.get("gpu_memory_gb") or 0)
+    if abs(memory - device.memory_gib) > MEMORY_TOLERANCE * device.memory_gib:
+        return (f"the profile says {memory:g} GiB per GPU but {device.name} has {device.memory_gib:.1f} GiB")
+    return None
+
+
+def _plain(node: Any) -> dict[str, Any]:
+    if isinstance(node, DictConfig):
+        values = OmegaConf.to_container(node, resolve=True, enum_to_str=True)
+        assert isinstance(values, dict)
+        return values
+    return dict(node)
