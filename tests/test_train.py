@@ -297,3 +297,32 @@ def test_the_loop_reads_on_one_screen() -> None:
     from vicuna_exp.train import Recipe
 
     assert len(inspect.getsource(Recipe.train).splitlines()) <= 50
+
+
+def test_the_micro_batch_loop_waits_for_the_device_once_per_step(tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """A device-to-host read (item, tolist, float(), int(), bool(), .cpu(), .numpy()) blocks until the
+    GPU catches up. Counted with a stand-in for the model's loss, so only the loop's own code counts:
+    one read per step, for the loss and the counts, however many micro-batches there are."""
+    recipe = _recipe(SMALL, tmp_path)
+    try:
+        rows = recipe.epoch_rows(0)[:4]
+        micro = [recipe.collate(rows[i:i + 1]) for i in range(4)]  # 4 micro-batches
+        weight = next(recipe.model.parameters())
+        monkeypatch.setattr(recipe, "token_loss_sum",
+                            lambda batch, w=1.0: (weight ** 2).sum() * batch["input_ids"].float().mean() * w)
+        reads: list[str] = []
+        for name in ("item", "tolist", "__float__", "__int__", "__bool__", "cpu", "numpy", "nonzero"):
+            original = getattr(torch.Tensor, name)
+
+            def counted(self, *a, _name=name, _original=original, **k):
+                reads.append(_name)
+                return _original(self, *a, **k)
+
+            monkeypatch.setattr(torch.Tensor, name, counted)
+        loss, n_supervised, _ = recipe.forward_backward(micro)
+        monkeypatch.undo()
+        assert reads == ["tolist"], reads
+        assert n_supervised == sum(b["num_supervised"] for b in micro) > 0 and loss > 0
+    finally:
+        recipe.finish("completed", None, 0)

@@ -51,6 +51,7 @@ class TrainerState:
     config_hash: str = ""
     model_flops: float = 0.0  # summed over training steps (evaluation excluded): the MFU numerator
     train_s: float = 0.0  # time inside training steps, over all attempts: the MFU denominator
+    peak_mem_gb: float = 0.0  # this rank's largest peak_mem_gb of any training step, over all attempts
 
     @classmethod
     def from_dict(cls, saved: dict[str, Any]) -> TrainerState:

@@ -86,6 +86,7 @@ class Summary:
     derived: dict[str, Any] | None = None  # facts derived from the config (world size, batch, tokens per step)
     tflops_per_device: float | None = None
     mfu: float | None = None
+    peak_mem_gb: float | None = None  # rank 0's peak since the first training step (reserved, on CUDA)
     data_stats: dict[str, Any] | None = None
     provenance: dict[str, Any] | None = None
     # Written only when they say something:

@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import psutil
 import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig
@@ -44,6 +43,7 @@ from vicuna_exp.errors import (
     UsageError,
 )
 from vicuna_exp.export import torch_dtype, write_tokenizer_files
+from vicuna_exp.memory import PeakMemory
 from vicuna_exp.model import ModelSpec, make_model_spec, model_facts_of, resolve_precision
 from vicuna_exp.plan import check_fits
 from vicuna_exp.plan.facts import ModelFacts
@@ -116,6 +116,7 @@ class Recipe:
         self.backend: Backend | None = None
         self.model: torch.nn.Module
         self.checkpoints: CheckpointManager
+        self.peak_memory: PeakMemory
         self.stop: StopFlags | None = None
         self.tracker: Tracker | None = None
 
@@ -139,6 +140,7 @@ class Recipe:
         optim = self._setup_optimizer(cfg.optim)
         self.backend = backend_class(cfg)(cfg, self.dist, self.device, self.precision)
         self.model = self.backend.setup(self.spec, optim)
+        self.peak_memory = PeakMemory(self.device)
         self.checkpoints = self._setup_checkpoints(cfg.trainer)
         self._resume(cfg.trainer)
         self.stop = self._setup_stop(cfg.trainer)
@@ -202,6 +204,7 @@ class Recipe:
     def train(self) -> None:
         """One optimizer step per global batch until the plan is done; then evaluate, save and export."""
         t, state, total = self.cfg.trainer, self.state, self.plan.total
+        self.peak_memory.reset()  # set-up's peak (loading, sharding) is not the training step's
         last_save = time.monotonic()
         while state.step < total:
             step = state.step + 1
@@ -275,18 +278,22 @@ class Recipe:
         global batch (all ranks, all micro-batches), so every supervised token weighs the same however
         the batch is cut. Returns (mean loss, supervised tokens, real tokens) of the global batch.
         """
-        counts = torch.tensor([float(sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro)),
-                               float(sum(b["num_tokens"] for b in micro)),
-                               float(sum(b["model_flops"] for b in micro))], dtype=torch.float64)
-        n_supervised, n_tokens, self.step_flops = D.all_reduce(counts).tolist()
+        # Counted on the host while collating; reduced and kept on the device, so the micro-batch
+        # loop never waits for the GPU. The one sync of the step reads the loss at the end.
+        counts = torch.tensor([sum(b["num_supervised"] for b in micro), sum(b["num_tokens"] for b in micro),
+                               sum(b["model_flops"] for b in micro)], dtype=torch.float64)
+        counts = D.all_reduce(counts.to(self.device, non_blocking=True))
+        normaliser = counts[0].clamp(min=1.0).float()
         loss_sum = torch.zeros((), device=self.device)
         for i, batch in enumerate(micro):
             with self.backend.accumulate(is_last=i == len(micro) - 1):
                 token_loss = self.token_loss_sum(batch)
-                self.backend.backward(token_loss / max(n_supervised, 1.0))
-            loss_sum += token_loss.detach()
-        loss = float(D.all_reduce(loss_sum.float().cpu()).item()) / max(n_supervised, 1.0)
-        return loss, n_supervised, n_tokens
+                self.backend.backward(token_loss / normaliser)
+            loss_sum += token_loss.detach().float()
+        D.all_reduce(loss_sum)
+        loss_sum_host, n_supervised, n_tokens, self.step_flops = torch.cat(
+            [loss_sum.double().reshape(1), counts]).tolist()
+        return loss_sum_host / max(n_supervised, 1.0), n_supervised, n_tokens
 
     def epoch_rows(self, epoch: int) -> list[list[int]]:
         if epoch not in self._rows:
@@ -301,8 +308,12 @@ class Recipe:
         # flash-attention's varlen path sees example boundaries only in a single flattened row
         flatten = self.cfg.data.packing and self.spec.hf_config._attn_implementation == "flash_attention_2"
         batch = batching.collate(dataset, rows, pad_id=pad_id(self.tokenizer), flatten=flatten)
-        out: dict[str, Any] = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+        n_supervised = int((batch["labels"][:, 1:] != -100).sum())  # on the host, before the copy
+        pin = self.device.type == "cuda"  # copies from pinned memory overlap with compute
+        out: dict[str, Any] = {k: (v.pin_memory() if pin else v).to(self.device, non_blocking=True)
+                               for k, v in batch.items()}
         seq_lens = self.lengths(dataset)[[i for row in rows for i in row]]
+        out["num_supervised"] = n_supervised
         out["num_tokens"] = int(seq_lens.sum())
         out["model_flops"] = batch_flops(self.facts, seq_lens.tolist())
         return out
@@ -335,17 +346,18 @@ class Recipe:
             rows = rows[: cfg.trainer.eval_max_rows]
         mine = rows[rank::W]
         n_micro = math.ceil(len(rows) / (W * mb))
-        totals = torch.zeros(2, dtype=torch.float64)
+        loss_sum, supervised = torch.zeros((), dtype=torch.float64, device=self.device), 0.0
         with self.backend.evaluating():
             for i in range(n_micro):
                 chunk, weight = mine[i * mb:(i + 1) * mb], 1.0
                 if not chunk:  # this rank ran out: a zero-weight forward keeps collectives in step
                     chunk, weight = rows[:1], 0.0
                 batch = self.collate(chunk, eval_ds)
-                totals[0] += float(self.token_loss_sum(batch, weight))
-                totals[1] += weight * float((batch["labels"][:, 1:] != -100).sum())
-        D.all_reduce(totals)
-        eval_loss = float(totals[0] / max(totals[1], 1.0))
+                loss_sum += self.token_loss_sum(batch, weight).double()
+                supervised += weight * batch["num_supervised"]
+        totals = D.all_reduce(torch.stack([loss_sum, torch.tensor(supervised, dtype=torch.float64,
+                                                                   device=self.device)])).tolist()
+        eval_loss = totals[0] / max(totals[1], 1.0)
         state = self.state
         state.last_eval_loss = eval_loss
         if math.isfinite(eval_loss) and (state.best_eval_loss is None or eval_loss < state.best_eval_loss):
@@ -369,9 +381,10 @@ class Recipe:
         return self.wall_before + (time.monotonic() - self.t_start)
 
     def _memory(self) -> dict[str, float]:
-        if self.device.type == "cuda":
-            return {"peak_mem_gb": torch.cuda.max_memory_allocated(self.device) / 2**30}
-        return {"peak_mem_gb": psutil.Process().memory_info().rss / 2**30}
+        """This rank's peak memory since training started; the run's maximum goes to summary.json."""
+        peak = self.peak_memory.peak_gb()
+        self.state.peak_mem_gb = max(self.state.peak_mem_gb, peak)
+        return {"peak_mem_gb": peak}
 
     def _utilisation(self) -> dict[str, float | None]:
         """Mean model TFLOP/s per device and MFU over all training steps (evaluation excluded)."""
@@ -429,6 +442,7 @@ class Recipe:
             total_steps=self.plan.total if planned else None, wall_s=round(self.wall_s(), 3),
             overrides=self.overrides, config_hash=self.config_hash, run_dir=str(self.run_dir),
             derived=self._derived_facts() if planned else None, **self._utilisation(),
+            peak_mem_gb=round(self.state.peak_mem_gb, 4) if self.state.peak_mem_gb else None,
             data_stats=data.stats if data is not None else None,
             provenance=provenance(data_hash=data.data_hash if data is not None else None),
             resumed_from_step=self.resumed_from_step, traceback=self.traceback)
