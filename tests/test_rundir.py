@@ -23,7 +23,7 @@ from vicuna_exp.rundir import (
 # What reports, scripts and sweeps read. Renaming or dropping one breaks them: change it on purpose.
 ALWAYS = ["status", "exit_code", "error", "steps", "total_steps", "final_loss", "final_eval_loss",
           "best_eval_loss", "tokens_seen", "supervised_tokens_seen", "wall_s", "overrides", "config_hash",
-          "run_dir", "derived", "tflops_per_device", "mfu", "peak_mem_gb", "data_stats", "provenance"]
+          "run_dir", "derived", "tflops_per_device", "mfu", "peak_mem_gb", "hardware", "data_stats", "provenance"]
 WHEN_SET = ["resumed_from_step", "traceback", "worker_errors", "rank0_error"]
 
 

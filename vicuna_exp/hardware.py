@@ -13,6 +13,7 @@ on a machine without a GPU uses the preset's reference profile (`hardware.refere
 from __future__ import annotations
 
 import functools
+import importlib.util
 import logging
 import os
 import re
@@ -24,6 +25,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from vicuna_exp.choices import BF16_PRECISIONS, AttnImpl, DeviceType, Precision
 from vicuna_exp.errors import UsageError
 
 log = logging.getLogger(__name__)
@@ -48,6 +50,8 @@ PEAKS_OF_CHIP: tuple[tuple[str, tuple[float, float]], ...] = (
     (r"\bL4\b", (121.0, 30.3)),
     (r"\bA10G?\b", (125.0, 31.2)),
 )
+# Keys of the hardware section that say how to resolve it, not what the hardware is.
+SETTINGS = ("reference", "strict")
 # A named profile and the device agree when their memory differs by less than this fraction.
 MEMORY_TOLERANCE = 0.05
 
@@ -59,6 +63,11 @@ class DeviceFacts:
     name: str
     memory_gib: float
     count: int
+    compute_capability: float | None = None  # 8.0 and up run bf16 (Ampere and later)
+
+    @property
+    def bf16(self) -> bool:
+        return self.compute_capability is None or self.compute_capability >= 8.0
 
 
 @functools.cache
@@ -68,7 +77,7 @@ def probe_gpus() -> DeviceFacts | None:
     if exe is None:
         return None
     try:
-        out = subprocess.run([exe, "--query-gpu=index,name,memory.total", "--format=csv,noheader,nounits"],
+        out = subprocess.run([exe, "--query-gpu=index,name,memory.total,compute_cap", "--format=csv,noheader,nounits"],
                              capture_output=True, text=True, timeout=20, check=True).stdout
     except (OSError, subprocess.SubprocessError) as e:
         log.warning("nvidia-smi failed (%s): planning as if there were no GPU", e)
@@ -80,8 +89,12 @@ def probe_gpus() -> DeviceFacts | None:
         rows = [r for r in rows if r[0] in wanted]
     if not rows:
         return None
-    _, name, mib = rows[0]
-    return DeviceFacts(name=name, memory_gib=float(mib) / 1024, count=len(rows))
+    _, name, mib, *rest = rows[0]
+    try:
+        capability = float(rest[0]) if rest else None
+    except ValueError:  # an old driver answers "[N/A]"
+        capability = None
+    return DeviceFacts(name=name, memory_gib=float(mib) / 1024, count=len(rows), compute_capability=capability)
 
 
 def load_profile(name: str) -> dict[str, Any]:
@@ -92,7 +105,7 @@ def load_profile(name: str) -> dict[str, Any]:
         raise UsageError(f"hardware={name}: no such profile; choose one of: {choices}")
     values = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
     assert isinstance(values, dict)
-    return values
+    return {k: v for k, v in values.items() if k not in SETTINGS}
 
 
 def profile_for(device: DeviceFacts) -> tuple[dict[str, Any], str | None]:
@@ -105,9 +118,9 @@ def profile_for(device: DeviceFacts) -> tuple[dict[str, Any], str | None]:
             facts["gpu_memory_gb"] = round(device.memory_gib, 1)  # what this card really has
             return facts, None
     facts = load_profile(CPU_PROFILE) | {
-        "name": re.sub(r"[^a-z0-9]+", "-", device.name.lower()).strip("-"), "device": "cuda",
+        "name": re.sub(r"[^a-z0-9]+", "-", device.name.lower()).strip("-"), "device": DeviceType.cuda.value,
         "accelerator": None, "gpu_memory_gb": round(device.memory_gib, 1), "gpus_per_node": device.count,
-        "interconnect": "unknown", "on_demand_usd_per_gpu_hour": 0.0, "spot_usd_per_gpu_hour": 0.0}
+        "interconnect": None, "on_demand_usd_per_gpu_hour": 0.0, "spot_usd_per_gpu_hour": 0.0}
     for pattern, (bf16, fp32) in PEAKS_OF_CHIP:
         if re.search(pattern, device.name, flags=re.I):
             facts.update(bf16_tflops=bf16, fp32_tflops=fp32)
@@ -134,8 +147,8 @@ def resolve(hw: Any, *, on_gpu: bool | None, device: DeviceFacts | None = None) 
     """
     device = probe_gpus() if device is None and on_gpu is not False else device
     named = str(hw.name)
-    given = {k: v for k, v in _plain(hw).items() if k not in ("reference", "strict")}
-    if on_gpu is False and named not in (AUTO, CPU_PROFILE) and given.get("device") != "cpu":
+    given = {k: v for k, v in _plain(hw).items() if k not in SETTINGS}
+    if on_gpu is False and named not in (AUTO, CPU_PROFILE) and given.get("device") != DeviceType.cpu:
         problem = f"hardware={named} describes a GPU, but this run trains on the CPU"
         if hw.strict:
             raise UsageError(f"{problem}; use hardware=auto, or hardware.strict=false to let the device win")
@@ -164,7 +177,7 @@ def resolve(hw: Any, *, on_gpu: bool | None, device: DeviceFacts | None = None) 
 
 
 def _contradiction(given: dict[str, Any], device: DeviceFacts) -> str | None:
-    if given.get("device") != "cuda":
+    if given.get("device") != DeviceType.cuda:
         return f"the profile is for a {given.get('device')} but this machine has {device.count} x {device.name}"
     memory = float(given.get("gpu_memory_gb") or 0)
     if abs(memory - device.memory_gib) > MEMORY_TOLERANCE * device.memory_gib:
@@ -178,3 +191,37 @@ def _plain(node: Any) -> dict[str, Any]:
         assert isinstance(values, dict)
         return values
     return dict(node)
+
+
+def with_resolved_hardware(cfg: DictConfig, *, on_gpu: bool | None) -> tuple[DictConfig, Resolved]:
+    """A copy of `cfg` whose `hardware` section holds the resolved facts, which the planner and the
+    trainer then read as they read any profile; warnings are logged once here."""
+    resolved = resolve(cfg.hardware, on_gpu=on_gpu)
+    for warning in resolved.warnings:
+        log.warning("%s", warning)
+    out = cfg.copy()
+    for key, value in resolved.facts.items():
+        if key in out.hardware:
+            out.hardware[key] = value
+    return out, resolved
+
+
+def resolve_precision(requested: str, *, on_cuda: bool, bf16_supported: bool = True) -> Precision:
+    """`auto` = bf16 compute over fp32 master weights on a bf16 GPU, plain fp32 elsewhere. The
+    planner (which knows the profile) and the trainer (which asks the device) both call this."""
+    if requested == Precision.auto:
+        return Precision.bf16_mixed if on_cuda and bf16_supported else Precision.fp32
+    if requested in BF16_PRECISIONS and on_cuda and not bf16_supported:
+        raise UsageError(f"trainer.precision={requested}: this GPU does not support bf16; use fp32")
+    return Precision(requested)
+
+
+def resolve_attention(requested: str, *, on_cuda: bool) -> AttnImpl:
+    """`auto` = flash_attention_2 when it can run (a GPU and the flash-attn package), else sdpa."""
+    flash_ok = on_cuda and importlib.util.find_spec("flash_attn") is not None
+    if requested == AttnImpl.auto:
+        return AttnImpl.flash_attention_2 if flash_ok else AttnImpl.sdpa
+    if requested == AttnImpl.flash_attention_2 and not flash_ok:
+        where = "no CUDA device" if not on_cuda else "the flash-attn package is not installed (pip install '.[gpu]')"
+        raise UsageError(f"model.attn_implementation=flash_attention_2 cannot run here: {where}; use auto or sdpa")
+    return AttnImpl(requested)

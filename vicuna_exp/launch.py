@@ -32,10 +32,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
+from vicuna_exp import hardware
 from vicuna_exp.backends import build_ops
 from vicuna_exp.choices import BF16_PRECISIONS, BackendName, Device, DistBackend, choice_str
 from vicuna_exp.cluster import rendezvous_from_env, requeue_on_preemption
@@ -92,7 +92,8 @@ def launch(cfg: DictConfig, run_dir: Path) -> int:
 def check_hardware(cfg: DictConfig) -> None:
     """What cannot run here, said once, before workers start (UsageError names the key)."""
     nproc, t, b = int(cfg.launcher.nproc_per_node), cfg.trainer, cfg.backend
-    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    found = hardware.probe_gpus()  # from the driver: this process makes no CUDA context of its own
+    gpus = found.count if found else 0
     device = str(t.device)
     comm = str(cfg.launcher.dist_backend)
     if device == Device.cuda and gpus == 0:
@@ -104,8 +105,8 @@ def check_hardware(cfg: DictConfig) -> None:
     if on_gpu and nproc > gpus:
         raise UsageError(f"launcher.nproc_per_node={nproc}, but this node has {gpus} GPU(s): one process per GPU")
     precision = choice_str(t.precision)
-    if on_gpu and precision in BF16_PRECISIONS and not torch.cuda.is_bf16_supported():
-        raise UsageError(f"trainer.precision={precision}: {torch.cuda.get_device_name(0)} does not support bf16; "
+    if on_gpu and precision in BF16_PRECISIONS and not found.bf16:
+        raise UsageError(f"trainer.precision={precision}: {found.name} does not support bf16; "
                          "use trainer.precision=fp32")
     if b.name == BackendName.deepspeed:
         check_deepspeed(cfg, on_gpu)

@@ -6,35 +6,28 @@ says what the model is, so a `ModelSpec` can be built on a real device or on the
 
 from __future__ import annotations
 
-import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from omegaconf import DictConfig
 
-from vicuna_exp.choices import BF16_PRECISIONS, AttnImpl, ModelInit, Precision
+from vicuna_exp import hardware
+from vicuna_exp.choices import AttnImpl, ModelInit, Precision
 from vicuna_exp.errors import UsageError
+from vicuna_exp.hardware import resolve_attention
 
 
 def resolve_attn_implementation(requested: str, device: torch.device) -> AttnImpl:
     """`auto` = flash_attention_2 when it can run, else sdpa: transformers raises instead of falling back."""
-    flash_ok = device.type == "cuda" and importlib.util.find_spec("flash_attn") is not None
-    if requested == AttnImpl.auto:
-        return AttnImpl.flash_attention_2 if flash_ok else AttnImpl.sdpa
-    if requested == AttnImpl.flash_attention_2 and not flash_ok:
-        where = "no CUDA device" if device.type != "cuda" else "the flash-attn package is not installed (pip install '.[gpu]')"
-        raise UsageError(f"model.attn_implementation=flash_attention_2 cannot run here: {where}; use auto or sdpa")
-    return AttnImpl(requested)
+    return resolve_attention(requested, on_cuda=device.type == "cuda")
 
 
 def resolve_precision(requested: str, device: torch.device) -> Precision:
-    """`auto` = bf16 compute over fp32 master weights on a bf16 GPU, plain fp32 elsewhere."""
-    if requested == Precision.auto:
-        return Precision.bf16_mixed if device.type == "cuda" and torch.cuda.is_bf16_supported() else Precision.fp32
-    if requested in BF16_PRECISIONS and device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        raise UsageError(f"trainer.precision={requested}: this GPU does not support bf16; use fp32")
-    return Precision(requested)
+    """The trainer's precision, by the planner's rule, with bf16 support asked of the device."""
+    on_cuda = device.type == "cuda"
+    return hardware.resolve_precision(requested, on_cuda=on_cuda,
+                                      bf16_supported=on_cuda and torch.cuda.is_bf16_supported())
 
 
 def check_model_dir(path: str, key: str = "model.path") -> Path:

@@ -87,6 +87,7 @@ class Summary:
     tflops_per_device: float | None = None
     mfu: float | None = None
     peak_mem_gb: float | None = None  # rank 0's peak since the first training step (reserved, on CUDA)
+    hardware: dict[str, Any] | None = None  # the resolved hardware profile and where it came from
     data_stats: dict[str, Any] | None = None
     provenance: dict[str, Any] | None = None
     # Written only when they say something:

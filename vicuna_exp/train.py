@@ -43,6 +43,7 @@ from vicuna_exp.errors import (
     UsageError,
 )
 from vicuna_exp.export import torch_dtype, write_tokenizer_files
+from vicuna_exp.hardware import Resolved, with_resolved_hardware
 from vicuna_exp.memory import PeakMemory
 from vicuna_exp.model import ModelSpec, make_model_spec, model_facts_of, resolve_precision
 from vicuna_exp.plan import check_fits
@@ -106,6 +107,7 @@ class Recipe:
         # Built by setup, in this order. The loop uses them all; finish closes or reads those that
         # may be missing after a failed setup, so they start as None.
         self.device: torch.device
+        self.hardware: Resolved | None = None  # the hardware facts, resolved for self.device
         self.precision: str
         self.tokenizer: PreTrainedTokenizerFast
         self.spec: ModelSpec
@@ -123,11 +125,13 @@ class Recipe:
     # ---- setup: each part from its config section ------------------------------------------------
     def setup(self) -> None:
         """Each part in the order the next needs it; nothing heavy before the cheap checks."""
+        self.device = D.select_device(self.cfg.trainer.device, self.dist)
+        # The hardware section now holds the facts of the device this rank trains on.
+        self.cfg, self.hardware = with_resolved_hardware(self.cfg, on_gpu=self.device.type == "cuda")
         cfg = self.cfg
-        self.device = D.select_device(cfg.trainer.device, self.dist)
         self.precision = resolve_precision(choice_str(cfg.trainer.precision), self.device)
         self.tokenizer = self._setup_tokenizer(cfg.model)
-        check_fits(cfg)  # refuse what cannot fit the hardware, before anything is built
+        check_fits(cfg, self.hardware)  # refuse what cannot fit the hardware, before anything is built
         self.spec = self._setup_model_spec(cfg.model)
         self.facts = model_facts_of(self.spec, cfg.model)
         self.peak_tflops = peak_tflops(cfg.hardware, self.precision)
@@ -443,6 +447,7 @@ class Recipe:
             overrides=self.overrides, config_hash=self.config_hash, run_dir=str(self.run_dir),
             derived=self._derived_facts() if planned else None, **self._utilisation(),
             peak_mem_gb=round(self.state.peak_mem_gb, 4) if self.state.peak_mem_gb else None,
+            hardware={"source": self.hardware.source, **self.hardware.facts} if self.hardware else None,
             data_stats=data.stats if data is not None else None,
             provenance=provenance(data_hash=data.data_hash if data is not None else None),
             resumed_from_step=self.resumed_from_step, traceback=self.traceback)

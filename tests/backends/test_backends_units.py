@@ -100,13 +100,14 @@ def test_cuda_device_without_gpus_is_refused() -> None:
 
 
 class _FakeCuda:
-    """Pretend GPUs are visible (the machine running the tests has none)."""
+    """Pretend the driver reports GPUs (the machine running the tests has none)."""
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch, count: int, bf16: bool) -> None:
-        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-        monkeypatch.setattr(torch.cuda, "device_count", lambda: count)
-        monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: bf16)
-        monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a, **k: "Tesla V100")
+        from vicuna_exp import hardware
+
+        gpu = hardware.DeviceFacts("Tesla V100" if not bf16 else "NVIDIA A100-SXM4-80GB", 80.0, count,
+                                   compute_capability=8.0 if bf16 else 7.0)
+        monkeypatch.setattr(hardware, "probe_gpus", lambda: gpu)
 
 
 def test_more_processes_than_gpus_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -80,3 +80,29 @@ def test_the_probe_creates_no_cuda_context(monkeypatch: pytest.MonkeyPatch, tmp_
         assert H.probe_gpus() == H.DeviceFacts("NVIDIA H200", 143_771 / 1024, 2)
     finally:
         H.probe_gpus.cache_clear()
+
+
+def test_auto_is_the_default_and_the_presets_plan_on_their_reference(capsys: pytest.CaptureFixture,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    from vicuna_exp.cli import main
+    from vicuna_exp.hydra_app import compose
+
+    monkeypatch.setattr(H, "probe_gpus", lambda: None)  # this machine: no GPU
+    assert compose([]).hardware.name == "auto" and compose(["experiment=vicuna-7b"]).hardware.name == "auto"
+    assert main(["plan", "experiment=vicuna-7b", "hardware=h200", "launcher.nproc_per_node=8"]) == 0
+    out = capsys.readouterr().out
+    assert "on 8 x h200" in out and "hardware: hardware=h200" in out and "Verdict: fits" in out
+    assert main(["plan", "experiment=vicuna-13b"]) == 0
+    assert "a100-80gb, the preset's reference profile (no GPU here)" in capsys.readouterr().out
+    assert main(["plan"]) == 0
+    assert "hardware: hardware=cpu (no GPU here)" in capsys.readouterr().out
+
+
+def test_planning_on_a_gpu_machine_uses_the_device(capsys: pytest.CaptureFixture,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    from vicuna_exp.cli import main
+
+    monkeypatch.setattr(H, "probe_gpus", lambda: H200)
+    assert main(["plan", "experiment=vicuna-7b"]) == 0
+    out = capsys.readouterr().out
+    assert "on 8 x h200" in out and "from the device found, NVIDIA H200 (140.4 GiB)" in out

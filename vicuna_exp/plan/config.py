@@ -20,17 +20,21 @@ class HardwareConfig:
     """One accelerator type; a node holds `gpus_per_node` of them. Every value comes from the
     `conf/hardware/` option."""
 
-    name: str = MISSING
-    device: DeviceType = MISSING  # cuda | cpu: what `trainer.precision=auto` resolves against
+    name: str = MISSING  # auto: the facts below come from the device (vicuna_exp/hardware.py)
+    # The facts are null only under `hardware=auto`, which fills them in when the device is resolved.
+    device: DeviceType | None = MISSING  # cuda | cpu: what `trainer.precision=auto` resolves against
     accelerator: str | None = MISSING  # SkyPilot's name for it (A100, A100-80GB, H100); None on a CPU
-    gpu_memory_gb: float = MISSING  # usable memory of one device, GiB (on a CPU: the host RAM)
-    bf16_tflops: float = MISSING  # peak dense bf16 TFLOP/s of one device (datasheet, no sparsity)
-    fp32_tflops: float = MISSING  # peak fp32 TFLOP/s of one device (no TF32: torch leaves it off)
-    interconnect: Interconnect = MISSING  # within a node: nvlink | pcie | none
-    gpus_per_node: int = MISSING  # devices in one node (most clouds: 8)
-    cpu_memory_gb: float = MISSING  # host RAM of one node, GiB: bounds CPU offload
-    on_demand_usd_per_gpu_hour: float = MISSING
-    spot_usd_per_gpu_hour: float = MISSING
+    gpu_memory_gb: float | None = MISSING  # usable memory of one device, GiB (on a CPU: the host RAM)
+    bf16_tflops: float | None = MISSING  # peak dense bf16 TFLOP/s of one device (datasheet, no sparsity)
+    fp32_tflops: float | None = MISSING  # peak fp32 TFLOP/s of one device (no TF32: torch leaves it off)
+    interconnect: Interconnect | None = MISSING  # within a node: nvlink | pcie | none
+    gpus_per_node: int | None = MISSING  # devices in one node (most clouds: 8)
+    cpu_memory_gb: float | None = MISSING  # host RAM of one node, GiB: bounds CPU offload
+    on_demand_usd_per_gpu_hour: float | None = MISSING
+    spot_usd_per_gpu_hour: float | None = MISSING
+    # The profile `plan` uses under hardware=auto on a machine without a GPU (the presets: a100-80gb).
+    reference: str | None = MISSING
+    strict: bool = MISSING  # true: a profile that contradicts the device found is an error (exit 2)
 
 
 @dataclass

@@ -22,12 +22,14 @@ Memory model (bytes per rank, N parameters, G ranks sharing the shards):
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
 from vicuna_exp.batch_split import micro_batch_sizes, split_error
 from vicuna_exp.choices import AttnImpl, BackendName, DeviceType, Precision, Sharding
 from vicuna_exp.errors import UsageError, require_resolvable
+from vicuna_exp.hardware import Resolved, resolve_precision, with_resolved_hardware
 from vicuna_exp.plan.facts import ModelFacts, model_facts
 from vicuna_exp.plan.flops import flops_per_token, peak_tflops
 
@@ -84,6 +86,8 @@ class Setup:
 
 def _validate_hardware(hw: Any) -> None:
     for key in ("gpu_memory_gb", "bf16_tflops", "fp32_tflops", "cpu_memory_gb"):
+        if key.endswith("_tflops") and hw[key] is None:  # a GPU whose peak is not known: no time estimate
+            continue
         if not float(hw[key]) > 0:
             raise UsageError(f"hardware.{key}: must be > 0, got {hw[key]} (hardware={hw.name})")
     if int(hw.gpus_per_node) < 1:
@@ -119,9 +123,7 @@ def setup_from_config(cfg: Any) -> Setup:
     if split:
         raise UsageError(split)
     micro = min(cap, global_batch // world)  # the cap binds only when a rank has more rows than it
-    precision = Precision(t.precision)
-    if precision == Precision.auto:
-        precision = Precision.bf16_mixed if hw.device == DeviceType.cuda else Precision.fp32
+    precision = resolve_precision(Precision(t.precision), on_cuda=hw.device == DeviceType.cuda)
     b = cfg.backend
     name = BackendName(b.name)
     zero_stage = int(b.zero_stage) if name == BackendName.deepspeed else 0
@@ -320,6 +322,7 @@ class Plan:
     usd_spot: float
     tight_margin: float
     notes: list[str] = field(default_factory=list)
+    hardware_source: str = ""  # which profile, and why (the device found, the preset's reference, ...)
 
     @property
     def verdict(self) -> str:
@@ -340,8 +343,15 @@ def tokens_per_epoch(cfg: Any, dataset_tokens: int | None = None) -> tuple[float
                  f"(plan.conversations, plan.tokens_per_conversation)")
 
 
-def make_plan(cfg: Any, dataset_tokens: int | None = None) -> Plan:
-    """The plan of a composed config (see the module doc for the memory model)."""
+def make_plan(cfg: Any, dataset_tokens: int | None = None, *, on_gpu: bool | None = None) -> Plan:
+    """The plan of a composed config (see the module doc for the memory model), on the hardware the
+    config resolves to (`vicuna_exp.hardware`): `on_gpu` None plans for whatever this machine has."""
+    resolved_cfg, resolved = with_resolved_hardware(cfg, on_gpu=on_gpu)
+    return plan_on(resolved_cfg, resolved, dataset_tokens)
+
+
+def plan_on(cfg: Any, resolved: Resolved, dataset_tokens: int | None = None) -> Plan:
+    """The plan of a config whose hardware section is already resolved."""
     s = setup_from_config(cfg)
     hw, p = cfg.hardware, cfg.plan
     if not 0 < float(p.assumed_mfu) <= 1:
@@ -351,10 +361,10 @@ def make_plan(cfg: Any, dataset_tokens: int | None = None) -> Plan:
     peak = peak_tflops(hw, s.precision)
     tps = float(p.assumed_mfu) * peak * 1e12 / fpt * s.world
     tokens, source = tokens_per_epoch(cfg, dataset_tokens)
-    hours_epoch = tokens / tps / 3600
+    hours_epoch = tokens / tps / 3600 if tps > 0 else math.nan
     hours_total = hours_epoch * s.epochs
     gpu_hours = hours_total * s.world
-    notes = []
+    notes = list(resolved.warnings)
     if s.offload_params or s.offload_optimizer:
         notes.append("offload moves state over PCIe every step: expect a lower MFU than assumed")
     if s.precision == Precision.fp32 and hw.device == DeviceType.cuda:
@@ -368,4 +378,5 @@ def make_plan(cfg: Any, dataset_tokens: int | None = None) -> Plan:
         hours_per_epoch=hours_epoch, hours_total=hours_total,
         usd_on_demand=gpu_hours * float(hw.on_demand_usd_per_gpu_hour),
         usd_spot=gpu_hours * float(hw.spot_usd_per_gpu_hour), tight_margin=float(p.tight_margin), notes=notes,
+        hardware_source=resolved.source,
     )

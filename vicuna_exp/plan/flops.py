@@ -42,8 +42,10 @@ def flops_per_token(model: ModelLike, seq_lens: Sequence[int]) -> float:
 
 
 def peak_tflops(hardware: Any, precision: str) -> float:
-    """The datasheet peak of one device for the precision the matmuls run in."""
-    return float(hardware.fp32_tflops if precision == Precision.fp32 else hardware.bf16_tflops)
+    """The datasheet peak of one device for the precision the matmuls run in; 0 when unknown (a GPU
+    without a profile or an entry in the chip table), which leaves MFU unreported."""
+    peak = hardware.fp32_tflops if precision == Precision.fp32 else hardware.bf16_tflops
+    return float(peak) if peak is not None else 0.0
 
 
 def achieved_tflops(model_flops: float, seconds: float, n_devices: int) -> float:
@@ -53,8 +55,9 @@ def achieved_tflops(model_flops: float, seconds: float, n_devices: int) -> float
     return model_flops / seconds / n_devices / 1e12
 
 
-def mfu(model_flops: float, seconds: float, n_devices: int, peak_tflops_per_device: float) -> float:
-    """Model FLOPs utilisation in [0, 1]: achieved model TFLOP/s per device over the peak."""
+def mfu(model_flops: float, seconds: float, n_devices: int, peak_tflops_per_device: float) -> float | None:
+    """Model FLOPs utilisation in [0, 1]: achieved model TFLOP/s per device over the peak (None when
+    the peak is unknown)."""
     if peak_tflops_per_device <= 0:
-        return 0.0
+        return None
     return achieved_tflops(model_flops, seconds, n_devices) / peak_tflops_per_device

@@ -6,13 +6,15 @@ does not fit and what to change, not just a number.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
 from vicuna_exp.batch_split import describe
 from vicuna_exp.choices import BackendName
 from vicuna_exp.errors import EXIT_OK, UsageError
-from vicuna_exp.plan.estimate import GIB, REPLICATED, Plan, make_plan, memory, setup_from_config
+from vicuna_exp.hardware import Resolved, with_resolved_hardware
+from vicuna_exp.plan.estimate import GIB, REPLICATED, Plan, make_plan, memory, plan_on, setup_from_config
 
 
 def _gb(x: float) -> str:
@@ -29,6 +31,8 @@ def _num(x: float) -> str:
 
 
 def _hours(h: float) -> str:
+    if math.isnan(h):
+        return "unknown"
     return f"{h * 60:.0f} min" if h < 1 else (f"{h:.1f} h" if h < 48 else f"{h / 24:.1f} days")
 
 
@@ -74,6 +78,7 @@ def render(plan: Plan) -> str:
         f"{describe(s.micro_batches)}, x {s.world} GPU{'s' if s.world > 1 else ''} = {s.global_batch} rows per step",
         f"      {s.strategy}, precision {s.precision}, gradient checkpointing {ckpt}, attention "
         f"{m.attn_implementation}, on {s.world} x {plan.hardware_name} ({nodes})",
+        f"      hardware: {plan.hardware_source}",
         "",
         "Memory per GPU (GiB)",
     ]
@@ -144,14 +149,18 @@ def table(cfgs: Sequence[Any], labels: Sequence[str] | None = None) -> str:
     return "\n".join(lines)
 
 
-def check_fits(cfg: Any) -> None:
+def check_fits(cfg: Any, resolved: Resolved | None = None) -> None:
     """Refuse (UsageError, exit 2) a config whose predicted per-GPU peak exceeds the device,
-    unless `plan.enforce=false`. `train` calls it before building anything."""
+    unless `plan.enforce=false`. `train` calls it before building anything, with the config's
+    hardware already resolved for the device it trains on (`resolved`); without it the hardware is
+    resolved here as for `vicuna-exp plan`."""
+    if resolved is None:
+        cfg, resolved = with_resolved_hardware(cfg, on_gpu=None)
     s = setup_from_config(cfg)
     mem = memory(s, cfg.hardware, cfg.plan)
     if mem.fits or not cfg.plan.enforce:
         return
-    plan = make_plan(cfg)
+    plan = plan_on(cfg, resolved)
     parts = ", ".join(f"{k} {_gb(v)}" for k, v in (
         ("params", mem.params), ("grads", mem.grads), ("optimizer", mem.optim),
         ("activations", mem.activations), ("logits", mem.logits),
