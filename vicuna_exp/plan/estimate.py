@@ -138,7 +138,7 @@ def setup_from_config(cfg: Any) -> Setup:
     hybrid = name == BackendName.fsdp and b.sharding == Sharding.hybrid
     shard_group = 1 if name in REPLICATED else (nproc if hybrid else world)
     return Setup(
-        model=model_facts(cfg.model),
+        model=model_facts(cfg.model, on_cuda=hw.device == DeviceType.cuda),
         seq_len=seq_len,
         micro_batch=micro,
         global_batch=global_batch,

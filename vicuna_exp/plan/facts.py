@@ -15,6 +15,7 @@ from typing import Any
 
 from vicuna_exp.choices import AttnImpl
 from vicuna_exp.errors import UsageError
+from vicuna_exp.hardware import resolve_attention
 
 REQUIRED = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
 PACKAGED_TOKENIZER_DIR = Path(__file__).resolve().parent.parent / "assets" / "tokenizer"
@@ -101,7 +102,7 @@ def _tokenizer_vocab(model_cfg: Any) -> int | None:
     return None
 
 
-def model_facts(model_cfg: Any) -> ModelFacts:
+def model_facts(model_cfg: Any, *, on_cuda: bool = False) -> ModelFacts:
     """Facts of the model a run will train, from the files it will load where they exist.
 
     A pretrained model is built from `model.path`'s config.json, so its facts come from there
@@ -149,7 +150,7 @@ def model_facts(model_cfg: Any) -> ModelFacts:
         num_attention_heads=heads,
         num_key_value_heads=kv,
         tie_word_embeddings=bool(values["tie_word_embeddings"]),
-        attn_implementation=AttnImpl.sdpa if attn == AttnImpl.auto else attn,
+        attn_implementation=resolve_attention(attn, on_cuda=on_cuda) if attn == AttnImpl.auto else attn,
         gradient_checkpointing=bool(model_cfg.gradient_checkpointing),
         source=source,
     )
