@@ -139,13 +139,15 @@ class Resolved:
     warnings: tuple[str, ...] = ()
 
 
-def resolve(hw: Any, *, on_gpu: bool | None, device: DeviceFacts | None = None) -> Resolved:
+def resolve(hw: Any, *, on_gpu: bool | None, device: DeviceFacts | None = None, local: bool = True) -> Resolved:
     """The hardware facts for a config's `hardware` node.
 
     `on_gpu`: whether the run trains on a GPU (True/False), or None when planning, which follows
-    whatever this machine has. `device` defaults to what the driver reports here.
+    whatever this machine has. `device` defaults to what the driver reports here; `local=False`
+    plans for another machine (a cloud task), so this one's GPUs are not asked.
     """
-    device = probe_gpus() if device is None and on_gpu is not False else device
+    if device is None and on_gpu is not False and local:
+        device = probe_gpus()
     named = str(hw.name)
     given = {k: v for k, v in _plain(hw).items() if k not in SETTINGS}
     if on_gpu is False and named not in (AUTO, CPU_PROFILE) and given.get("device") != DeviceType.cpu:
@@ -193,10 +195,10 @@ def _plain(node: Any) -> dict[str, Any]:
     return dict(node)
 
 
-def with_resolved_hardware(cfg: DictConfig, *, on_gpu: bool | None) -> tuple[DictConfig, Resolved]:
+def with_resolved_hardware(cfg: DictConfig, *, on_gpu: bool | None, local: bool = True) -> tuple[DictConfig, Resolved]:
     """A copy of `cfg` whose `hardware` section holds the resolved facts, which the planner and the
     trainer then read as they read any profile; warnings are logged once here."""
-    resolved = resolve(cfg.hardware, on_gpu=on_gpu)
+    resolved = resolve(cfg.hardware, on_gpu=on_gpu, local=local)
     for warning in resolved.warnings:
         log.warning("%s", warning)
     out = cfg.copy()

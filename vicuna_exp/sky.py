@@ -24,6 +24,7 @@ from typing import Any
 
 from vicuna_exp.choices import LoggerName
 from vicuna_exp.errors import EXIT_OK, UsageError
+from vicuna_exp.hardware import with_resolved_hardware
 
 # Keys the task sets itself on every node: user overrides of them are dropped (with a note).
 _NODE_KEYS = ("launcher.nnodes", "launcher.node_rank", "launcher.nproc_per_node", "launcher.rdzv_endpoint",
@@ -68,7 +69,8 @@ def task(cfg: Any, overrides: list[str], name: str) -> dict[str, Any]:
     sky, hw, launcher = cfg.sky, cfg.hardware, cfg.launcher
     if not hw.accelerator:
         raise UsageError(f"sky: hardware={hw.name} names no accelerator (hardware.accelerator); "
-                         f"choose a GPU, e.g. hardware=a100-80gb")
+                         f"choose the cloud GPU, e.g. hardware=a100-80gb (hardware=auto takes the preset's "
+                         f"hardware.reference)")
     if not sky.bucket or "://" not in str(sky.bucket):
         raise UsageError("sky.bucket: set the checkpoint bucket URL, e.g. sky.bucket=s3://my-ckpts/vicuna "
                          "(or gs://..., r2://...); checkpoints must outlive a preempted VM")
@@ -152,6 +154,9 @@ def write(cfg: Any, overrides: list[str], compose: Any = None) -> list[Path]:
             jobs.append((name, compose(user + point), user + point))
     else:
         jobs.append((default_name(cfg), cfg, overrides))
+    # The task runs on cloud GPUs, not here: hardware=auto means the preset's reference profile.
+    jobs = [(name, with_resolved_hardware(job_cfg, on_gpu=None, local=False)[0], job_overrides)
+            for name, job_cfg, job_overrides in jobs]
     for _, job_cfg, _ in jobs:
         check_fits(job_cfg)
     out_dir.mkdir(parents=True, exist_ok=True)
