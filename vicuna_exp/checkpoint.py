@@ -24,6 +24,7 @@ import torch
 
 from vicuna_exp import distributed as D
 from vicuna_exp.choices import ResumeMode
+from vicuna_exp.diskspace import tree_bytes, warn_if_short, writing
 from vicuna_exp.errors import UsageError
 from vicuna_exp.tracking import write_json_atomic
 
@@ -75,6 +76,12 @@ def complete_checkpoints(root: Path) -> list[Path]:
     return sorted((p for p in dirs if (p / STATE_FILE).is_file()), key=lambda p: p.name)
 
 
+def one_checkpoint_bytes(root: Path, expected: int | None) -> int | None:
+    """Bytes of the newest complete checkpoint under `root`; `expected` (an estimate) before the first."""
+    done = complete_checkpoints(root)
+    return tree_bytes(done[-1]) if done else expected
+
+
 def capture_rng() -> dict[str, Any]:
     state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
@@ -95,10 +102,11 @@ def step_dir_name(step: int) -> str:
 
 
 class CheckpointManager:
-    def __init__(self, root: Path, *, keep_last: int, dist: D.DistInfo) -> None:
+    def __init__(self, root: Path, *, keep_last: int, dist: D.DistInfo, expected_bytes: int | None = None) -> None:
         self.root = root
         self.keep_last = keep_last
         self.dist = dist
+        self.expected_bytes = expected_bytes  # a checkpoint's size before the first one exists (the planner's)
 
     def complete(self) -> list[Path]:
         """Complete checkpoints, oldest first. Temporary (`.tmp-*`) dirs are never listed."""
@@ -108,22 +116,31 @@ class CheckpointManager:
         """Every rank calls this; rank 0 owns the directory's life cycle."""
         final = self.root / step_dir_name(state.step)
         tmp = self.root / f".tmp-{final.name}"
+        needed = self.size_of_one()
         if self.dist.is_main:
             if tmp.exists():
                 shutil.rmtree(tmp)
-            (tmp / "rng").mkdir(parents=True)
-        D.barrier()
-        save_backend(tmp)
-        torch.save(capture_rng(), tmp / "rng" / f"rank_{self.dist.rank}.pt")
-        D.barrier()
-        if self.dist.is_main:
-            write_json_atomic(tmp / STATE_FILE, asdict(state))
-            if final.exists():  # a re-save of the same step (e.g. interrupted right after a periodic save)
-                shutil.rmtree(final)
-            tmp.rename(final)
-            self._prune()
+            warn_if_short(f"checkpoint {final.name}", self.root, needed)
+        # A full disk removes the partial checkpoint (the previous complete one is untouched).
+        with writing(f"checkpoint {final.name}", self.root, needed, partial=tmp):
+            if self.dist.is_main:
+                (tmp / "rng").mkdir(parents=True)
+            D.barrier()
+            save_backend(tmp)
+            torch.save(capture_rng(), tmp / "rng" / f"rank_{self.dist.rank}.pt")
+            D.barrier()
+            if self.dist.is_main:
+                write_json_atomic(tmp / STATE_FILE, asdict(state))
+                if final.exists():  # a re-save of the same step (e.g. interrupted right after a periodic save)
+                    shutil.rmtree(final)
+                tmp.rename(final)
+                self._prune()
         D.barrier()
         return final
+
+    def size_of_one(self) -> int | None:
+        """Bytes of the newest complete checkpoint, else the planner's estimate."""
+        return one_checkpoint_bytes(self.root, self.expected_bytes)
 
     def _prune(self) -> None:
         for old in self.complete()[: -self.keep_last]:

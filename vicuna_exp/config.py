@@ -178,6 +178,13 @@ class LauncherConfig:
     dist_backend: DistBackend = DistBackend.auto  # auto (nccl on GPU, gloo on CPU) | nccl | gloo
     max_restarts: int = 0
     monitor_interval_s: float = 1.0
+    # A rank silent this long has stalled: the job kills every worker (exit 1). Long enough for the
+    # silent stretches that are not hangs: evaluation, a checkpoint save, the DeepSpeed op build.
+    stall_timeout_s: float = 1800.0
+    # Phases with longer silent stretches: data preparation (on a cold cache), weight loading.
+    stall_timeout_by_phase_s: dict[str, float] = field(
+        default_factory=lambda: {"prepare_data": 14400.0, "setup": 3600.0, "export": 3600.0})
+    collective_timeout_s: float = 3600.0  # the process group's own timeout, the second line of defence
 
 
 @dataclass
@@ -195,6 +202,7 @@ class WandbLoggerConfig(LoggerConfig):
     mode: LoggerMode = MISSING  # auto (online when an API key is configured, else offline) | online | offline | disabled
     tags: list[str] = field(default_factory=list)
     job_type: str = "train"
+    init_timeout_s: float = 60.0  # bound on wandb's init and finish; an unreachable server means offline
 
 
 LOGGER_SCHEMAS: dict[LoggerName, type[LoggerConfig]] = {
@@ -333,7 +341,9 @@ def load_option(group: str, option: str) -> Any:
 # Keys that do not change what is trained: excluded from the config hash, so a rerun that only
 # changes where metrics go, or how it resumes, is still recognised as the same job.
 _HASH_EXCLUDED = ("logger", "trainer.resume", "launcher.rdzv_endpoint", "launcher.rdzv_id",
-                  "launcher.node_rank", "launcher.monitor_interval_s", "eval", "plan", "hardware", "sky")
+                  "launcher.node_rank", "launcher.monitor_interval_s", "launcher.stall_timeout_s",
+                  "launcher.stall_timeout_by_phase_s", "launcher.collective_timeout_s", "eval", "plan", "hardware",
+                  "sky")
 
 # The sections whose layout changed since hashes were first written, as that first layout had
 # them: one union of every backend's keys, at these values. An option's hash form carries the keys
@@ -455,6 +465,11 @@ def validate(cfg: DictConfig) -> None:
     for key in ("eval_every_steps", "save_every_steps"):
         v = t[key]
         need(v is None or v > 0, f"trainer.{key}", f"must be > 0 or null, got {v}")
+    need(cfg.launcher.stall_timeout_s > 0, "launcher.stall_timeout_s", f"must be > 0, got {cfg.launcher.stall_timeout_s}")
+    need(cfg.launcher.collective_timeout_s > 0, "launcher.collective_timeout_s",
+         f"must be > 0, got {cfg.launcher.collective_timeout_s}")
+    if cfg.logger.name == LoggerName.wandb:
+        need(cfg.logger.init_timeout_s > 0, "logger.init_timeout_s", f"must be > 0, got {cfg.logger.init_timeout_s}")
     need(not (cfg.backend.name == BackendName.single and ws > 1), "backend",
          f"backend=single runs one process, but launcher asks for {ws}; choose backend=ddp, fsdp or deepspeed_zero3")
     m = cfg.model

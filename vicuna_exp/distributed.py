@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import socket
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -56,13 +57,17 @@ def select_device(requested: str, info: DistInfo) -> torch.device:
     return torch.device("cuda", info.local_rank)
 
 
-def init_process_group(info: DistInfo, device: torch.device, backend: str = DistBackend.auto) -> None:
-    """gloo on CPU, nccl on GPU, unless the launcher config names one."""
+def init_process_group(info: DistInfo, device: torch.device, backend: str = DistBackend.auto,
+                       timeout_s: float | None = None) -> None:
+    """gloo on CPU, nccl on GPU, unless the launcher config names one. A collective waiting longer
+    than `timeout_s` fails instead of hanging (behind the job's heartbeat watch)."""
     if not info.is_distributed or dist.is_initialized():
         return
     if backend == DistBackend.auto:
         backend = DistBackend.nccl if device.type == "cuda" else DistBackend.gloo
-    kwargs = {"device_id": device} if device.type == "cuda" else {}
+    kwargs: dict = {"device_id": device} if device.type == "cuda" else {}
+    if timeout_s is not None:
+        kwargs["timeout"] = timedelta(seconds=timeout_s)
     dist.init_process_group(backend=str(backend), **kwargs)
 
 

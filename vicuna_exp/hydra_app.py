@@ -24,9 +24,11 @@ from omegaconf import DictConfig
 
 from vicuna_exp.config import conf_dir, register_configs
 from vicuna_exp.errors import EXIT_FAILED, EXIT_OK, EXIT_USAGE, UsageError
+from vicuna_exp.preflight import check_output_location
 
 _HELP_FLAGS = {"-h", "--help", "--hydra-help", "-i", "--info", "--version", "--shell-completion", "-sc"}
 _MULTIRUN_FLAGS = {"-m", "--multirun"}
+_PRINT_FLAGS = {"-c", "--cfg"}  # the config is printed; no job runs, nothing is written
 _VALUED_FLAGS = {"-c", "--cfg", "-p", "--package", "--config-path", "-cp", "--config-name", "-cn",
                  "--config-dir", "-cd", "--experimental-rerun"}  # the next argument is the flag's
 
@@ -107,20 +109,23 @@ def expand_sweep(overrides: list[str]) -> list[list[str]]:
     return [list(job) for job in batch]
 
 
-def check_composes(overrides: list[str], *, multirun: bool) -> None:
+def check_composes(overrides: list[str], *, multirun: bool) -> list[DictConfig]:
     """Compose what will run (every job of a basic multirun) before anything starts, so a bad
-    key or value stops the command with one line and exit 2."""
+    key or value stops the command with one line and exit 2. Returns the composed jobs, with
+    Hydra's own node (where each will write)."""
     args = _overrides(overrides)
     custom_sweeper = any(a.partition("=")[0].lstrip("+~") == "hydra/sweeper" for a in args)
     if multirun and custom_sweeper:
-        return  # the sweeper (Optuna) draws its own values; Hydra checks them as it goes
+        return []  # the sweeper (Optuna) draws its own values; Hydra checks them as it goes
+    composed = []
     for job in (expand_sweep(args) if multirun else [args]):
         try:
-            compose(job)
+            composed.append(compose(job, return_hydra_config=True))
         except UsageError:
             raise
         except Exception as e:  # noqa: BLE001 - Hydra's and OmegaConf's composition errors
             raise UsageError(explain_config_error(e)) from None
+    return composed
 
 
 def _overrides(argv: list[str]) -> list[str]:
@@ -229,7 +234,10 @@ def run_hydra_app(target: str, argv: list[str], *, prog: str, run_dir: bool = Tr
         argv = without_run_dir(argv)
     multirun = any(a in _MULTIRUN_FLAGS for a in argv)
     if not any(a.split("=")[0] in _HELP_FLAGS for a in argv):
-        check_composes(argv, multirun=multirun)
+        composed = check_composes(argv, multirun=multirun)
+        if run_dir and not multirun and not any(a.split("=")[0] in _PRINT_FLAGS for a in argv):
+            # Hydra writes `.hydra/` there first: a read-only or missing location is usage (exit 2)
+            check_output_location(Path(composed[0].hydra.run.dir), "hydra.run.dir")
 
     # Jobs may run in other processes (joblib): each leaves its exit code in a file here.
     codes_dir = Path(tempfile.mkdtemp(prefix="vicuna-exp-codes-"))

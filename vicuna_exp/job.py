@@ -16,10 +16,12 @@ from pathlib import Path
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
+from vicuna_exp.checkpoint import CHECKPOINTS_DIR, one_checkpoint_bytes
 from vicuna_exp.choices import BackendName, ResumeMode
 from vicuna_exp.config import config_hash, validate
 from vicuna_exp.errors import EXIT_OK, EXIT_USAGE, UsageError
 from vicuna_exp.launch import launch
+from vicuna_exp.preflight import check_run_dir_room, expected_checkpoint_bytes
 from vicuna_exp.rundir import RunStatus, Summary, completed_summary, save_resolved_config
 from vicuna_exp.train import run
 
@@ -40,6 +42,7 @@ def main(cfg: DictConfig) -> int:
         print(f"already completed: {run_dir} (final_loss {finished.final_loss}); skipping. "
               "Use trainer.resume=never to train it again.")
         return EXIT_OK
+    check_run_dir_room(run_dir, one_checkpoint_bytes(run_dir / CHECKPOINTS_DIR, expected_checkpoint_bytes(cfg)))
     save_resolved_config(cfg, run_dir, overrides)
     code = launch(cfg, run_dir) if needs_torchrun(cfg) else run(cfg, run_dir, overrides)[0]
     report_outcome(run_dir)

@@ -12,7 +12,9 @@ host:port) with fixed ranks (`launcher.node_rank`), all writing to one shared ru
         launcher.rdzv_endpoint=node0:29500 hydra.run.dir=/shared/runs/13b
 
 If a worker dies, torchrun stops the others (SIGTERM, then SIGKILL after the shutdown timeout);
-this job then records status `failed` with the first worker's error. Signals to this job
+this job then records status `failed` with the first worker's error. A worker that stalls (stopped,
+or hung in a collective) is found by its heartbeat (`vicuna_exp.heartbeat`): every worker is
+SIGKILLed and the summary names the stalled rank, its step and phase (exit 1). Signals to this job
 (SIGTERM, SIGINT, SIGUSR1, SIGUSR2) go to torchrun once, which hands them to every worker: they stop
 at the end of the step, save, and the job exits 75.
 """
@@ -40,7 +42,9 @@ from vicuna_exp.backends import build_ops
 from vicuna_exp.choices import BF16_PRECISIONS, BackendName, Device, DistBackend, choice_str
 from vicuna_exp.cluster import rendezvous_from_env, requeue_on_preemption
 from vicuna_exp.config import config_hash
+from vicuna_exp.diskspace import DiskFull
 from vicuna_exp.errors import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, UsageError
+from vicuna_exp.heartbeat import StallWatch, kill_tree
 from vicuna_exp.provenance import provenance
 from vicuna_exp.rundir import (
     SUMMARY_FILE,
@@ -72,18 +76,34 @@ def launch(cfg: DictConfig, run_dir: Path) -> int:
     tee = threading.Thread(target=_tee, args=(proc.stderr, run_dir / LAUNCH_LOG, tail), daemon=True)
     tee.start()
     previous = {sig: signal.signal(sig, lambda s, f: _forward(proc, s)) for sig in FORWARDED_SIGNALS}
+    watch = stall_watch(cfg, run_dir, started, on_stall=lambda stall: kill_tree(proc.pid))
+    watch.start()
     try:
         # Under submitit, its preemption signal stops the workers first; the requeue comes after the save.
         with requeue_on_preemption(proc, float(cfg.trainer.preempt_grace_s) + SAVE_MARGIN_S):
             rc = proc.wait()
     finally:
+        watch.stop()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
         if proc.poll() is None:  # the job itself is going away: take torchrun (and its workers) with it
             proc.terminate()
             proc.wait()
     tee.join(timeout=5)
+    if watch.stall is not None:
+        log.error("%s", watch.stall.describe())
+        mark_failed(cfg, run_dir, watch.stall.describe(), {str(watch.stall.rank): watch.stall.describe()}, started)
+        return EXIT_FAILED
     return conclude(cfg, run_dir, rc, started, "".join(tail))
+
+
+def stall_watch(cfg: DictConfig, run_dir: Path, started: float, on_stall: Any) -> StallWatch:
+    """Watches this node's ranks (their heartbeats and this job share a clock)."""
+    la = cfg.launcher
+    first = int(la.node_rank) * int(la.nproc_per_node)
+    return StallWatch(run_dir, range(first, first + int(la.nproc_per_node)), started,
+                      timeout_s=float(la.stall_timeout_s), by_phase=dict(la.stall_timeout_by_phase_s),
+                      interval_s=float(la.monitor_interval_s), on_stall=on_stall)
 
 
 # --------------------------------------------------------------------------------------------
@@ -275,6 +295,13 @@ def conclude(cfg: DictConfig, run_dir: Path, rc: int, started: float, torchrun_s
     world = int(cfg.launcher.nproc_per_node) * int(cfg.launcher.nnodes)
     statuses = read_statuses(run_dir, started)
     codes = {r: int(s["exit_code"]) for r, s in statuses.items()}
+    full = sorted((s for s in statuses.values() if DiskFull.said(s.get("error"))), key=lambda s: s.get("time", 0))
+    if full:  # the ranks that waited on it were stopped by torchrun; the disk is the cause
+        code = int(full[0]["exit_code"])
+        if int(cfg.launcher.node_rank) == 0:
+            mark_failed(cfg, run_dir, full[0]["error"], {str(s["rank"]): s["error"] for s in full}, started,
+                        status=RunStatus.interrupted if code == EXIT_INTERRUPTED else RunStatus.failed, code=code)
+        return code
     complete = len(codes) == world if int(cfg.launcher.nnodes) == 1 else 0 in codes
     if complete and all(c == EXIT_OK for c in codes.values()) and rc == 0:
         return EXIT_OK
@@ -308,8 +335,10 @@ def root_cause(world: int, statuses: dict[int, dict[str, Any]], dead: dict[int, 
     return f"torchrun exited with code {rc}", errors
 
 
-def mark_failed(cfg: DictConfig, run_dir: Path, error: str, errors: dict[str, str], started: float) -> None:
-    """Keep what rank 0 wrote in this launch (steps, losses, provenance), with the root cause as the error."""
+def mark_failed(cfg: DictConfig, run_dir: Path, error: str, errors: dict[str, str], started: float, *,
+                status: RunStatus = RunStatus.failed, code: int = EXIT_FAILED) -> None:
+    """Keep what rank 0 wrote in this launch (steps, losses, provenance), with the root cause as the error.
+    When even that cannot be written (a full disk), the reason goes to stderr."""
     summary: Summary | None = None
     try:
         if (run_dir / SUMMARY_FILE).stat().st_mtime >= started:
@@ -320,9 +349,12 @@ def mark_failed(cfg: DictConfig, run_dir: Path, error: str, errors: dict[str, st
         summary = _fresh_summary(cfg, run_dir)
     elif summary.error and summary.error != error:
         summary.rank0_error = summary.error
-    summary.status, summary.exit_code, summary.error = RunStatus.failed, EXIT_FAILED, error
+    summary.status, summary.exit_code, summary.error = status, code, error
     summary.worker_errors = errors
-    summary.write(run_dir)
+    try:
+        summary.write(run_dir)
+    except OSError as e:
+        print(f"vicuna-exp train: {SUMMARY_FILE} not written ({e}); the run ended: {error}", file=sys.stderr)
 
 
 def _fresh_summary(cfg: DictConfig, run_dir: Path) -> Summary:

@@ -5,6 +5,7 @@
     RUN_DIR/summary.json           one `Summary`: the outcome, its exit code and what was trained
     RUN_DIR/checkpoints/step_*/    complete checkpoints (`vicuna_exp.checkpoint`)
     RUN_DIR/.workers/rank_<r>.json each rank's exit code and error, for the job that started it
+    RUN_DIR/.workers/heartbeat_rank_<r>.json  each rank's step, phase and time (`vicuna_exp.heartbeat`)
 
 Reports read only these files, so the format has one home: every writer of `summary.json` (the
 recipe, the job's usage-error path, the launcher when a worker dies) goes through `Summary`, and

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import math
+import sys
 import time
 import traceback
 from pathlib import Path
@@ -26,6 +27,7 @@ import torch.nn.functional as F
 from omegaconf import DictConfig
 
 from vicuna_exp import distributed as D
+from vicuna_exp import heartbeat
 from vicuna_exp.backends import Backend, OptimizerSpec, backend_class, lr_multiplier
 from vicuna_exp.checkpoint import CHECKPOINTS_DIR, CheckpointManager, TrainerState
 from vicuna_exp.choices import choice_str
@@ -34,6 +36,7 @@ from vicuna_exp.data import batching
 from vicuna_exp.data.batching import StepPlan, plan_steps
 from vicuna_exp.data.prepare import PreparedData, prepare
 from vicuna_exp.data.tokenizer import load_tokenizer, pad_id
+from vicuna_exp.diskspace import DiskFull, free_bytes, is_disk_full, writing
 from vicuna_exp.errors import (
     EXIT_FAILED,
     EXIT_INTERRUPTED,
@@ -50,8 +53,9 @@ from vicuna_exp.plan import check_fits
 from vicuna_exp.plan.facts import ModelFacts
 from vicuna_exp.plan.flops import achieved_tflops, batch_flops, mfu, peak_tflops
 from vicuna_exp.preemption import StopFlags, StopNow
+from vicuna_exp.preflight import expected_checkpoint_bytes
 from vicuna_exp.provenance import provenance
-from vicuna_exp.rundir import SUMMARY_FILE, RunStatus, Summary
+from vicuna_exp.rundir import SUMMARY_FILE, RunStatus, Summary, latest_checkpoint
 from vicuna_exp.tracking import Tracker
 
 if TYPE_CHECKING:
@@ -80,9 +84,15 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> tuple[int, str 
             raise
         return code, error
     except Exception as e:
-        error = f"{type(e).__name__}: {e}"
-        recipe.traceback = traceback.format_exc()
-        log.error("training failed: %s (traceback in %s)", error, run_dir / SUMMARY_FILE)
+        if is_disk_full(e):  # one line, and resumable when a complete checkpoint exists
+            full = e if isinstance(e, DiskFull) else DiskFull("run files", run_dir, None, free_bytes(run_dir))
+            error, code = str(full), (EXIT_INTERRUPTED if recipe.resumable() else EXIT_FAILED)
+            status = RunStatus.interrupted if code == EXIT_INTERRUPTED else RunStatus.failed
+            print(f"vicuna-exp train: {error}", file=sys.stderr)
+        else:
+            error = f"{type(e).__name__}: {e}"
+            recipe.traceback = traceback.format_exc()
+            log.error("training failed: %s (traceback in %s)", error, run_dir / SUMMARY_FILE)
     recipe.finish(status, error, code)
     return code, error
 
@@ -135,8 +145,10 @@ class Recipe:
         self.spec = self._setup_model_spec(cfg.model)
         self.facts = model_facts_of(self.spec, cfg.model)
         self.peak_tflops = peak_tflops(cfg.hardware, self.precision)
+        heartbeat.beat("prepare_data")
         self.data = self._setup_data(cfg.data, cfg.template)
-        D.init_process_group(self.dist, self.device, cfg.launcher.dist_backend)
+        heartbeat.beat("setup")
+        D.init_process_group(self.dist, self.device, cfg.launcher.dist_backend, cfg.launcher.collective_timeout_s)
         self.started = True
 
         torch.manual_seed(cfg.trainer.seed)
@@ -183,7 +195,8 @@ class Recipe:
             lr_lambda=lr_multiplier(o.schedule, total_steps=total, warmup_steps=warmup, min_ratio=o.min_lr_ratio))
 
     def _setup_checkpoints(self, trainer_cfg: DictConfig) -> CheckpointManager:
-        return CheckpointManager(self.run_dir / CHECKPOINTS_DIR, keep_last=trainer_cfg.keep_last, dist=self.dist)
+        return CheckpointManager(self.run_dir / CHECKPOINTS_DIR, keep_last=trainer_cfg.keep_last, dist=self.dist,
+                                 expected_bytes=expected_checkpoint_bytes(self.cfg))
 
     def _resume(self, trainer_cfg: DictConfig) -> None:
         """Continue from a checkpoint (`trainer.resume`): its progress replaces the fresh state."""
@@ -234,6 +247,7 @@ class Recipe:
         """Global batch `step`: this rank's micro-batches forward and backward, then one optimizer step.
         Returns the step's metrics."""
         t, state, backend = self.cfg.trainer, self.state, self.backend
+        heartbeat.beat("train", state.step)
         epoch, index = self.plan.position(step)
         micro = self.micro_batches(epoch, index)
         t0 = time.perf_counter()
@@ -343,6 +357,7 @@ class Recipe:
         eval_ds = self.data.eval
         if eval_ds is None or len(eval_ds) == 0:
             return None
+        heartbeat.beat("eval")
         cfg, W, rank, mb = self.cfg, self.dist.world_size, self.dist.rank, self.cfg.trainer.micro_batch_size
         rows = batching.epoch_rows(eval_ds, epoch=0, seed=cfg.trainer.seed, context_length=cfg.context.length,
                           packing=cfg.data.packing, group_by_length=True)
@@ -399,36 +414,41 @@ class Recipe:
         return {"tflops_per_device": achieved_tflops(state.model_flops, state.train_s, W),
                 "mfu": mfu(state.model_flops, state.train_s, W, self.peak_tflops)}
 
+    def resumable(self) -> bool:
+        """A complete checkpoint exists in the run dir, so the same command resumes from it."""
+        return latest_checkpoint(self.run_dir) is not None
+
     def _latest_ckpt_name(self) -> str:
         done = self.checkpoints.complete()
         return str(done[-1]) if done else "none"
 
     # ---- checkpoints and export ----------------------------------------------------------------------
     def save_checkpoint(self) -> None:
+        heartbeat.beat("checkpoint")
         self.state.wall_s = self.wall_s()
         self.checkpoints.save(self.state, self.backend.save)
 
     def export(self, out_dir: Path) -> None:
         """One Hugging Face model with its tokenizer and the training chat template beside it."""
+        heartbeat.beat("export")
         dtype = torch_dtype(choice_str(self.cfg.trainer.export_dtype))
-        if self.dist.is_main:
-            out_dir.mkdir(parents=True, exist_ok=True)
-        D.barrier()
-        self.backend.export(out_dir, dtype)
-        if self.dist.is_main:
-            write_tokenizer_files(self.cfg, self.tokenizer, out_dir)
-        D.barrier()
+        # A full disk removes the partial export; the final checkpoint is complete, so the rerun exports again.
+        with writing("the final model", out_dir, self.facts.total_params * dtype.itemsize, partial=out_dir):
+            if self.dist.is_main:
+                out_dir.mkdir(parents=True, exist_ok=True)
+            D.barrier()
+            self.backend.export(out_dir, dtype)
+            if self.dist.is_main:
+                write_tokenizer_files(self.cfg, self.tokenizer, out_dir)
+            D.barrier()
 
     # ---- the end, whatever happened ------------------------------------------------------------------
     def finish(self, status: RunStatus | str, error: str | None, code: int) -> None:
         """Rank 0 writes summary.json; every rank closes what setup built."""
+        heartbeat.beat("finish")
         try:
             if self.dist.is_main:
-                summary = self.summary(status, error, code)
-                if self.tracker is not None:
-                    self.tracker.write_summary(summary.to_dict())
-                else:
-                    summary.write(self.run_dir)
+                self._write_summary(self.summary(status, error, code))
         finally:
             if self.tracker is not None:
                 self.tracker.finish(code)
@@ -437,6 +457,18 @@ class Recipe:
             if self.stop is not None:
                 self.stop.uninstall()
             D.destroy_process_group()
+
+    def _write_summary(self, summary: Summary) -> None:
+        """Through the tracker when there is one (wandb gets the totals too). On a full disk the
+        outcome, at least, is seen on stderr."""
+        try:
+            if self.tracker is not None:
+                self.tracker.write_summary(summary.to_dict())
+            else:
+                summary.write(self.run_dir)
+        except OSError as e:
+            print(f"vicuna-exp train: {SUMMARY_FILE} not written ({e}); the run ended {RunStatus(summary.status).value}"
+                  f"{': ' + summary.error if summary.error else ''}", file=sys.stderr)
 
     def summary(self, status: RunStatus | str, error: str | None, code: int) -> Summary:
         """What summary.json says: the outcome, the progress so far, and what is known of the run."""

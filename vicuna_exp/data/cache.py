@@ -6,12 +6,17 @@ the same data settings share one entry: the first takes a file lock and builds i
 temporary directory that is renamed into place only when complete; the others wait on the lock
 and then open the finished entry. A crashed builder leaves only a temporary directory, and its
 lock (an OS lock) dies with it.
+
+Each entry records its files' sizes (`manifest.json`) when it is published, and `open` checks
+them: an Arrow IPC stream cut short still reads, silently, up to its last complete batch. An
+entry that fails its check is rebuilt with a warning naming the file.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
 import uuid
@@ -20,11 +25,18 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from vicuna_exp.diskspace import writing
 from vicuna_exp.errors import UsageError
 
+log = logging.getLogger(__name__)
 CACHE_ENV = "VICUNA_EXP_CACHE"
 COMPLETE_MARKER = "stats.json"  # written last inside the build directory
+MANIFEST = "manifest.json"  # {relative path: bytes} of every file, written at publish
 _file_hash_memo: dict[tuple[str, int, int], str] = {}
+
+
+class CorruptEntry(Exception):
+    """An entry whose files are not what was written; the message names the file."""
 
 
 def cache_root(cache_dir: str | None) -> Path:
@@ -85,6 +97,33 @@ def is_complete(path: Path) -> bool:
     return (path / COMPLETE_MARKER).is_file()
 
 
+def write_manifest(entry: Path) -> None:
+    sizes = {}
+    for root, _, files in os.walk(entry):
+        for name in files:
+            f = Path(root) / name
+            sizes[f.relative_to(entry).as_posix()] = f.stat().st_size
+    (entry / MANIFEST).write_text(json.dumps(sizes, indent=0, sort_keys=True))
+
+
+def check_manifest(entry: Path) -> None:
+    """Raise CorruptEntry naming the first file whose size differs from when it was written (a few
+    `stat`s; an entry from before manifests were written has none and is taken as it is)."""
+    try:
+        sizes = json.loads((entry / MANIFEST).read_text())
+    except FileNotFoundError:
+        return
+    except (OSError, json.JSONDecodeError) as e:
+        raise CorruptEntry(f"{entry / MANIFEST}: unreadable ({e})") from None
+    for rel, size in sizes.items():
+        try:
+            actual = os.stat(entry / rel).st_size
+        except OSError:
+            raise CorruptEntry(f"{entry / rel}: missing (written with {size} bytes)") from None
+        if actual != size:
+            raise CorruptEntry(f"{entry / rel}: {actual} bytes, but {size} when written (truncated or changed)")
+
+
 @contextmanager
 def _lock(root: Path, key: str, on_wait: Callable[[], None] | None) -> Iterator[None]:
     from filelock import FileLock, Timeout
@@ -110,24 +149,41 @@ def get_or_build(
     key: str,
     build: Callable[[Path], None],
     on_wait: Callable[[], None] | None = None,
-) -> tuple[Path, bool]:
-    """The entry for `key`, building it with `build(tmp_dir)` if absent. Returns (path, built_here)."""
+    open_entry: Callable[[Path], Any] = check_manifest,
+) -> tuple[Any, bool]:
+    """`open_entry(path)` of the entry for `key`, building it with `build(tmp_dir)` if absent or if
+    `open_entry` finds it corrupt (raises CorruptEntry). Returns (what open_entry returned, built_here)."""
     final = root / "prepared" / f"{name}-{key[:16]}"
-    if is_complete(final):
-        return final, False
+    opened = _open_if_sound(final, open_entry)
+    if opened is not None:
+        return opened, False
     final.parent.mkdir(parents=True, exist_ok=True)
     with _lock(root, key, on_wait):
-        if is_complete(final):  # another job finished it while we waited
-            return final, False
-        if final.exists():  # an incomplete entry can only come from outside this protocol: replace it
+        opened = _open_if_sound(final, open_entry, quiet=True)
+        if opened is not None:  # another job finished (or repaired) it while we waited
+            return opened, False
+        if final.exists():  # incomplete or corrupt: replaced
             shutil.rmtree(final)
         tmp = final.parent / f".tmp-{final.name}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         try:
-            build(tmp)
-            if not is_complete(tmp):
-                raise RuntimeError(f"preparation into {tmp} finished without {COMPLETE_MARKER}")
-            os.replace(tmp, final)
+            with writing("the prepared dataset", root, partial=tmp):
+                build(tmp)
+                if not is_complete(tmp):
+                    raise RuntimeError(f"preparation into {tmp} finished without {COMPLETE_MARKER}")
+                write_manifest(tmp)
+                os.replace(tmp, final)
         finally:
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)
-    return final, True
+    return open_entry(final), True
+
+
+def _open_if_sound(entry: Path, open_entry: Callable[[Path], Any], quiet: bool = False) -> Any:
+    if not is_complete(entry):
+        return None
+    try:
+        return open_entry(entry)
+    except CorruptEntry as e:
+        if not quiet:
+            log.warning("prepared cache entry is corrupt: %s; rebuilding it", e)
+        return None

@@ -99,19 +99,29 @@ def prepare(
     def waiting() -> None:
         log.info("another job is preparing %s; waiting for it", name)
 
-    path, built = cache.get_or_build(root, name, key, build, on_wait=waiting)
-    prepared = open_prepared(path)
+    prepared, built = cache.get_or_build(root, name, key, build, on_wait=waiting, open_entry=open_prepared)
     prepared.from_cache = not built
     return prepared
 
 
 def open_prepared(path: str | Path) -> PreparedData:
-    """Open a prepared directory (memory-mapped: fast, whatever its size)."""
+    """Open a prepared directory (memory-mapped: fast, whatever its size), checked against what was
+    written: file sizes, then each split's rows (raises cache.CorruptEntry naming the file)."""
     from datasets import load_from_disk
 
+    from vicuna_exp.data.cache import CorruptEntry, check_manifest
+
     path = Path(path)
+    check_manifest(path)
     stats = json.loads((path / "stats.json").read_text())
-    dd = load_from_disk(str(path))
+    try:
+        dd = load_from_disk(str(path))
+    except Exception as e:  # noqa: BLE001 - a file datasets cannot read at all
+        raise CorruptEntry(f"{path}: cannot be opened ({type(e).__name__}: {e})") from None
+    for split, written in stats.get("splits", {}).items():
+        if split in dd and len(dd[split]) != written["kept_examples"]:
+            files = ", ".join(f["filename"] for f in dd[split].cache_files) or str(path / split)
+            raise CorruptEntry(f"{files}: {len(dd[split])} rows, but {written['kept_examples']} when written")
     return PreparedData(path, dd["train"], dd["eval"], stats, stats["data_hash"])
 
 
