@@ -31,3 +31,47 @@ TINY_OVERRIDES = [
     "trainer.save_every_steps=3",
     "context=512",
 ]
+
+
+class Tmpfs:
+    """A real tmpfs, mounted by the test (root only) so a disk fills, or refuses writes, for real."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.mounted = False
+
+    def mount(self, size: str, *, read_only: bool = False) -> Path:
+        import subprocess
+
+        self.path.mkdir(parents=True, exist_ok=True)
+        opts = f"size={size}" + (",ro" if read_only else "")
+        if self.mounted:
+            cmd = ["mount", "-o", f"remount,{opts}" + ("" if read_only else ",rw"), str(self.path)]
+        else:
+            cmd = ["mount", "-t", "tmpfs", "-o", opts, "tmpfs", str(self.path)]
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        if done.returncode != 0:
+            if not self.mounted:
+                pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip() or done.returncode}")
+            raise RuntimeError(f"{' '.join(cmd)}: {done.stderr.strip()}")
+        self.mounted = True
+        return self.path
+
+    def unmount(self) -> None:
+        import subprocess
+
+        if self.mounted:
+            subprocess.run(["umount", "-l", str(self.path)], check=False)
+            self.mounted = False
+
+
+@pytest.fixture
+def tmpfs(tmp_path: Path):
+    """`tmpfs.mount("8m")`, `tmpfs.mount("16m")` again to resize it (or `read_only=True`)."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    fs = Tmpfs(tmp_path / "tmpfs")
+    try:
+        yield fs
+    finally:
+        fs.unmount()

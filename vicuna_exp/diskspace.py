@@ -104,8 +104,8 @@ def writing(what: str, where: Path, needed: int | None = None, *, partial: Path 
         yield
     except DiskFull:
         raise
-    except Exception as e:
-        if not is_disk_full(e):
+    except BaseException as e:  # torch.distributed.checkpoint's CheckpointException is a BaseException
+        if isinstance(e, (KeyboardInterrupt, SystemExit, GeneratorExit)) or not is_disk_full(e):
             raise
         if needed is None and partial is not None:
             needed = tree_bytes(partial) or None  # at least what it had written when the disk filled

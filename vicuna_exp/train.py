@@ -357,7 +357,7 @@ class Recipe:
         eval_ds = self.data.eval
         if eval_ds is None or len(eval_ds) == 0:
             return None
-        heartbeat.beat("eval")
+        heartbeat.beat("eval", self.state.step)
         cfg, W, rank, mb = self.cfg, self.dist.world_size, self.dist.rank, self.cfg.trainer.micro_batch_size
         rows = batching.epoch_rows(eval_ds, epoch=0, seed=cfg.trainer.seed, context_length=cfg.context.length,
                           packing=cfg.data.packing, group_by_length=True)
@@ -424,7 +424,7 @@ class Recipe:
 
     # ---- checkpoints and export ----------------------------------------------------------------------
     def save_checkpoint(self) -> None:
-        heartbeat.beat("checkpoint")
+        heartbeat.beat("checkpoint", self.state.step)
         self.state.wall_s = self.wall_s()
         self.checkpoints.save(self.state, self.backend.save)
 
