@@ -28,7 +28,7 @@ import psutil
 from vicuna_exp.rundir import WORKER_STATUS_DIR
 
 DONE = "done"  # the phase of a rank that has ended: never a stall
-_MIN_INTERVAL_S = 1.0  # beats within a phase are written at most this often
+_MIN_INTERVAL_S = 1.0  # beats of the same phase and step are written at most this often
 
 
 def heartbeat_path(run_dir: Path, rank: int) -> Path:
@@ -47,10 +47,10 @@ class Heartbeat:
 
     def beat(self, phase: str, step: int | None = None) -> None:
         now = time.time()
+        if phase == self.phase and step in (None, self.step) and now - self._written < _MIN_INTERVAL_S:
+            return
         if step is not None:
             self.step = step
-        if phase == self.phase and now - self._written < _MIN_INTERVAL_S:
-            return
         self.phase, self._written = phase, now
         payload = json.dumps({"rank": self.rank, "pid": os.getpid(), "phase": phase, "step": self.step, "time": now})
         tmp = self.path.with_name(f".{self.path.name}.tmp")

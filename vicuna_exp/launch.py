@@ -91,7 +91,7 @@ def launch(cfg: DictConfig, run_dir: Path) -> int:
             proc.wait()
     tee.join(timeout=5)
     if watch.stall is not None:
-        log.error("%s", watch.stall.describe())
+        print(f"vicuna-exp train: {watch.stall.describe()}", file=sys.stderr)
         mark_failed(cfg, run_dir, watch.stall.describe(), {str(watch.stall.rank): watch.stall.describe()}, started)
         return EXIT_FAILED
     return conclude(cfg, run_dir, rc, started, "".join(tail))
