@@ -331,3 +331,11 @@ def test_a_section_is_checked_never_trimmed() -> None:
     with pytest.raises(UsageError, match="data.dedupe"):
         as_schema(data, DataConfig, "data")
     assert as_schema(compose([]).data, DataConfig, "data") == load_option("data", "sample")
+
+
+def test_config_hash_ignores_how_faults_are_watched() -> None:
+    """Stall, collective and tracker timeouts change nothing trained: a rerun with other limits resumes."""
+    a = compose([])
+    b = compose(["launcher.stall_timeout_s=5", "launcher.stall_timeout_by_phase_s.setup=60",
+                 "launcher.collective_timeout_s=30", "logger.init_timeout_s=3"])
+    assert config_hash(a) == config_hash(b)
