@@ -69,7 +69,7 @@ def test_unreachable_wandb_server_falls_back_to_offline(tmp_path: Path, monkeypa
     monkeypatch.setenv("WANDB_BASE_URL", f"http://127.0.0.1:{_refused_port()}")
     monkeypatch.delenv("WANDB_MODE", raising=False)
     run_dir = tmp_path / "run"
-    args = ["train", "logger=wandb", "logger.init_timeout_s=3", "trainer.max_steps=2", "trainer.micro_batch_size=2",
+    args = ["train", "logger=wandb", "logger.init_timeout_s=2", "trainer.max_steps=2", "trainer.micro_batch_size=2",
             "trainer.global_batch_size=4", "trainer.eval_every_steps=null", "trainer.eval_max_rows=4",
             "trainer.save_final=false", "model.hidden_size=64", "model.intermediate_size=128",
             "model.num_hidden_layers=2", "context=512", f"hydra.run.dir={run_dir}"]

@@ -12,12 +12,12 @@ from backend_jobs import run_job, wait_gone, workers_of
 
 pytestmark = pytest.mark.multiprocess
 
-SMALL = ["logger=none", "trainer.micro_batch_size=1", "trainer.global_batch_size=4", "trainer.max_steps=5",
+SMALL = ["logger=none", "trainer.micro_batch_size=1", "trainer.global_batch_size=4", "trainer.max_steps=4",
          "trainer.eval_every_steps=null", "trainer.eval_max_rows=4", "trainer.save_every_steps=2",
          "trainer.save_final=false", "model.hidden_size=64", "model.intermediate_size=128",
          "model.num_hidden_layers=2", "context=512", "backend=fsdp", "launcher.nproc_per_node=2",
          # a short limit for training steps; the other phases keep long ones
-         "launcher.stall_timeout_s=5", *(f"+launcher.stall_timeout_by_phase_s.{p}=300"
+         "launcher.stall_timeout_s=8", *(f"+launcher.stall_timeout_by_phase_s.{p}=300"
                                          for p in ("start", "eval", "checkpoint", "finish"))]
 
 
