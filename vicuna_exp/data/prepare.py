@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from vicuna_exp.data import cache
 from vicuna_exp.data.config import CACHE_IRRELEVANT, DataConfig, TemplateConfig
 from vicuna_exp.data.encode import IGNORE
 from vicuna_exp.errors import UsageError
@@ -67,7 +68,6 @@ def prepare(
     (`cfg.data`); either is checked against the schema again, so no key is lost on the way.
     """
     from vicuna_exp.config import as_schema
-    from vicuna_exp.data import cache
     from vicuna_exp.data.clean import check_config
     from vicuna_exp.data.load import resolve_path
     from vicuna_exp.data.template import check_template
@@ -109,19 +109,17 @@ def open_prepared(path: str | Path) -> PreparedData:
     written: file sizes, then each split's rows (raises cache.CorruptEntry naming the file)."""
     from datasets import load_from_disk
 
-    from vicuna_exp.data.cache import CorruptEntry, check_manifest
-
     path = Path(path)
-    check_manifest(path)
+    cache.check_manifest(path)
     stats = json.loads((path / "stats.json").read_text())
     try:
         dd = load_from_disk(str(path))
     except Exception as e:  # noqa: BLE001 - a file datasets cannot read at all
-        raise CorruptEntry(f"{path}: cannot be opened ({type(e).__name__}: {e})") from None
+        raise cache.CorruptEntry(f"{path}: cannot be opened ({type(e).__name__}: {e})") from None
     for split, written in stats.get("splits", {}).items():
         if split in dd and len(dd[split]) != written["kept_examples"]:
             files = ", ".join(f["filename"] for f in dd[split].cache_files) or str(path / split)
-            raise CorruptEntry(f"{files}: {len(dd[split])} rows, but {written['kept_examples']} when written")
+            raise cache.CorruptEntry(f"{files}: {len(dd[split])} rows, but {written['kept_examples']} when written")
     return PreparedData(path, dd["train"], dd["eval"], stats, stats["data_hash"])
 
 
