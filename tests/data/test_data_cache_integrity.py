@@ -5,13 +5,14 @@ write time are checked at open, and a mismatch is a warning naming the file."""
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 from pathlib import Path
 
 import pyarrow as pa
 import pytest
 
+from vicuna_exp.config import load_option
 from vicuna_exp.data.cache import MANIFEST
-from vicuna_exp.data.config import DataConfig, TemplateConfig
 from vicuna_exp.data.prepare import prepare
 from vicuna_exp.data.tokenizer import load_tokenizer
 
@@ -22,7 +23,8 @@ def tok():
 
 
 def _prepare(tok, cache: Path):
-    return prepare(DataConfig(cache_dir=str(cache)), TemplateConfig(), 512, tok, None)
+    return prepare(replace(load_option("data", "sample"), cache_dir=str(cache)), load_option("template", "vicuna_v1.1"),
+                   512, tok, None)
 
 
 def _train_file(entry: Path) -> Path:
