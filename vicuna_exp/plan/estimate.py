@@ -298,6 +298,7 @@ def predicted_state_bytes(cfg: Any) -> dict[str, float]:
     parameters (local shards), grads = their gradients (for DeepSpeed: its gradient partitions),
     optim = optimizer-held tensors (moments, and DeepSpeed's fp32 master partition).
     """
+    cfg, _ = with_resolved_hardware(cfg, on_gpu=None)
     s = setup_from_config(cfg)
     dev, host = _state_bytes(s)
     return {k: dev[k] + host[k] for k in ("params", "grads", "optim")}
