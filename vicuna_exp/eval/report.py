@@ -10,6 +10,7 @@ per run, read from the same files.
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -279,17 +280,20 @@ def judged_sets(paths: EvalPaths) -> list[EvalPaths]:
 
 
 def _questions_of(bench_dir: Path, default: EvalPaths) -> Path:
-    record = bench_dir / "generation.json"
-    if record.is_file():
-        import json
+    questions = _generation_record(bench_dir, "questions")
+    return Path(questions) if questions else default.questions
 
-        try:
-            questions = json.loads(record.read_text(encoding="utf-8")).get("questions")
-        except ValueError:
-            questions = None
-        if isinstance(questions, str) and questions:
-            return Path(questions)
-    return default.questions
+
+def _generation_record(bench_dir: Path, key: str) -> str | None:
+    """A text field of the set's generation.json (written by `eval generate`); None when absent."""
+    rec = bench_dir / "generation.json"
+    if not rec.is_file():
+        return None
+    try:
+        value = json.loads(rec.read_text(encoding="utf-8")).get(key)
+    except ValueError:
+        return None
+    return value if isinstance(value, str) and value else None
 
 
 def _report_one(paths: EvalPaths, ev: Any) -> bool:
@@ -315,16 +319,9 @@ def _report_one(paths: EvalPaths, ev: Any) -> bool:
 
 def _run_model(bench_dir: Path) -> str | None:
     """The model a run's answers are filed under: from generation.json, else the only answer file."""
-    rec = bench_dir / "generation.json"
-    if rec.is_file():
-        import json
-
-        try:
-            model_id = json.loads(rec.read_text(encoding="utf-8")).get("model_id")
-        except ValueError:
-            model_id = None
-        if isinstance(model_id, str) and model_id:
-            return safe_name(model_id)
+    model_id = _generation_record(bench_dir, "model_id")
+    if model_id:
+        return safe_name(model_id)
     answers = sorted((bench_dir / "model_answer").glob("*.jsonl"))
     return answers[0].stem if len(answers) == 1 else None
 
@@ -386,8 +383,6 @@ def _last_reference(bench_dir: Path) -> str | None:
     scores = bench_dir / "scores.json"
     if not scores.is_file():
         return None
-    import json
-
     try:
         report = json.loads(scores.read_text(encoding="utf-8"))
     except ValueError:
