@@ -97,6 +97,18 @@ def probe_gpus() -> DeviceFacts | None:
     return DeviceFacts(name=name, memory_gib=float(mib) / 1024, count=len(rows), compute_capability=capability)
 
 
+def device_from_torch() -> DeviceFacts | None:
+    """This rank's GPU as torch sees it: only for a process that trains on it (it holds a CUDA
+    context already), never the parent job or the planner, which stay free of torch."""
+    import torch  # the planner imports this module; it must not pay for torch
+
+    if not torch.cuda.is_available():
+        return None
+    props = torch.cuda.get_device_properties(torch.cuda.current_device())
+    return DeviceFacts(name=props.name, memory_gib=props.total_memory / GIB, count=torch.cuda.device_count(),
+                       compute_capability=float(f"{props.major}.{props.minor}"))
+
+
 def load_profile(name: str) -> dict[str, Any]:
     """A `conf/hardware/NAME.yaml` profile as plain values."""
     path = PROFILE_DIR / f"{name}.yaml"
@@ -148,6 +160,8 @@ def resolve(hw: Any, *, on_gpu: bool | None, device: DeviceFacts | None = None, 
     """
     if device is None and on_gpu is not False and local:
         device = probe_gpus()
+    if device is None and on_gpu and local:  # a GPU rank where nvidia-smi is missing (some containers)
+        device = device_from_torch()
     named = str(hw.name)
     given = {k: v for k, v in _plain(hw).items() if k not in SETTINGS}
     if on_gpu is False and named not in (AUTO, CPU_PROFILE) and given.get("device") != DeviceType.cpu:

@@ -106,3 +106,11 @@ def test_planning_on_a_gpu_machine_uses_the_device(capsys: pytest.CaptureFixture
     assert main(["plan", "experiment=vicuna-7b"]) == 0
     out = capsys.readouterr().out
     assert "on 8 x h200" in out and "from the device found, NVIDIA H200 (140.4 GiB)" in out
+
+
+def test_a_gpu_rank_without_nvidia_smi_asks_torch(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Some containers have no nvidia-smi: a rank training on a GPU still gets its GPU's profile."""
+    monkeypatch.setattr(H, "probe_gpus", lambda: None)
+    monkeypatch.setattr(H, "device_from_torch", lambda: H200)
+    assert H.resolve(hw("auto"), on_gpu=True).facts["name"] == "h200"
+    assert H.resolve(hw("auto"), on_gpu=None).facts["name"] == "cpu"  # the planner never asks torch
