@@ -103,3 +103,56 @@ def test_metrics_and_summary_stay_whole(tmpfs, capsys: pytest.CaptureFixture) ->
 
     Recipe(cfg, run_dir, [], D.DistInfo()).finish("failed", "x" * 100_000, 1)  # even the summary cannot fit
     assert "summary.json not written" in capsys.readouterr().err
+
+
+def test_export_on_a_full_disk_keeps_the_final_checkpoint_and_the_rerun_exports(
+        tmpfs, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    from vicuna_exp.train import Recipe
+
+    run_dir = tmpfs.mount("16m") / "run"
+    args = ["train", *SMALL, "trainer.save_every_steps=null", f"hydra.run.dir={run_dir}"]
+    ballast = run_dir.parent / "ballast"
+    export = Recipe.export
+
+    def fill_then_export(self: Recipe, out_dir: Path) -> None:  # another job filled the disk meanwhile
+        free = os.statvfs(ballast.parent).f_bavail * os.statvfs(ballast.parent).f_frsize
+        ballast.write_bytes(b"\0" * (free - 64 * 1024))
+        export(self, out_dir)
+
+    monkeypatch.setattr(Recipe, "export", fill_then_export)
+    assert main(args) == 75  # the final checkpoint is complete: resumable
+    line = next(x for x in capsys.readouterr().err.splitlines() if DiskFull.PREFIX in x)
+    assert f"the final model to {run_dir / 'final'}: needed" in line and " free" in line
+    assert not (run_dir / "final").exists()  # the partial export was removed
+    assert (run_dir / "checkpoints" / "step_00000002" / "trainer_state.json").is_file()
+    assert _steps(run_dir) == [1, 2]
+    s = json.loads((run_dir / "summary.json").read_text())
+    assert s["status"] == "interrupted" and s["exit_code"] == 75 and s["error"].startswith(DiskFull.PREFIX)
+
+    monkeypatch.setattr(Recipe, "export", export)
+    ballast.unlink()  # space freed: the same command exports
+    assert main(args) == 0
+    assert (run_dir / "final" / "config.json").is_file()
+    assert json.loads((run_dir / "summary.json").read_text())["status"] == "completed"
+
+
+def test_a_writer_that_leaves_its_file_open_still_frees_the_space(tmpfs) -> None:
+    """DeepSpeed's checkpoint writers leave a file open when the disk fills: the exception's frames
+    hold it, and a removed file's space comes back only once it is closed."""
+    from vicuna_exp.diskspace import free_bytes, writing
+
+    disk = tmpfs.mount("1m")
+    partial = disk / "partial.bin"
+
+    def leaky_writer() -> None:
+        f = open(partial, "wb")  # noqa: SIM115 - left open on purpose, as such writers do
+        while True:
+            f.write(b"\0" * 65536)
+            f.flush()
+
+    with pytest.raises(DiskFull) as caught:
+        with writing("a shard", disk, partial=partial):
+            leaky_writer()
+    assert not partial.exists()
+    assert free_bytes(disk) > 900_000, "the removed file's space is still held by an open descriptor"
+    assert caught.value.what == "a shard"

@@ -27,3 +27,17 @@ def test_cli_names_the_path_and_exits_2(tmp_path: Path, capsys: pytest.CaptureFi
     (tmp_path / "file").write_text("")
     assert main(["train", "logger=none", f"hydra.run.dir={tmp_path}/file/run"]) == 2
     assert f"hydra.run.dir={tmp_path}/file/run" in capsys.readouterr().err
+
+
+def test_a_sweep_checks_its_sweep_dir_before_any_job(tmp_path: Path, tmpfs, capsys: pytest.CaptureFixture) -> None:
+    from vicuna_exp.cli import main
+
+    (tmp_path / "file").write_text("")
+    sweep = ["train", "-m", "logger=none", "optim.lr=1e-5,2e-5"]
+    assert main([*sweep, f"hydra.sweep.dir={tmp_path}/file/sweep"]) == 2
+    assert f"hydra.sweep.dir={tmp_path}/file/sweep: {tmp_path}/file is not a directory" in capsys.readouterr().err
+
+    small = tmpfs.mount("512k")  # less than the least a job writes (.hydra/, config, metrics, summary)
+    assert main([*sweep, f"hydra.sweep.dir={small}/sweep"]) == 2
+    assert f"hydra.sweep.dir={small}/sweep: only 512.0 KiB free on its disk" in capsys.readouterr().err
+    assert not (small / "sweep").exists()  # nothing was started

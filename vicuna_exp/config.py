@@ -18,6 +18,7 @@ Section schemas owned by a component live next to it (data, eval, plan) and are 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 from dataclasses import dataclass, field
@@ -308,6 +309,12 @@ def conf_dir() -> Path:
     raise UsageError(f"config tree not found next to {here}: expected conf/config.yaml")
 
 
+@functools.cache
+def _structured(schema: type) -> DictConfig:
+    """The schema as a typed node, built once: OmegaConf.merge copies it, never changes it."""
+    return OmegaConf.structured(schema)
+
+
 def as_schema(section: Any, schema: type[T], key: str) -> T:
     """A config section as its schema's object: from a node of the composed config (`cfg.data`),
     a mapping, or the object itself, checked against the schema either way. A key the schema does
@@ -316,7 +323,7 @@ def as_schema(section: Any, schema: type[T], key: str) -> T:
     from omegaconf.errors import OmegaConfBaseException
 
     try:
-        obj = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema), section))
+        obj = OmegaConf.to_object(OmegaConf.merge(_structured(schema), section))
     except OmegaConfBaseException as e:
         where = f"{key}.{e.full_key}" if getattr(e, "full_key", None) else key
         raise UsageError(f"{where}: {str(e).splitlines()[0]}") from None

@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import gc
 import logging
 import os
 import shutil
+import traceback
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -109,9 +111,25 @@ def writing(what: str, where: Path, needed: int | None = None, *, partial: Path 
             raise
         if needed is None and partial is not None:
             needed = tree_bytes(partial) or None  # at least what it had written when the disk filled
+        release_files(e)
         if partial is not None:
             remove(partial)
         raise DiskFull(what, where, needed, free_bytes(where)) from e
+
+
+def release_files(exc: BaseException) -> None:
+    """Close the files a failed writer still holds: they live on in the finished frames of the
+    exception's traceback (DeepSpeed's checkpoint writers, for one), and a removed file's space is
+    freed only when its last descriptor closes. Otherwise the status and the summary written next
+    find the disk as full as before."""
+    seen: set[int] = set()
+    e: BaseException | None = exc
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if e.__traceback__ is not None:
+            traceback.clear_frames(e.__traceback__)  # frames still running (ours, the caller's) are kept
+        e = e.__cause__ or e.__context__
+    gc.collect()
 
 
 def remove(path: Path) -> None:

@@ -238,6 +238,8 @@ def run_hydra_app(target: str, argv: list[str], *, prog: str, run_dir: bool = Tr
         if run_dir and not multirun and not any(a.split("=")[0] in _PRINT_FLAGS for a in argv):
             # Hydra writes `.hydra/` there first: a read-only or missing location is usage (exit 2)
             check_output_location(Path(composed[0].hydra.run.dir), "hydra.run.dir")
+        if run_dir and multirun and composed:  # every job's run dir lies under the sweep dir
+            check_output_location(Path(composed[0].hydra.sweep.dir), "hydra.sweep.dir")
 
     # Jobs may run in other processes (joblib): each leaves its exit code in a file here.
     codes_dir = Path(tempfile.mkdtemp(prefix="vicuna-exp-codes-"))

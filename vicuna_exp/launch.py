@@ -253,13 +253,55 @@ def _forward(proc: subprocess.Popen, sig: int) -> None:
 
 
 def _tee(stream: Any, path: Path, tail: list[str]) -> None:
+    """Workers' and torchrun's stderr to the terminal and to the launch log; torchrun's own failure
+    report (its ChildFailedError traceback) only to the log, since the job prints the root cause."""
+    shown = TerminalFilter(sys.stderr.write)
     with open(path, "a", encoding="utf-8", errors="replace") as f:
         for raw in iter(stream.readline, b""):
             line = raw.decode("utf-8", errors="replace")
-            sys.stderr.write(line)
+            shown.feed(line)
             f.write(line)
             tail.append(line)
             del tail[:-400]
+    shown.flush()
+    if shown.dropped:
+        sys.stderr.write(f"(torchrun's own failure report is in {path})\n")
+
+
+class TerminalFilter:
+    """Holds a traceback back until its last line says whose it is: torchrun's ChildFailedError and
+    the failure report after it are dropped; any other traceback (a worker's) is shown whole."""
+
+    HELD_MAX = 500  # lines: a traceback longer than this is shown as it comes
+
+    def __init__(self, write: Any) -> None:
+        self.write, self.held = write, []
+        self.report_rules = 0  # inside torchrun's report: its rules of '=' still to come (it has two)
+        self.dropped = False
+
+    def feed(self, line: str) -> None:
+        if self.report_rules:
+            self.report_rules -= line.startswith("=" * 20)
+            return
+        if line.startswith("Traceback (most recent call last):"):
+            self.flush()
+            self.held.append(line)
+            return
+        if not self.held:
+            self.write(line)
+            return
+        self.held.append(line)
+        if line[:1].isspace() and len(self.held) < self.HELD_MAX:
+            return  # still inside the traceback's frames
+        if "ChildFailedError" in line:  # torchrun's: dropped, and its report after it
+            self.held, self.report_rules, self.dropped = [], 2, True
+            return
+        self.flush()
+
+    def flush(self) -> None:
+        for line in self.held:
+            self.write(line)
+        self.held = []
 
 
 # --------------------------------------------------------------------------------------------

@@ -202,6 +202,9 @@ def test_sigkill_mid_run_then_resume_gives_the_same_losses(backend: str, victim:
         assert crashed.rc == 1
         s = crashed.summary
         assert s["status"] == "failed" and s["error"].startswith("rank 1") and "SIGKILL" in s["error"], s["error"]
+        # torchrun's own traceback and report go to the launch log only; the terminal gets the root cause
+        assert "ChildFailedError" not in crashed.stderr and "Root Cause" not in crashed.stderr
+        assert "ChildFailedError" in (run_dir / "launch.log").read_text()
     else:
         assert crashed.rc == -signal.SIGKILL
     assert (run_dir / "checkpoints" / f"step_{SAVE_EVERY:08d}" / "trainer_state.json").is_file()

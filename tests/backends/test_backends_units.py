@@ -301,3 +301,22 @@ def test_export_command_rejects_bad_paths(tmp_path: Path) -> None:
     (tmp_path / "run").mkdir()
     with pytest.raises(UsageError, match="no complete checkpoint"):
         main([str(tmp_path / "run"), str(tmp_path / "out")])
+
+
+def test_torchruns_failure_report_stays_off_the_terminal_and_a_workers_traceback_does_not() -> None:
+    from vicuna_exp.launch import TerminalFilter
+
+    worker = ['[rank1]: loss 4.2\n', 'Traceback (most recent call last):\n', '  File "w.py", line 3, in step\n',
+              '    raise ValueError("bad batch")\n', 'ValueError: bad batch\n']
+    torchrun = ['Traceback (most recent call last):\n', '  File "/venv/bin/torchrun", line 8, in <module>\n',
+                '    sys.exit(main())\n',
+                'torch.distributed.elastic.multiprocessing.errors.ChildFailedError: \n', '=' * 60 + '\n',
+                'vicuna_exp.worker FAILED\n', '-' * 60 + '\n', 'Failures:\n', '  <NO_OTHER_FAILURES>\n',
+                '-' * 60 + '\n', 'Root Cause (first observed failure):\n', '[0]:\n',
+                '  rank      : 1 (local_rank: 1)\n', '  exitcode  : -9 (pid: 7)\n', '=' * 60 + '\n']
+    shown: list[str] = []
+    f = TerminalFilter(shown.append)
+    for line in [*worker, 'E1201 failed (exitcode: -9) local_rank: 1\n', *torchrun, 'after\n']:
+        f.feed(line)
+    f.flush()
+    assert shown == [*worker, 'E1201 failed (exitcode: -9) local_rank: 1\n', 'after\n'] and f.dropped
