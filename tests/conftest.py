@@ -20,6 +20,27 @@ def cache_root() -> Path:
     return Path(os.environ["VICUNA_EXP_CACHE"])
 
 
+@pytest.fixture(scope="session")
+def real_vocabulary(pytestconfig):
+    """`load(name)`: the real tokenizer `name` ("sentencepiece_32k", "llama3"; see vocabularies.py),
+    built from its pinned package once under the test cache; a skip naming the package if it is missing."""
+    import vocabularies
+
+    from vicuna_exp.data.tokenizer import load_tokenizer
+
+    loaded = {}
+
+    def load(name: str):
+        reason = vocabularies.missing(name)
+        if reason:
+            pytest.skip(reason)
+        if name not in loaded:
+            loaded[name] = load_tokenizer(str(vocabularies.build(name, pytestconfig.cache.mkdir("vocabularies"))))
+        return loaded[name]
+
+    return load
+
+
 # Small enough for seconds per run on 2 cores, big enough to learn the sample data.
 TINY_OVERRIDES = [
     "logger=none",

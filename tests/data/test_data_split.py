@@ -13,9 +13,8 @@ from hypothesis import strategies as st
 
 from vicuna_exp.config import load_option
 from vicuna_exp.data.clean import Conversation
-from vicuna_exp.data.encode import ConversationEncoder, EncodeError
+from vicuna_exp.data.encode import ConversationEncoder
 from vicuna_exp.data.split import encode_and_split, overflow_examples, windows
-from vicuna_exp.data.template import render_segments
 from vicuna_exp.data.tokenizer import load_tokenizer
 
 VICUNA = load_option("template", "vicuna_v1.1")
@@ -24,15 +23,18 @@ WORDS = ["what", "is", "the", "capital", "of", "Peru", "Lima", "plus", "7", "12"
 
 
 @lru_cache(maxsize=16)
-def encoder(system: str, stitch: bool = True, template: str = "vicuna", compiled: bool = True) -> ConversationEncoder:
-    t = replace(VICUNA, system=system)
+def encoder(system: str, segments: bool = True, template: str = "vicuna", tok=None) -> ConversationEncoder:
+    tok = tok or load_tokenizer(None)
+    t = replace(VICUNA, system=system, bos_token=tok.bos_token, eos_token=tok.eos_token)
     if template == "llama2":
-        t = replace(VICUNA, system=system, system_format="<<SYS>>\n{system}\n<</SYS>>\n\n",
-                           user_format="{bos}[INST] {system}{content} [/INST]", assistant_format=" {content} {eos}")
-    enc = ConversationEncoder(load_tokenizer(None), t, stitch=stitch)
-    if not compiled:  # as past the compiled layouts' limit: the general renderer, offsets, cuts tried one by one
-        enc._layout = lambda system: None
-    return enc
+        t = replace(t, system_format="<<SYS>>\n{system}\n<</SYS>>\n\n",
+                    user_format="{bos}[INST] {system}{content} [/INST]", assistant_format=" {content} {eos}")
+    return ConversationEncoder(tok, t, segments=segments)
+
+
+@pytest.fixture(scope="module", params=["tiny", "sentencepiece_32k", "llama3"])
+def vocab(request, real_vocabulary):
+    return load_tokenizer(None) if request.param == "tiny" else real_vocabulary(request.param)
 
 
 def _supervised(examples) -> list[int]:
@@ -63,20 +65,25 @@ def test_split_never_loses_a_pair(pairs, context, system):
         assert all(ids[-1] == 2 and labels[-1] == 2 for ids, labels in examples)
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(pairs=conversations, context=st.sampled_from([24, 64, 128]), system=st.sampled_from(["", "Be brief."]),
-       template=st.sampled_from(["vicuna", "llama2"]), policy=st.sampled_from(["split", "truncate"]),
-       compiled=st.booleans())
-def test_stitched_pieces_equal_pieces_tokenized_on_their_own(pairs, context, system, template, policy, compiled):
-    """Reusing the whole conversation's tokens after a special token gives exactly the piece's own tokenization."""
-    conv = Conversation("c", None, [t for q, a in pairs for t in (("user", q), ("assistant", a))])
-    fast = encode_and_split([conv], encoder(system, True, template, compiled), context, policy)
-    slow = encode_and_split([conv], encoder(system, False, template), context, policy)
-    assert encoder(system, True, template).stitch and encoder(system, True, template).word_cut
-    assert len(fast.examples[0]) == len(slow.examples[0])
-    for (a_ids, a_lab), (b_ids, b_lab) in zip(fast.examples[0], slow.examples[0], strict=True):
-        assert a_ids.tolist() == b_ids.tolist() and a_lab.tolist() == b_lab.tolist()
-    assert fast.overflow == slow.overflow
+def test_pieces_from_segments_equal_pieces_tokenized_on_their_own(vocab):
+    """Pieces built from the whole conversation's segments are exactly each piece's own text
+    tokenized whole, labelled from offsets, on the tiny and the real vocabularies."""
+
+    @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+    @given(pairs=conversations, context=st.sampled_from([24, 64, 128]), system=st.sampled_from(["", "Be brief."]),
+           template=st.sampled_from(["vicuna", "llama2"]), policy=st.sampled_from(["split", "truncate"]))
+    def check(pairs, context, system, template, policy):
+        conv = Conversation("c", None, [t for q, a in pairs for t in (("user", q), ("assistant", a))])
+        fast = encode_and_split([conv], encoder(system, True, template, vocab), context, policy)
+        slow = encode_and_split([conv], encoder(system, False, template, vocab), context, policy)
+        assert len(fast.examples[0]) == len(slow.examples[0])
+        for (a_ids, a_lab), (b_ids, b_lab) in zip(fast.examples[0], slow.examples[0], strict=True):
+            assert a_ids.tolist() == b_ids.tolist() and a_lab.tolist() == b_lab.tolist()
+        assert fast.overflow == slow.overflow
+
+    if encoder("", True, "vicuna", vocab).word_cut:  # SentencePiece: the segments are what is tested
+        assert encoder("Be brief.", True, "llama2", vocab)._layout(None) is not None
+    check()
 
 
 def test_overflow_policies_on_one_long_pair():
@@ -119,22 +126,3 @@ def test_windows_cover_every_token_once(n):
         # every window but the stream's very first has at least a quarter context of earlier text
         later = part[1:] if lo == 1 else part
         assert all((y[:64 // 4] == -100).all() for _, y in later)
-
-
-odd_text = st.text(alphabet=st.sampled_from(list("ab 你😀é\n\t  x.</s>USER:\u0301\u200b")),
-                   min_size=1, max_size=30)
-
-
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(pairs=st.lists(st.tuples(odd_text, odd_text), min_size=1, max_size=3))
-def test_edge_labels_equal_per_token_labels(pairs):
-    """The fast labelling (token indices at span edges) agrees with labelling every token from offsets."""
-    enc = encoder("Be brief.")
-    segs = render_segments(enc.template, None, [t for q, a in pairs for t in (("user", q), ("assistant", a))])
-    r = enc.render(segs)
-    encoding = enc.backend.encode(r.text, add_special_tokens=True)
-    fast = enc._labels(encoding, r)
-    slow = enc._labels_from_offsets(encoding, enc._ids(encoding), r)
-    assert type(fast) is type(slow)
-    if not isinstance(fast, EncodeError):
-        assert fast.labels.tolist() == slow.labels.tolist()

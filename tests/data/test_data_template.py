@@ -10,7 +10,7 @@ from vicuna_exp.config import load_option
 from vicuna_exp.data import encode_conversation
 from vicuna_exp.data.chat_template import to_jinja
 from vicuna_exp.data.config import TemplateConfig
-from vicuna_exp.data.encode import EncodeError
+from vicuna_exp.data.encode import BOS, EOS, SEP, ConversationEncoder, EncodeError
 from vicuna_exp.data.template import render, render_prompt
 from vicuna_exp.data.tokenizer import load_tokenizer
 from vicuna_exp.errors import UsageError
@@ -162,7 +162,7 @@ def test_bad_templates_name_the_key(tok):
         encode_conversation(CONV[:2], tok, replace(VICUNA, generation_prompt="BOT:"))
 
 
-# --------------------------------------------------------------- compiled renderer == general renderer
+# ------------------------------------------ segments == whole text, on the tiny and the real vocabularies
 
 _TEMPLATES = {
     "vicuna_v1.1": lambda: _template("vicuna_v1.1"),
@@ -174,78 +174,46 @@ _TEMPLATES = {
     "bare": lambda: replace(VICUNA, system="", system_format="{system}", user_format="{content}",
                                    assistant_format="{content}{eos}", generation_prompt=""),
 }
+VOCABULARIES = ["tiny", "sentencepiece_32k", "llama3"]
 
 
-def _rendered_parts(r) -> tuple:
-    return r.text, r.bounds.tolist(), r.pair_chars.tolist()
+@pytest.fixture(scope="module", params=VOCABULARIES)
+def vocab(request, real_vocabulary):
+    return load_tokenizer(None) if request.param == "tiny" else real_vocabulary(request.param)
 
 
-@pytest.mark.parametrize("name", sorted(_TEMPLATES))
-def test_compiled_rendering_equals_general_rendering(tok, name):
-    """`render_turns` must give exactly what the segment renderer gives, or the same EncodeError."""
-    from hypothesis import HealthCheck, given, settings
-    from hypothesis import strategies as st
+def _with_tokens(template: TemplateConfig, tok) -> TemplateConfig:
+    """The template with the vocabulary's own BOS and EOS (Llama-3: <|begin_of_text|>, <|eot_id|>)."""
+    return replace(template, bos_token=tok.bos_token, eos_token=tok.eos_token)
 
-    from vicuna_exp.data.encode import ConversationEncoder
-    from vicuna_exp.data.template import render_segments
 
-    template = _TEMPLATES[name]()
-    encoder = ConversationEncoder(tok, template)
-    assert encoder._compile(None) is not None and encoder._compile("Be brief.") is not None  # the fast path is tested
-    sentinel = encoder.sentinel_chars[1]
-    alphabet = st.sampled_from(["a", " ", "\n", "é", "</s>", "<s>", "USER:", "[INST]", "\U000f0100", sentinel])
-    message = st.lists(alphabet, max_size=6).map("".join)
-    turns = st.lists(st.tuples(message, message), max_size=4).map(
-        lambda pairs: [t for q, a in pairs for t in (("user", q), ("assistant", a))])
-    system = st.one_of(st.none(), st.just(""), message)
-
-    @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-    @given(system=system, turns=turns, odd=st.booleans())
-    def check(system, turns, odd):
-        if odd and turns:
-            turns = turns[:-1]  # a trailing user turn: the general path
-        try:
-            want = _rendered_parts(encoder.render(render_segments(template, system, turns)))
-        except EncodeError as exc:
-            with pytest.raises(EncodeError) as got:
-                encoder.render_turns(system, turns)
-            assert got.value.reason == exc.reason
-            return
-        assert _rendered_parts(encoder.render_turns(system, turns)) == want
-
-    check()
+_PIECES = ["a", " ", "  ", "\n", "\t", "é", "你", "😀", "\u0301", "\u200b", "'s", "12", ".", "</s>", "<s>",
+           "<|eot_id|>", "USER:", " ASSISTANT:", "[INST]", "\U000f0100", BOS, SEP]
 
 
 @pytest.mark.parametrize("name", sorted(_TEMPLATES))
-def test_marked_encoding_equals_offsets_encoding(tok, name):
-    """Encoding without offsets (markers at the boundaries, found by counting) gives exactly the ids,
-    labels and pair starts of the encoding from character offsets, or the same EncodeError."""
+def test_segment_encoding_equals_whole_text_encoding(vocab, name):
+    """Encoding by segments gives exactly the ids, labels and pair starts of the whole text
+    tokenized with offsets (or the same EncodeError)."""
     from hypothesis import HealthCheck, given, settings
     from hypothesis import strategies as st
 
-    from vicuna_exp.data.encode import ConversationEncoder, Marked
-
-    template = _TEMPLATES[name]()
-    encoder = ConversationEncoder(tok, template)
-    reference = ConversationEncoder(tok, template, stitch=False)  # offsets only: never marked
-    pair = [("user", "Hi there"), ("assistant", "Hello!")]
-    marked = {system: isinstance(encoder.render_marked(system, pair), Marked) for system in (None, "", "Be brief.")}
-    if name in ("vicuna_v1.1", "llama-2-chat"):  # Llama-2: later pieces join at their first reply
-        assert all(marked.values()), marked  # the marked path is what is tested
-    assert not isinstance(reference.render_marked(None, pair), Marked)
-    alphabet = st.sampled_from(["a", " ", "  ", "\n", "é", "你", "😀", "</s>", "<s>", "USER:", " ASSISTANT:",
-                                "[INST]", encoder.sentinel_chars[1], encoder.marker])
-    message = st.lists(alphabet, max_size=8).map("".join)
+    template = _with_tokens(_TEMPLATES[name](), vocab)
+    encoder = ConversationEncoder(vocab, template)
+    reference = ConversationEncoder(vocab, template, segments=False)
+    if encoder.word_cut and name in ("vicuna_v1.1", "llama-2-chat"):  # SentencePiece: segments are what is tested
+        assert all(encoder._layout(system) is not None for system in (None, "", "Be brief."))
+    message = st.lists(st.sampled_from(_PIECES), max_size=8).map("".join)
     turns = st.lists(st.tuples(message, message), min_size=1, max_size=4).map(
         lambda pairs: [t for q, a in pairs for t in (("user", q), ("assistant", a))])
     system = st.one_of(st.none(), st.just(""), st.just("Be brief."), message)
 
-    @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-    @given(batch=st.lists(st.tuples(system, turns), min_size=1, max_size=4))
-    def check(batch):
-        got = encoder.encode_many(batch)
-        want = reference.encode_many(batch)
-        for g, w in zip(got, want, strict=True):
+    @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+    @given(batch=st.lists(st.tuples(system, turns), min_size=1, max_size=4), odd=st.booleans())
+    def check(batch, odd):
+        if odd:
+            batch = [(s, t[:-1]) for s, t in batch]  # a trailing user turn: the whole text
+        for g, w in zip(encoder.encode(batch), reference.encode(batch), strict=True):
             assert type(g) is type(w)
             if isinstance(w, EncodeError):
                 assert g.reason == w.reason
@@ -257,26 +225,37 @@ def test_marked_encoding_equals_offsets_encoding(tok, name):
     check()
 
 
-def test_marker_character_in_a_message_is_refused(tok):
-    from vicuna_exp.data.encode import ConversationEncoder
+@pytest.mark.parametrize("name", ["vicuna_v1.1", "llama-2-chat"])
+def test_whole_text_encoding_is_the_tokenizers_own(vocab, name):
+    """The reference itself: its ids are the tokenizer's own call on the rendered text, and its
+    labels are the replies with their end-of-turn token."""
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
 
-    encoder = ConversationEncoder(tok, _template("vicuna_v1.1"))
-    with pytest.raises(EncodeError) as err:
-        encode_conversation([{"from": "human", "value": f"a{encoder.marker}b"}, {"from": "gpt", "value": "ok"}],
-                            tok, _template("vicuna_v1.1"))
-    assert err.value.reason == "private_use_char"
+    template = _with_tokens(_TEMPLATES[name](), vocab)
+    reference = ConversationEncoder(vocab, template, segments=False)
+    word = st.sampled_from([p for p in _PIECES if "<" not in p and p not in (BOS, SEP)])
+    message = st.lists(word, min_size=1, max_size=8).map("".join)
+
+    @settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+    @given(pairs=st.lists(st.tuples(message, message), min_size=1, max_size=3), system=st.one_of(st.none(), message))
+    def check(pairs, system):
+        chat = ([{"role": "system", "content": system}] if system is not None else []) + [
+            {"role": r, "content": c} for q, a in pairs for r, c in (("user", q), ("assistant", a))]
+        got = reference.encode([(system, [(m["role"], m["content"]) for m in chat if m["role"] != "system"])])[0]
+        if isinstance(got, EncodeError):
+            assert got.reason == "misaligned"
+            return
+        assert got.input_ids.tolist() == vocab(render(chat, template)).input_ids
+        replies = [int(i) for i, y in zip(got.input_ids, got.labels, strict=True) if y != -100]
+        assert replies.count(vocab.convert_tokens_to_ids(template.eos_token)) == len(pairs)
+
+    check()
 
 
-def test_many_system_prompts_render_alike(tok):
-    """Past the compiled layouts' limit, conversations take the general path with the same result."""
-    from vicuna_exp.data.encode import _MAX_LAYOUTS, ConversationEncoder
-    from vicuna_exp.data.template import render_segments
-
-    encoder = ConversationEncoder(tok, _template("vicuna_v1.1"))
-    turns = [("user", "Hi there"), ("assistant", "Hello!")]
-    for i in range(_MAX_LAYOUTS + 3):
-        system = f"System prompt number {i}."
-        got = encoder.render_turns(system, turns)
-        want = encoder.render(render_segments(encoder.template, system, turns))
-        assert _rendered_parts(got) == _rendered_parts(want)
-        assert (got.layout is not None) == (i < _MAX_LAYOUTS)
+def test_reserved_character_in_a_message_is_refused(tok):
+    for ch in (BOS, EOS, SEP):
+        with pytest.raises(EncodeError) as err:
+            encode_conversation([{"from": "human", "value": f"a{ch}b"}, {"from": "gpt", "value": "ok"}],
+                                tok, _template("vicuna_v1.1"))
+        assert err.value.reason == "private_use_char"

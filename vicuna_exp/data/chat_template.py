@@ -1,4 +1,4 @@
-"""The Hugging Face `chat_template` of a training template: the same segments as training, as Jinja.
+"""The Hugging Face `chat_template` of a training template: the same format strings as training, as Jinja.
 
 Apart from `template` because the template is checked against the encoder (the BOS joiner), and
 the encoder is built on the template.
@@ -17,8 +17,7 @@ from vicuna_exp.data.template import (
     _parse,
     check_template,
     generation_prompt,
-    render_segments,
-    segments_text,
+    render_spans,
 )
 
 if TYPE_CHECKING:
@@ -102,7 +101,7 @@ def _bos_joiner(template: TemplateConfig, tokenizer: PreTrainedTokenizerBase) ->
     """Nothing or a space after BOS: whichever reproduces the training ids on a probe conversation."""
     probe = [{"role": USER, "content": "Hello there"}, {"role": ASSISTANT, "content": "Hi"}]
     want, _ = encode_conversation(probe, tokenizer, template)
-    text = segments_text(render_segments(template, None, [(USER, "Hello there"), (ASSISTANT, "Hi")]))
+    text = render_spans(template, None, [(USER, "Hello there"), (ASSISTANT, "Hi")])[0]
     bos = tokenizer.bos_token or ""
     for joiner in ("", " "):
         got = tokenizer(bos + joiner + text, add_special_tokens=False)["input_ids"]

@@ -1,31 +1,37 @@
-"""Encode rendered conversations: one tokenization of the whole text, labels from character offsets.
+"""Encode conversations exactly: ids, assistant-only labels, and the token where each pair starts.
 
-The template's structural special tokens (`</s>` after a reply, a `<s>` between Llama-2 turns) are
-written into the text as private-use sentinel characters that a copy of the tokenizer knows as
-added tokens, while the real special-token strings are matched as plain text
-(`encode_special_tokens`). So a message that contains `</s>`, `<s>` or `USER:` stays text, and
-the text around each structural token is split exactly as the tokenizer splits around a special
-token. A token is supervised when its characters lie inside a supervised span of the rendering;
-a token that straddles a span's edge cannot be aligned and the conversation is reported, never
-silently masked.
+A conversation's ids are always those of its whole rendered text, tokenized once with BOS.
 
-Most conversations need no offsets at all: where the template compiles to a layout whose
-boundaries can be found by counting (`layout.plan_marks`), a marker token is written at each
-boundary that is not next to a special token, the tokenizer is asked for ids alone (a fifth less
-of its time) and the labels come from where the special tokens and markers fall in the ids.
+Segments, the usual way: each (user, assistant) pair is its `lead` (template text opening the pair;
+the first pair's holds the header too), its `user` segment (the message and the template text
+around it, up to the reply) and its `reply` (the supervised part: for Vicuna ` {reply}</s>`). Cuts
+lie only where the tokenizer never joins tokens across: next to a structural special token (it
+splits there first) or, where the vocabulary proves it (`_word_boundaries_are_cuts`), at a space
+after a non-space. A separator token written at each cut has each segment tokenized as on its own,
+in one batched call; without the separators the ids are the whole text's. Labels are the replies,
+pair starts the leads, and a split piece is its header followed by its pairs' segments. The
+template's cuts are checked once per system prompt, those at a message's edges once per message.
+
+Whole text, the fallback (no word cuts, as in byte-level BPE; a message's edge that breaks a cut):
+tokenized with offsets, a token is supervised when its characters lie inside a reply.
+`segments=False` sends everything this way: the reference of the tests and `bench_data --verify`.
+
+{bos} and {eos} are written as private-use characters that a copy of the tokenizer knows as added
+tokens, while the real special-token strings stay text: so does `</s>` inside a message.
 """
 
 from __future__ import annotations
 
+import functools
+import re
 import weakref
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 
-from vicuna_exp.data.layout import Layout, Marks, PairLayout, Rendered, plan_marks
-from vicuna_exp.data.template import ASSISTANT, USER, Segment, check_template, render_segments, to_turns
+from vicuna_exp.data.template import ASSISTANT, USER, Turn, check_template, render_spans, to_turns
 from vicuna_exp.errors import UsageError
 
 if TYPE_CHECKING:
@@ -34,9 +40,9 @@ if TYPE_CHECKING:
     from vicuna_exp.data.config import TemplateConfig
 
 IGNORE = -100
-_SENTINEL_BASE = 0xF0000  # Supplementary Private Use Area-A: never in real text (checked anyway)
-_SLOT_BASE = 0xF0100  # placeholders for the contents in a compiled layout's skeleton (never output)
-_MAX_LAYOUTS = 64  # system prompts compiled per encoder; conversations with others take the general path
+_PRIVATE = 0xF0000  # Supplementary Private Use Area-A: never in real text (checked anyway)
+BOS, EOS, SEP = chr(_PRIVATE), chr(_PRIVATE + 1), chr(_PRIVATE + 2)  # written for {bos}, {eos}, at a cut
+_SLOTS = tuple(chr(_PRIVATE + 0x100 + i) for i in range(4))  # the messages of a two-pair skeleton
 
 
 class EncodeError(ValueError):
@@ -48,440 +54,273 @@ class EncodeError(ValueError):
 
 
 @dataclass
-class Marked:
-    """A rendering to tokenize without offsets: markers written in at its boundaries (`layout.Marks`)."""
-
-    text: str
-    n_pairs: int
-    marks: Marks
-
-
-@dataclass
 class Encoded:
     input_ids: np.ndarray  # int32
     labels: np.ndarray  # int32, IGNORE where not supervised
-    pair_starts: np.ndarray  # index of the first token of each (user, assistant) pair (for splitting)
-    rendered: Rendered | Marked | None = None  # kept for stitching pieces of this conversation
-    encoding: Any = None  # the tokenizers.Encoding, idem (offsets encodings only)
-    openings: np.ndarray | None = None  # marked encodings: where a piece starting at each pair joins the tokens
-
-
-_BACKENDS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # tokenizer -> {key: sentinel backend}
+    pair_starts: np.ndarray  # the token holding each (user, assistant) pair's first character
+    segments: np.ndarray | None = None  # per pair, where its lead, user and reply segments start (segments only)
 
 
 @dataclass(frozen=True)
-class _Backend:
-    """A copy of the tokenizer's backend that knows the sentinels and the marker."""
+class _Layout:
+    """The template's text for one system prompt, cut into segments around the messages."""
 
-    tokenizer: Any  # tokenizers.Tokenizer
-    sentinel_to_real: dict[int, int]
-    sentinels: dict[str, str]  # special string -> sentinel character
-    marker: str  # written at a boundary that is a word cut (see layout.plan_marks); never in the ids
-    marker_id: int
-    front: int  # tokens the post-processor puts in front of the text (BOS)
-    can_stitch: bool  # pieces can reuse the whole conversation's tokens after a special token
-    word_cut: bool  # a space after a non-space is an exact cut
+    first_lead: str  # the header and the first pair's lead
+    first_user: str  # the first pair's user segment, before the message
+    lead: str  # a later pair's lead
+    user: str  # a later pair's user segment, before the message
+    prompt: str  # the user segment after the message (generation prompt)
+    reply: str  # the reply segment before the reply
+    end: str  # the reply segment after the reply (end of turn)
+    pair0: int  # the token holding the first pair's first character
 
 
-def _sentinel_backend(tokenizer: Any, bos: str, eos: str) -> _Backend:
-    """The sentinel backend, made once per tokenizer and template tokens."""
+class _Text(NamedTuple):
+    """A conversation's text, ready for the tokenizer: segments (a layout) or whole (spans)."""
+
+    text: str
+    pairs: int
+    layout: _Layout | None = None
+    spans: np.ndarray | None = None  # whole text: supervised spans, flat [s0, e0, s1, e1, ...]
+    pair_chars: tuple[int, ...] = ()  # whole text: where each pair starts
+
+
+_BACKENDS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # tokenizer -> {(bos, eos): backend}
+
+
+def _backend(tokenizer: Any, bos: str, eos: str) -> tuple[Any, dict[int, int], bool]:
+    """A copy of the tokenizer's backend that knows BOS, EOS and SEP as added tokens, made once per
+    tokenizer and template tokens; with where they map and whether special tokens strip whitespace."""
     from tokenizers import AddedToken, Tokenizer
 
-    key = (bos, eos, len(tokenizer), tuple(sorted(str(t) for t in tokenizer.added_tokens_decoder.values())))
     per_tok = _BACKENDS.setdefault(tokenizer, {})
-    if key in per_tok:
-        return per_tok[key]
+    if (bos, eos) in per_tok:
+        return per_tok[(bos, eos)]
     backend = Tokenizer.from_str(tokenizer.backend_tokenizer.to_str())
     backend.no_truncation()
     backend.no_padding()
     added = {t.content: t for t in tokenizer.added_tokens_decoder.values()}
-    sentinels: dict[str, str] = {}
-    sentinel_to_real: dict[int, int] = {}
-    strips = False
-    for i, (name, token) in enumerate((("template.bos_token", bos), ("template.eos_token", eos))):
-        real_id = tokenizer.convert_tokens_to_ids(token)
-        if token not in added or real_id is None:
-            raise UsageError(f"{name}: {token!r} is not a special token of the tokenizer "
+    to_real = {}
+    for key, token, char in (("template.bos_token", bos, BOS), ("template.eos_token", eos, EOS)):
+        if token not in added:
+            raise UsageError(f"{key}: {token!r} is not a special token of the tokenizer "
                              f"{getattr(tokenizer, 'name_or_path', '')!r}")
-        proto = added[token]
-        strips = strips or proto.lstrip or proto.rstrip
-        char = chr(_SENTINEL_BASE + i)
-        backend.add_tokens([AddedToken(char, single_word=proto.single_word, lstrip=proto.lstrip,
-                                       rstrip=proto.rstrip, normalized=False, special=False)])
-        sentinel_to_real[backend.token_to_id(char)] = int(real_id)
-        sentinels[token] = char
-    marker = chr(_SENTINEL_BASE + 2)
-    backend.add_tokens([AddedToken(marker, single_word=False, lstrip=False, rstrip=False, normalized=False,
-                                   special=False)])
+        p = added[token]  # the sentinel splits the text exactly as the special token does
+        backend.add_tokens([AddedToken(char, single_word=p.single_word, lstrip=p.lstrip, rstrip=p.rstrip,
+                                       normalized=False)])
+        to_real[backend.token_to_id(char)] = tokenizer.convert_tokens_to_ids(token)
+    backend.add_tokens([AddedToken(SEP, normalized=False)])
     backend.encode_special_tokens = True  # special-token strings inside messages stay text
-    # Text between structural special tokens is tokenized independently of its neighbours (the
-    # tokenizer splits on added tokens first), so a piece of a conversation can reuse the whole
-    # conversation's tokens after its first special token. That holds when the special tokens
-    # strip no whitespace and the post-processor only adds tokens in front (BOS).
-    probe = backend.encode("a b", add_special_tokens=True).ids
-    bare = backend.encode("a b", add_special_tokens=False).ids
-    can_stitch = not strips and probe[len(probe) - len(bare):] == bare
-    # Checked once per tokenizer (it scans the whole vocabulary), not once per preparation.
-    word_cut = can_stitch and _word_boundaries_are_cuts(backend)
-    per_tok[key] = _Backend(backend, sentinel_to_real, sentinels, marker, backend.token_to_id(marker),
-                            len(probe) - len(bare), can_stitch, word_cut)
-    return per_tok[key]
+    per_tok[(bos, eos)] = backend, to_real, any(added[t].lstrip or added[t].rstrip for t in (bos, eos))
+    return per_tok[(bos, eos)]
 
 
 class ConversationEncoder:
-    """Batched, exact encoding of rendered segments with one tokenizer and one template."""
+    """Batched, exact encoding of conversations with one tokenizer and one template."""
 
-    def __init__(self, tokenizer: PreTrainedTokenizerFast, template: TemplateConfig, *, stitch: bool = True):
+    def __init__(self, tokenizer: PreTrainedTokenizerFast, template: TemplateConfig, *, segments: bool = True):
         check_template(template)
         if not getattr(tokenizer, "is_fast", False):
             raise UsageError("model.tokenizer: a fast tokenizer (tokenizer.json) is needed for offsets")
-        self.template = template
-        self.tokenizer = tokenizer
-        b = _sentinel_backend(tokenizer, template.bos_token, template.eos_token)
-        self.backend = b.tokenizer
-        self.sentinels = b.sentinels
-        # sentinel id -> real id as a lookup table over the whole vocabulary: one gather per encoding
-        size = max(self.backend.get_vocab_size(with_added_tokens=True), max(b.sentinel_to_real) + 1, b.marker_id + 1)
-        self._lut = np.arange(size, dtype=np.int32)
-        for sentinel_id, real_id in b.sentinel_to_real.items():
-            self._lut[sentinel_id] = real_id
-        self._is_event = np.zeros(size, dtype=bool)  # the tokens a marked encoding counts: sentinels, marker
-        self._is_event[[*b.sentinel_to_real, b.marker_id]] = True
-        self.sentinel_chars = tuple(self.sentinels.values())
-        self.marker, self._marker_id, self._front = b.marker, b.marker_id, b.front
-        self.reserved_chars = (*self.sentinel_chars, self.marker)  # never accepted inside a message
-        self.stitch = stitch and b.can_stitch
-        self.word_cut = self.stitch and b.word_cut
-        self._layouts: dict[str | None, Layout | None] = {}
-        self._marks: dict[str | None, Marks | None] = {}
+        self.template, self.tokenizer = template, tokenizer
+        self.backend, to_real, strips = _backend(tokenizer, template.bos_token, template.eos_token)
+        self.special = {"bos": BOS, "eos": EOS}
+        self.sep_id = self.backend.token_to_id(SEP)
+        self._lut = np.arange(self.backend.get_vocab_size(with_added_tokens=True) + 1, dtype=np.int32)
+        self._lut[list(to_real)] = list(to_real.values())  # backend id -> real id: one gather per batch
+        probe = self.backend.encode("a b", add_special_tokens=True).ids
+        bare = self.backend.encode("a b", add_special_tokens=False).ids
+        self.front = len(probe) - len(bare)  # tokens the post-processor puts in front (BOS)
+        # Segments need cuts at special tokens (none strips whitespace, the post-processor only adds in front).
+        self.segments = segments and not strips and probe[self.front:] == bare
+        self.word_cut = self.segments and _word_boundaries_are_cuts(self.backend)
+        self._layout = functools.cache(self._compile)  # system prompt -> its layout (None: whole text)
 
-    def render_turns(self, system: str | None, turns: Sequence[tuple[str, str]]) -> Rendered:
-        """`render(render_segments(template, system, turns))`, compiled: the same text, spans and pair
-        starts, from the template's layout for this system prompt and one join per conversation.
+    # ------------------------------------------------------------------------------------ text
 
-        Anything the layout does not describe exactly (an empty message, turns that do not come in
-        (user, assistant) pairs, a reserved character in a message) takes the general path, which
-        also raises the EncodeError.
-        """
-        layout = self._layout(system)
-        if layout is None or not _whole_pairs(turns):
-            return self.render(render_segments(self.template, system, turns))
+    def _cut(self, before: str, after: str) -> bool:
+        """Whether the tokenizer never joins tokens across the point between these two characters."""
+        return before in (BOS, EOS) or after in (BOS, EOS) or self.word_cut and after == " " and before != " "
+
+    def render(self, system: str | None, turns: Sequence[Turn]) -> _Text:
+        """The text to tokenize: segments where every cut holds, else whole (EncodeError: refused)."""
+        lay = self._layout(system) if self.segments else None
         n = len(turns)
-        parts = [layout.head]
-        bounds = list(layout.head_bounds)
-        pair_chars = []
-        pos = len(layout.head)
-        pair = layout.first
+        if lay is None or not n or n % 2 or not all(
+                turns[k][0] == USER and turns[k + 1][0] == ASSISTANT and turns[k][1] and turns[k + 1][1]
+                for k in range(0, n, 2)):
+            return self.render_whole(system, turns)
+        parts = [lay.first_lead, SEP] if lay.first_lead else []
+        before_user = lay.first_user
         for k in range(0, n, 2):
             user, reply = turns[k][1], turns[k + 1][1]
-            pair_chars.append(pos)
-            grow_user, grow_reply = len(user) - 1, len(reply) - 1
-            for offset, after_user, after_reply in pair.bounds:
-                bounds.append(pos + offset + after_user * grow_user + after_reply * grow_reply)
-            parts += (pair.before_user, user, pair.between, reply, pair.after_reply)
-            pos += pair.skeleton_length + grow_user + grow_reply
-            pair = layout.later
-        text = "".join(parts)
-        pairs = n // 2
-        expected = [h + f + (pairs - 1) * later for h, f, later in
-                    zip(layout.head_sentinels, layout.first.sentinels, layout.later.sentinels, strict=True)]
-        for ch, count in zip(self.reserved_chars, [*expected, 0], strict=True):
-            if text.count(ch) != count:  # a message holds a reserved character
-                return self.render(render_segments(self.template, system, turns))
-        return Rendered(text, np.asarray(bounds, dtype=np.int64), np.asarray(pair_chars, dtype=np.int64), layout)
+            if k:
+                parts += (SEP, lay.lead, SEP)
+            parts += (before_user, user, lay.prompt, SEP, lay.reply, reply, lay.end)
+            before_user = lay.user
+            if (not self._cut(lay.prompt[-1:] or user[-1], lay.reply[:1] or reply[0])
+                    or k + 2 < n and not self._cut(lay.end[-1:] or reply[-1], (lay.lead or lay.user)[0])
+                    or _RESERVED.search(user) or _RESERVED.search(reply)):
+                return self.render_whole(system, turns)  # a message's edge breaks a cut, or it is refused
+        return _Text("".join(parts), n // 2, lay)
 
-    def render_marked(self, system: str | None, turns: Sequence[tuple[str, str]]) -> Marked | Rendered:
-        """What training tokenizes: the text with markers at its boundaries where the layout allows
-        (`layout.plan_marks`: the ids without offsets), otherwise `render_turns`' rendering."""
-        marks = self._marks.get(system, False)
-        if marks is False:
-            layout = self._layout(system)
-            if layout is None:
-                return self.render_turns(system, turns)
-            marks = self._marks[system] = plan_marks(layout, self.sentinel_chars, self.marker, self.word_cut,
-                                                     self._measure)
-        if marks is None or not _whole_pairs(turns):
-            return self.render_turns(system, turns)
-        n = len(turns)
-        parts = []
-        before_user, between, after_reply = marks.first
-        for k in range(0, n, 2):
-            parts += (before_user, turns[k][1], between, turns[k + 1][1], after_reply)
-            before_user, between, after_reply = marks.later
-        text = "".join(parts)
-        program = marks.program(n // 2)
-        for ch, expected in zip(self.reserved_chars, program.reserved, strict=True):
-            if text.count(ch) != expected:  # a message holds a reserved character
-                return self.render_turns(system, turns)
-        return Marked(text, n // 2, marks)
+    def render_whole(self, system: str | None, turns: Sequence[Turn]) -> _Text:
+        """The whole text with its supervised spans (EncodeError on a reserved character)."""
+        if any(map(_RESERVED.search, (system or "", *(c for _, c in turns)))):
+            raise EncodeError("private_use_char", "message contains a reserved private-use character")
+        text, spans, pairs = render_spans(self.template, system, turns, special=self.special)
+        return _Text(text, len(pairs), spans=np.asarray(spans, dtype=np.int64).reshape(-1), pair_chars=tuple(pairs))
 
-    def _layout(self, system: str | None) -> Layout | None:
-        """The compiled layout for this system prompt (None: render it the general way)."""
-        layout = self._layouts.get(system, False)
-        if layout is False:
-            if len(self._layouts) >= _MAX_LAYOUTS:  # many distinct system prompts: compiling would not pay
-                return None
-            layout = self._layouts[system] = self._compile(system)
-        return layout
-
-    def _measure(self, text: str, at_start: bool) -> list[tuple[int, int]]:
-        """Character spans of the tokens of template text, at the start of the text or after a special token."""
-        if at_start:
-            return self.backend.encode(text, add_special_tokens=False).offsets
-        lead = self.sentinel_chars[-1]
-        return [(s - 1, e - 1) for s, e in self.backend.encode(lead + text, add_special_tokens=False).offsets[1:]]
-
-    def _compile(self, system: str | None) -> Layout | None:
-        """The layout for one system prompt, read off the general renderer's output for a two-pair
-        skeleton whose contents are single placeholder characters; None when it cannot be exact."""
-        slots = [chr(_SLOT_BASE + i) for i in range(4)]
-        if system is not None and any(ch in system for ch in slots):
+    def _compile(self, system: str | None) -> _Layout | None:
+        """The layout for one system prompt, read off the renderer's output for a two-pair skeleton
+        whose messages are single placeholder characters; None when some cut does not hold."""
+        if system is not None and _RESERVED.search(system):
             return None
-        turns = [(USER, slots[0]), (ASSISTANT, slots[1]), (USER, slots[2]), (ASSISTANT, slots[3])]
-        try:
-            r = self.render(render_segments(self.template, system, turns))
-        except (EncodeError, ValueError):
+        turns = [(USER, _SLOTS[0]), (ASSISTANT, _SLOTS[1]), (USER, _SLOTS[2]), (ASSISTANT, _SLOTS[3])]
+        text, spans, pairs = render_spans(self.template, system, turns, special=self.special)
+        at = [text.find(s) for s in _SLOTS]
+        if any(text.count(s) != 1 for s in _SLOTS) or len(pairs) != 2 or len(spans) != 2:
             return None
-        text = r.text
-        where = [text.find(ch) for ch in slots]
-        if any(text.count(ch) != 1 for ch in slots) or where != sorted(where) or len(r.pair_chars) != 2:
+        (p0, p1), ((s0, e0), (s1, e1)) = pairs, spans
+        if not (p0 <= at[0] < s0 <= at[1] < e0 == p1 <= at[2] < s1 <= at[3] < e1 == len(text)):
+            return None  # not one reply span per pair, from after the message to the pair's end
+        prompt, reply, end = text[at[0] + 1:s0], text[s0:at[1]], text[at[1] + 1:p1]
+        if (text[at[2] + 1:s1], text[s1:at[3]], text[at[3] + 1:]) != (prompt, reply, end):
             return None
-        p0, p1 = (int(x) for x in r.pair_chars)
-        if not p0 <= where[0] < where[1] < p1 <= where[2]:
-            return None
-        regions = ((0, p0), (p0, p1), (p1, len(text)))
-        edges = r.bounds.tolist()
-        owned: list[list[int]] = [[], [], []]  # each region's span edges
-        for s, e in zip(edges[::2], edges[1::2], strict=True):
-            inside = [i for i, (lo, hi) in enumerate(regions) if lo <= s and e <= hi]
-            if not inside:
-                return None  # a supervised span crosses a pair boundary
-            owned[inside[0]] += (s, e)
-        if owned[2] and owned[2][0] == p1 and owned[2][-1] == len(text):
-            return None  # two later pairs' spans would touch and merge into one
+        # the last cut before each user message, inside the template's text
+        first = next((i for i in range(at[0] - 1, p0 - 1, -1) if i == 0 or self._cut(text[i - 1], text[i])), None)
+        later = next((i for i in range(at[2] - 1, p1, -1) if self._cut(text[i - 1], text[i])), p1)
+        lead, user = text[p1:later], text[later:at[2]]
+        if first is None or prompt and reply and not self._cut(prompt[-1], reply[0]) or end and not self._cut(
+                end[-1], (lead or user)[0]):
+            return None  # a cut that no message can make hold
+        enc = self.backend.encode(text[:first], add_special_tokens=True)
+        pair0 = len(enc.ids) if p0 == first else enc.char_to_token(p0)
+        return None if pair0 is None else _Layout(text[:first], text[first:at[0]], lead, user, prompt, reply, end,
+                                                  pair0)
 
-        def count(part: str) -> tuple[int, ...]:
-            return tuple(part.count(ch) for ch in self.sentinel_chars)
+    # ------------------------------------------------------------------------------ tokenizing
 
-        def pair_layout(region: int, user_at: int, reply_at: int) -> PairLayout:
-            lo, hi = regions[region]
-            marks = tuple((b - lo, int(b > user_at), int(b > reply_at)) for b in owned[region])
-            return PairLayout(text[lo:user_at], text[user_at + 1:reply_at], text[reply_at + 1:hi], marks,
-                               count(text[lo:hi]))
-
-        return Layout(text[:p0], tuple(owned[0]), pair_layout(1, where[0], where[1]),
-                       pair_layout(2, where[2], where[3]), count(text[:p0]))
-
-    def render(self, segments: Sequence[Segment]) -> Rendered:
-        """Sentinel text and supervised spans of a rendering (EncodeError on a reserved character)."""
-        parts: list[str] = []
-        bounds: list[int] = []
-        pair_chars: list[int] = []
-        pos = 0
-        for seg in segments:
-            if seg.pair >= len(pair_chars):
-                pair_chars.append(pos)
-            text = self.sentinels[seg.text] if seg.special else seg.text
-            if not seg.special:
-                for ch in self.reserved_chars:
-                    if ch in text:
-                        raise EncodeError("private_use_char", "message contains a reserved private-use character")
-            if seg.supervised:
-                if bounds and bounds[-1] == pos:
-                    bounds[-1] = pos + len(text)  # extend the previous span
-                else:
-                    bounds.extend((pos, pos + len(text)))
-            parts.append(text)
-            pos += len(text)
-        return Rendered("".join(parts), np.asarray(bounds, dtype=np.int64), np.asarray(pair_chars, dtype=np.int64))
-
-    def tokenize(self, items: Sequence[Rendered | Marked]) -> list[Any]:
+    def tokenize(self, texts: Sequence[_Text]) -> list[Any]:
         """The batched (multi-core, GIL-free) tokenizer calls; `label` turns their output into examples.
-        Marked renderings need no offsets, so the tokenizer is asked for ids alone."""
-        marked = [i for i, r in enumerate(items) if isinstance(r, Marked)]
-        if len(marked) == len(items):
-            return self.backend.encode_batch_fast([r.text for r in items], add_special_tokens=True) if items else []
-        if not marked:
-            return self.backend.encode_batch([r.text for r in items], add_special_tokens=True)
-        out: list[Any] = [None] * len(items)
-        plain = [i for i, r in enumerate(items) if not isinstance(r, Marked)]
-        for where, call in ((marked, self.backend.encode_batch_fast), (plain, self.backend.encode_batch)):
-            for i, enc in zip(where, call([items[i].text for i in where], add_special_tokens=True), strict=True):
+        Segment texts need no offsets, so the tokenizer is asked for ids alone."""
+        out: list[Any] = [None] * len(texts)
+        for whole, call in ((False, self.backend.encode_batch_fast), (True, self.backend.encode_batch)):
+            where = [i for i, t in enumerate(texts) if (t.layout is None) == whole]
+            for i, enc in zip(where, call([texts[i].text for i in where], add_special_tokens=True) if where else [],
+                              strict=True):
                 out[i] = enc
         return out
 
-    def label(self, items: Sequence[Rendered | Marked], encodings: Sequence[Any], *, keep: bool = False
-              ) -> list[Encoded | EncodeError]:
-        """Labels for tokenized renderings; `keep` retains what stitching pieces needs."""
-        marked = [i for i, r in enumerate(items) if isinstance(r, Marked)]
-        labelled = iter(self._label_marked([items[i] for i in marked], [encodings[i] for i in marked])
-                        if marked else [])
-        out: list[Encoded | EncodeError] = []
-        for r, enc in zip(items, encodings, strict=True):
-            if isinstance(r, Marked):
-                res = next(labelled)
-                if keep and isinstance(res, Encoded):
-                    res.rendered = r
-            else:
-                res = self._labels(enc, r)
-                if keep and isinstance(res, Encoded):
-                    res.rendered, res.encoding = r, enc
-            out.append(res)
-        return out
+    def label(self, texts: Sequence[_Text], encodings: Sequence[Any]) -> list[Encoded | EncodeError]:
+        return [self._label_whole(t, e) if t.layout is None else self._label_segments(t, e)
+                for t, e in zip(texts, encodings, strict=True)]
 
-    def encode_rendered(self, items: Sequence[Rendered | Marked], *, keep: bool = False
-                        ) -> list[Encoded | EncodeError]:
-        return self.label(items, self.tokenize(items), keep=keep)
-
-    def encode_many(self, conversations: Sequence[tuple[str | None, Sequence[tuple[str, str]]]], *,
-                    keep: bool = False) -> list[Encoded | EncodeError]:
-        """Encode many (system, turns); a conversation that cannot be encoded gives its EncodeError in place."""
-        rendered: list[Rendered | Marked | EncodeError] = []
+    def render_many(self, conversations: Iterable[tuple[str | None, Sequence[Turn]]]) -> list[_Text | EncodeError]:
+        out: list[_Text | EncodeError] = []
         for system, turns in conversations:
             try:
-                rendered.append(self.render_marked(system, turns))
-            except EncodeError as exc:
-                rendered.append(exc)
-        ok = [r for r in rendered if not isinstance(r, EncodeError)]
-        it = iter(self.encode_rendered(ok, keep=keep))
-        return [r if isinstance(r, EncodeError) else next(it) for r in rendered]
+                out.append(self.render(system, turns))
+            except EncodeError as exc:  # refused: counted by reason
+                out.append(exc)
+        return out
 
-    def _label_marked(self, items: Sequence[Marked], encodings: Sequence[Any]) -> list[Encoded | EncodeError]:
-        """Ids, labels, pair starts and openings of marked renderings, a whole batch in a few array
-        operations: a boundary's token is found by counting the special tokens and markers before it.
+    def encode(self, conversations: Sequence[tuple[str | None, Sequence[Turn]]]) -> list[Encoded | EncodeError]:
+        """Encode many (system, turns); a conversation that cannot be encoded gives its EncodeError in place."""
+        texts = self.render_many(conversations)
+        ok = [t for t in texts if isinstance(t, _Text)]
+        it = iter(self.label(ok, self.tokenize(ok)))
+        return [t if isinstance(t, EncodeError) else next(it) for t in texts]
 
-        The batch's tokens are one array; each conversation gets views of it. Event k of
-        conversation c (k = 0: the last token the post-processor puts in front) is `at[base[c] + k]`.
-        """
-        lengths = np.fromiter(map(len, encodings), dtype=np.int64, count=len(encodings))
-        starts = np.zeros(len(items) + 1, dtype=np.int64)
-        np.cumsum(lengths, out=starts[1:])
-        raw = np.concatenate([np.fromiter(e.ids, dtype=np.int32, count=n) for e, n in zip(encodings, lengths.tolist(),
-                                                                                         strict=True)])
-        events = np.flatnonzero(self._is_event[raw])
-        is_marker = raw[events] == self._marker_id
-        markers_before = np.zeros(len(events) + 1, dtype=np.int64)
-        np.cumsum(is_marker, out=markers_before[1:])
-        first_event = np.searchsorted(events, starts)  # each conversation's first event; then the end
-        starts -= markers_before[first_event]  # each conversation's first token once the markers are out
-        ids = self._lut[raw[raw != self._marker_id]]
-        # every event's token with the markers out, and one more event in front of each conversation
-        at = np.insert(events - markers_before[:-1], first_event[:-1], starts[:-1] + self._front - 1)
-        base = first_event[:-1] + np.arange(len(items))
+    def _label_segments(self, t: _Text, enc: Any) -> Encoded:
+        """Every segment starts after a separator token: the section k-th after separator k (at
+        index sep_k) starts at sep_k - k once the separators are out (the first after the BOS)."""
+        raw = np.asarray(enc.ids, dtype=np.int32)
+        sep = np.flatnonzero(raw == self.sep_id)
+        ids = self._lut[np.delete(raw, sep)]
+        front = [self.front] * (1 if t.layout.first_lead else 2)  # type: ignore[union-attr]
+        starts = np.concatenate([front, sep - np.arange(len(sep))]).astype(np.int64)
+        if len(starts) != 3 * t.pairs:  # cannot happen: messages hold no reserved character
+            raise RuntimeError(f"{len(starts)} segments for {t.pairs} pairs")
+        reply = np.repeat(np.r_[False, np.arange(len(starts)) % 3 == 2], np.diff(starts, prepend=0, append=len(ids)))
+        labels = np.where(reply, ids, IGNORE).astype(np.int32)
+        labels[:1] = IGNORE  # nothing predicts the first token of an example (also keeps packed rows apart)
+        segments = starts.reshape(-1, 3)
+        pair_starts = segments[:, 0].copy()
+        pair_starts[0] = t.layout.pair0  # type: ignore[union-attr]
+        return Encoded(ids, labels, pair_starts, segments)
 
-        out: list[Encoded | EncodeError | None] = [None] * len(items)
-        good: list[int] = []
-        programs = []
-        for c, r in enumerate(items):
-            program = r.marks.program(r.n_pairs)
-            found = int(first_event[c + 1] - first_event[c])
-            if found + 1 != program.events:  # cannot happen: messages hold no reserved character
-                out[c] = EncodeError("misaligned", f"{found} special tokens and markers, expected {program.events - 1}")
-            else:
-                good.append(c)
-                programs.append(program)
-
-        def tokens(event_field: str, add_field: str) -> np.ndarray:
-            """The global token index of one kind of boundary, for every good conversation in order."""
-            if not programs:
-                return np.zeros(0, dtype=np.int64)
-            index = np.concatenate([getattr(p, event_field) + base[c] for c, p in zip(good, programs, strict=True)])
-            return at[index] + np.concatenate([getattr(p, add_field) for p in programs])
-
-        edges = tokens("span_events", "span_add")
-        change = np.zeros(len(ids) + 1, dtype=np.int32)
-        np.add.at(change, edges[0::2], 1)
-        np.add.at(change, edges[1::2], -1)
-        labels = np.where(np.cumsum(change[:-1]) > 0, ids, IGNORE).astype(np.int32)
-        labels[starts[:-1]] = IGNORE  # nothing predicts the first token of an example
-        pair_starts = tokens("start_events", "start_add")
-        openings = tokens("opening_events", "opening_add")
-        p_at = o_at = 0
-        for c in good:
-            a, b, n = int(starts[c]), int(starts[c + 1]), items[c].n_pairs
-            opening = np.empty(n, dtype=np.int64)
-            opening[0] = -1
-            opening[1:] = openings[o_at:o_at + n - 1] - a
-            out[c] = Encoded(ids[a:b], labels[a:b], pair_starts[p_at:p_at + n] - a, openings=opening)
-            p_at += n
-            o_at += n - 1
-        return out  # type: ignore[return-value]
-
-    def _ids(self, enc: Any) -> np.ndarray:
-        ids = np.array(enc.ids, dtype=np.int32)
-        return np.take(self._lut, ids, out=ids)  # every id is in the backend's vocabulary, so in the table
-
-    def _labels(self, enc: Any, r: Rendered) -> Encoded | EncodeError:
-        """Labels from the token indices at the supervised spans' edges (no per-token Python work)."""
-        ids = self._ids(enc)
-        n = len(ids)
-        labels = np.full(n, IGNORE, dtype=np.int32)
-        text_len = len(r.text)
-        for s, e in r.bounds.reshape(-1, 2).tolist():
-            a = enc.char_to_token(s)
-            last = enc.char_to_token(e - 1)
-            if a is None or last is None:
-                return self._labels_from_offsets(enc, ids, r)  # a character no token covers: the slow path
-            if enc.token_to_chars(a)[0] < s:
-                return EncodeError("misaligned", f"token {a} starts before the supervised span at {s}")
-            if e < text_len:
-                c = enc.char_to_token(e)
-                if c is None:
-                    return self._labels_from_offsets(enc, ids, r)
-                if c == last or enc.token_to_chars(c)[0] < e:
-                    return EncodeError("misaligned", f"token {c} straddles the end of the supervised span at {e}")
-            else:
-                c = last + 1
-                span = enc.token_to_chars(last)
-                while c < n and enc.token_to_chars(c) == span:  # several byte tokens of one character
-                    c += 1
-            labels[a:c] = ids[a:c]
-        return self._finish(ids, labels, enc, r)
-
-    def _labels_from_offsets(self, enc: Any, ids: np.ndarray, r: Rendered) -> Encoded | EncodeError:
-        """Per-token labels from the full offset table: exact whatever characters the tokens skip."""
+    def _label_whole(self, t: _Text, enc: Any) -> Encoded | EncodeError:
+        """Labels from the full offset table: a token is supervised when its characters lie inside a span."""
+        ids = self._lut[np.asarray(enc.ids, dtype=np.int32)]
         offsets = np.asarray(enc.offsets, dtype=np.int64).reshape(-1, 2)
         starts, ends = offsets[:, 0], offsets[:, 1]
         empty = ends <= starts  # tokens added by the post-processor (BOS) cover no characters
-        i_start = np.searchsorted(r.bounds, starts, side="right")
-        i_last = np.searchsorted(r.bounds, np.maximum(ends - 1, starts), side="right")
+        i_start = np.searchsorted(t.spans, starts, side="right")
+        i_last = np.searchsorted(t.spans, np.maximum(ends - 1, starts), side="right")
         inside = (i_start % 2 == 1) & (i_last == i_start) & ~empty
         outside = ((i_start % 2 == 0) & (i_last == i_start)) | empty
         if not (inside | outside).all():
             bad = int(np.flatnonzero(~(inside | outside))[0])
             return EncodeError("misaligned", f"token {bad} ({starts[bad]}:{ends[bad]}) straddles a supervised span edge")
-        return self._finish(ids, np.where(inside, ids, IGNORE), enc, r)
-
-    @staticmethod
-    def _finish(ids: np.ndarray, labels: np.ndarray, enc: Any, r: Rendered) -> Encoded:
-        if len(labels):
-            labels[0] = IGNORE  # nothing predicts the first token of an example (also keeps packed rows apart)
-        # the token that holds a pair's first character (it may begin with the space before it)
+        labels = np.where(inside, ids, IGNORE).astype(np.int32)
+        labels[:1] = IGNORE  # nothing predicts the first token of an example (also keeps packed rows apart)
         n = len(ids)
-        pair_starts = np.array([n if t is None else t for t in map(enc.char_to_token, r.pair_chars.tolist())],
-                               dtype=np.int64)
-        return Encoded(ids.astype(np.int32, copy=False), labels.astype(np.int32, copy=False), pair_starts)
+        pair_starts = [n if tok is None else tok for tok in map(enc.char_to_token, t.pair_chars)]
+        return Encoded(ids, labels, np.asarray(pair_starts, dtype=np.int64))
+
+    # ---------------------------------------------------------------------------------- pieces
+
+    def encode_pieces(self, pieces: Sequence[tuple[Encoded, str | None, Sequence[Turn], int, int]]
+                      ) -> list[tuple[np.ndarray, np.ndarray] | EncodeError]:
+        """(ids, labels) of each piece (whole, system, turns, first, stop): pairs first..stop-1 of a
+        conversation rendered on their own, exactly as that text tokenizes whole. From the whole
+        conversation's segments: the header, then the pairs' segments; only a first user segment
+        that reads differently at the start of a piece is tokenized again."""
+        out: list[Any] = [None] * len(pieces)
+        again: list[tuple[int, _Text, int, int]] = []  # to tokenize; then the whole's tokens that follow
+        for i, (whole, system, turns, first, stop) in enumerate(pieces):
+            seg = whole.segments
+            if seg is None:  # the piece's own text, tokenized whole
+                try:
+                    again.append((i, self.render_whole(system, turns[2 * first:2 * stop]), 0, 0))
+                except EncodeError as exc:
+                    out[i] = exc
+                continue
+            lay = self._layout(system)
+            assert lay is not None
+            end = int(seg[stop, 0]) if stop < len(seg) else len(whole.input_ids)
+            if first == 0 or lay.first_user == lay.user and lay.first_lead:  # the whole's first user segment
+                out[i] = _join(whole.input_ids[:seg[0, 1] if first else 0], whole, int(seg[first, 1]) if first else 0, end)
+            else:
+                opening = lay.first_user + turns[2 * first][1] + lay.prompt
+                again.append((i, _Text(lay.first_lead + SEP + opening if lay.first_lead else opening, 0, lay),
+                              int(seg[first, 2]), end))
+        for (i, t, begin, end), enc in zip(again, self.tokenize([a[1] for a in again]), strict=True):
+            if t.layout is None:
+                res = self._label_whole(t, enc)
+                out[i] = res if isinstance(res, EncodeError) else (res.input_ids, res.labels)
+            else:
+                raw = np.asarray(enc.ids, dtype=np.int32)
+                out[i] = _join(self._lut[raw[raw != self.sep_id]], pieces[i][0], begin, end)
+        return out
 
 
-def _whole_pairs(turns: Sequence[tuple[str, str]]) -> bool:
-    """What a compiled layout describes: (user, assistant) pairs, at least one, no empty message."""
-    n = len(turns)
-    return n > 0 and n % 2 == 0 and all(
-        turns[k][0] == USER and turns[k + 1][0] == ASSISTANT and turns[k][1] and turns[k + 1][1]
-        for k in range(0, n, 2))
+def _join(head: np.ndarray, whole: Encoded, begin: int, end: int) -> tuple[np.ndarray, np.ndarray]:
+    """A piece: its opening's tokens (unsupervised), then the whole conversation's from `begin` to `end`."""
+    return (np.concatenate([head, whole.input_ids[begin:end]]),
+            np.concatenate([np.full(len(head), IGNORE, dtype=np.int32), whole.labels[begin:end]]))
+
+
+_RESERVED = re.compile(f"[{BOS}{EOS}{SEP}]")
 
 
 def _word_boundaries_are_cuts(backend: Any) -> bool:
-    """True when text splits exactly at a space that follows a non-space: tokenize(a + " b") is
-    tokenize(a) + tokenize(" b") whenever a ends with a non-space.
+    """Whether tokenize(a + " b") is tokenize(a) + tokenize(" b") whenever a ends with a non-space.
 
-    Holds for SentencePiece-style BPE (LLaMA, Mistral): the space becomes "▁" and BPE only merges
-    neighbouring symbols into pieces of the vocabulary. When no piece holds a "▁" after another
-    character, no merge can ever join across such a point, so the merges on each side happen
-    exactly as they would alone. Checked on the vocabulary, not assumed.
-    """
-    import re
-
+    So for SentencePiece-style BPE (LLaMA, Mistral): the space becomes "▁" and BPE only merges
+    neighbouring symbols into pieces of the vocabulary; when no piece holds a "▁" after another
+    character, no merge joins across such a point. Checked on the vocabulary, not assumed."""
     model, pre = backend.model, backend.pre_tokenizer
     if type(model).__name__ != "BPE" or model.dropout or getattr(model, "ignore_merges", True):
         return False
@@ -496,14 +335,11 @@ def encode_conversation(
     tokenizer: PreTrainedTokenizerFast,
     template: TemplateConfig,
 ) -> tuple[list[int], list[int]]:
-    """(input_ids, labels) of one whole conversation, exactly as training encodes it.
-
-    `messages`: ShareGPT turns (`from`/`value`) or chat messages (`role`/`content`), alternating
-    from the user, optionally after one system message. Labels are -100 except on each assistant
-    reply and its end-of-turn token. Raises EncodeError if the text cannot be aligned.
-    """
+    """(input_ids, labels) of one whole conversation, exactly as training encodes it (EncodeError if
+    it cannot be). `messages`: ShareGPT turns or chat messages, alternating from the user, optionally
+    after one system message. Labels are -100 but on each reply and its end-of-turn token."""
     system, turns = to_turns(messages)
-    result = ConversationEncoder(tokenizer, template).encode_many([(system, turns)])[0]
+    result = ConversationEncoder(tokenizer, template).encode([(system, turns)])[0]
     if isinstance(result, EncodeError):
         raise result
     return result.input_ids.tolist(), result.labels.tolist()

@@ -1,0 +1,93 @@
+"""Real vocabularies for tests, from pinned PyPI packages (never ../shared, never a network).
+
+- `sentencepiece_32k`: `tokenizer.model.v1` of mistral-common 1.8.5, the 32k LLaMA-family
+  SentencePiece BPE with byte fallback (byte-identical to ../shared/data/sp32k);
+- `llama3`: Llama-3's byte-level BPE, the tiktoken-format `tokenizer.model` of llama-models,
+  converted by transformers (offline, only with tiktoken installed) with all 256 special tokens.
+
+Each is written once into a directory under the test cache (keyed by the package's version) and
+loaded from there with `load_tokenizer`, as a user's tokenizer directory would be. A missing
+package is a skip with the reason, never a failure. Also a command, for the benchmarks:
+
+    python tests/vocabularies.py llama3 /tmp/llama3-tokenizer
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import importlib.util
+import json
+import shutil
+import sys
+from importlib import resources
+from pathlib import Path
+
+VOCABULARIES = ("sentencepiece_32k", "llama3")
+_NEEDS = {"sentencepiece_32k": ("mistral_common", "mistral-common"),
+          "llama3": ("llama_models", "llama-models")}
+
+
+def missing(name: str) -> str | None:
+    """Why the vocabulary cannot be built here (a package to install), or None."""
+    for module, dist in (_NEEDS[name], *([("tiktoken", "tiktoken")] if name == "llama3" else [])):
+        if importlib.util.find_spec(module) is None:
+            return f"{name} needs the {dist} package (pip install -e '.[dev]', as `make test` does)"
+    return None
+
+
+def build(name: str, root: Path) -> Path:
+    """The vocabulary's tokenizer directory under `root`, written the first time it is asked for."""
+    module, dist = _NEEDS[name]
+    out = root / f"{name}-{importlib.metadata.version(dist)}"
+    if (out / "done").is_file():
+        return out
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    model = resources.files(module).joinpath(*(("data", "tokenizer.model.v1") if name == "sentencepiece_32k"
+                                                else ("llama3", "tokenizer.model")))
+    if name == "sentencepiece_32k":
+        shutil.copyfile(str(model), tmp / "tokenizer.model")
+        (tmp / "tokenizer_config.json").write_text(json.dumps({
+            "tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
+            "add_bos_token": True, "add_eos_token": False, "legacy": False}))
+        from transformers import AutoTokenizer
+
+        AutoTokenizer.from_pretrained(str(tmp)).save_pretrained(str(tmp))  # tokenizer.json: no conversion again
+    else:
+        _convert_llama3(str(model), tmp)
+    (tmp / "done").write_text("")
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+    return out
+
+
+def _convert_llama3(model: str, out: Path) -> None:
+    """Llama-3's tiktoken model as a fast tokenizer: its byte-level BPE and split pattern, its 256
+    special tokens in their order (transformers adds only those it is told), BOS added in front."""
+    from llama_models.llama3.tokenizer import Tokenizer as MetaTokenizer
+    from tokenizers import processors
+    from transformers import PreTrainedTokenizerFast
+    from transformers.convert_slow_tokenizer import TikTokenConverter
+
+    meta = MetaTokenizer(Path(model))
+    specials = sorted(meta.special_tokens, key=meta.special_tokens.get)
+    backend = TikTokenConverter(vocab_file=model, pattern=meta.pat_str, extra_special_tokens=specials).converted()
+    bos = "<|begin_of_text|>"
+    backend.post_processor = processors.Sequence([
+        processors.ByteLevel(trim_offsets=False),
+        processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos} $B",
+                                      special_tokens=[(bos, meta.special_tokens[bos])])])
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token=bos, eos_token="<|eot_id|>",
+                                  pad_token="<|finetune_right_pad_id|>")
+    assert [tok.convert_tokens_to_ids(t) for t in specials] == [meta.special_tokens[t] for t in specials]
+    tok.save_pretrained(str(out))
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 3 or sys.argv[1] not in VOCABULARIES:
+        raise SystemExit(f"usage: python tests/vocabularies.py {{{','.join(VOCABULARIES)}}} DIR")
+    reason = missing(sys.argv[1])
+    if reason:
+        raise SystemExit(reason)
+    print(build(sys.argv[1], Path(sys.argv[2])))
