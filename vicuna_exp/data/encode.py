@@ -191,9 +191,9 @@ class ConversationEncoder:
         first = next((i for i in range(at[0] - 1, p0 - 1, -1) if i == 0 or self._cut(text[i - 1], text[i])), None)
         later = next((i for i in range(at[2] - 1, p1, -1) if self._cut(text[i - 1], text[i])), p1)
         lead, user = text[p1:later], text[later:at[2]]
-        if first is None or prompt and reply and not self._cut(prompt[-1], reply[0]) or end and not self._cut(
-                end[-1], (lead or user)[0]):
-            return None  # a cut that no message can make hold
+        if (first is None or not user or prompt and reply and not self._cut(prompt[-1], reply[0])
+                or end and not self._cut(end[-1], (lead or user)[0])):
+            return None  # no cut before a user message inside the template's text, or one that cannot hold
         enc = self.backend.encode(text[:first], add_special_tokens=True)
         pair0 = len(enc.ids) if p0 == first else enc.char_to_token(p0)
         return None if pair0 is None else _Layout(text[:first], text[first:at[0]], lead, user, prompt, reply, end,
@@ -233,8 +233,8 @@ class ConversationEncoder:
         return [t if isinstance(t, EncodeError) else next(it) for t in texts]
 
     def _label_segments(self, t: _Text, enc: Any) -> Encoded:
-        """Every segment starts after a separator token: the section k-th after separator k (at
-        index sep_k) starts at sep_k - k once the separators are out (the first after the BOS)."""
+        """The segment after the k-th separator (at sep[k]) starts at token sep[k] - k once the
+        separators are out; the first lead starts after the front tokens (BOS)."""
         raw = np.asarray(enc.ids, dtype=np.int32)
         sep = np.flatnonzero(raw == self.sep_id)
         ids = self._lut[np.delete(raw, sep)]
