@@ -29,13 +29,15 @@ def real_vocabulary(pytestconfig):
     from vicuna_exp.data.tokenizer import load_tokenizer
 
     loaded = {}
+    cache = getattr(pytestconfig, "cache", None)  # none under -p no:cacheprovider: then this session's test cache
+    root = cache.mkdir("vocabularies") if cache is not None else Path(os.environ["VICUNA_EXP_CACHE"]) / "vocabularies"
 
     def load(name: str):
         reason = vocabularies.missing(name)
         if reason:
             pytest.skip(reason)
         if name not in loaded:
-            loaded[name] = load_tokenizer(str(vocabularies.build(name, pytestconfig.cache.mkdir("vocabularies"))))
+            loaded[name] = load_tokenizer(str(vocabularies.build(name, root)))
         return loaded[name]
 
     return load

@@ -17,6 +17,7 @@ from __future__ import annotations
 import importlib.metadata
 import importlib.util
 import json
+import os
 import shutil
 import sys
 from importlib import resources
@@ -41,7 +42,7 @@ def build(name: str, root: Path) -> Path:
     out = root / f"{name}-{importlib.metadata.version(dist)}"
     if (out / "done").is_file():
         return out
-    tmp = out.with_name(out.name + ".tmp")
+    tmp = out.with_name(f"{out.name}.tmp{os.getpid()}")  # another session may be building it too
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     model = resources.files(module).joinpath(*(("data", "tokenizer.model.v1") if name == "sentencepiece_32k"
@@ -57,8 +58,10 @@ def build(name: str, root: Path) -> Path:
     else:
         _convert_llama3(str(model), tmp)
     (tmp / "done").write_text("")
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)
+    try:
+        tmp.rename(out)
+    except OSError:  # the other session's copy is there, and the same
+        shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 
