@@ -12,6 +12,13 @@ Compares, on the same records and the same cores:
 
     python bench/bench_data.py --tokenizer /work/shared/data/sp32k --records 2000
     python bench/bench_data.py --tokenizer "$(python tests/vocabularies.py llama3 /tmp/vocab)" --verify
+    python bench/bench_data.py --tokenizer /work/shared/data/sp32k --against /tmp/base --repeat 5
+
+`--against TREE` times cold preparation of another checkout (e.g. `git archive main | tar -x -C
+/tmp/base`) against this one, side by side: each round runs one fresh process per tree, in
+alternating order, each process one cold `prepare()` per context after a small warm-up; the medians
+of wall and CPU seconds (all threads) over the rounds, and their ratios, are printed. The host's
+drift from minute to minute falls on both trees alike.
 
 The template is Vicuna v1.1 with the vocabulary's own BOS and EOS tokens.
 
@@ -26,6 +33,9 @@ import dataclasses
 import json
 import os
 import platform
+import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -110,6 +120,70 @@ def reference_pipeline(convs, tokenizer, context: int, system: str) -> dict:
             "supervised_tokens": supervised, "masked_out_samples": masked_out, "dropped_pairs": dropped_pairs}
 
 
+# ------------------------------------------------------------------------------- tree against tree
+
+
+def cold_once(subset: Path, tokenizer_dir: str, contexts: list[int]) -> dict:
+    """One cold `prepare()` per context of whichever tree is first on the path; (wall, CPU) seconds."""
+    from vicuna_exp.config import load_option
+    from vicuna_exp.data.prepare import prepare
+    from vicuna_exp.data.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(tokenizer_dir)
+    template = dataclasses.replace(load_option("template", "vicuna_v1.1"), bos_token=tok.bos_token,
+                                   eos_token=tok.eos_token)
+    sample = load_option("data", "sample")
+    work = Path(tempfile.mkdtemp(prefix="vx-bench-cold-"))
+    warm = dataclasses.replace(sample, name="warm", path=str(subset), cache_dir=str(work / "warm"), max_records=50)
+    prepare(warm, template, min(contexts), tok, tokenizer_dir)  # the one-time tokenizer copy, paid outside the timing
+    runs = {}
+    for context in contexts:
+        cfg = dataclasses.replace(sample, name="bench", path=str(subset), cache_dir=str(work / f"c{context}"))
+        t, c = time.perf_counter(), time.process_time()
+        prepared = prepare(cfg, template, context, tok, tokenizer_dir)
+        runs[context] = (time.perf_counter() - t, time.process_time() - c)
+        assert not prepared.from_cache
+    return runs
+
+
+def against(base: Path, subset: Path, tokenizer_dir: str, contexts: list[int], rounds: int) -> dict:
+    """Cold preparation of `base` and of this tree, `rounds` fresh processes each, interleaved."""
+    here = Path(__file__).resolve().parents[1]
+    trees = {"base": base.resolve(), "this": here}
+    runs: dict = {name: {c: [] for c in contexts} for name in trees}
+    for r in range(rounds):
+        for name in (("base", "this") if r % 2 == 0 else ("this", "base")):
+            env = {**os.environ, "PYTHONPATH": str(trees[name])}
+            cmd = [sys.executable, __file__, "--tokenizer", tokenizer_dir, "--cold-once", str(subset),
+                   "--contexts", *map(str, contexts)]
+            out = subprocess.run(cmd, env=env, check=True, capture_output=True, text=True).stdout
+            for context, wall_cpu in json.loads(out.strip().splitlines()[-1]).items():
+                runs[name][int(context)].append(wall_cpu)
+    result: dict = {"trees": {k: str(v) for k, v in trees.items()}, "rounds": rounds, "contexts": {}}
+    for context in contexts:
+        row = {}
+        for name in trees:
+            walls, cpus = zip(*runs[name][context], strict=True)
+            row[name] = {"wall_median_s": statistics.median(walls), "cpu_median_s": statistics.median(cpus),
+                         "wall_runs_s": list(walls), "cpu_runs_s": list(cpus)}
+        row["throughput_this_over_base_by_wall"] = row["base"]["wall_median_s"] / row["this"]["wall_median_s"]
+        row["throughput_this_over_base_by_cpu"] = row["base"]["cpu_median_s"] / row["this"]["cpu_median_s"]
+        result["contexts"][context] = row
+    return result
+
+
+def _print_against(r: dict) -> None:
+    print(f"cold preparation, {r['rounds']} interleaved fresh processes per tree")
+    print(f"  base: {r['trees']['base']}\n  this: {r['trees']['this']}")
+    for context, row in r["contexts"].items():
+        b, t = row["base"], row["this"]
+        print(f"context {context}: wall median base {b['wall_median_s']:.2f} s, this {t['wall_median_s']:.2f} s "
+              f"(throughput {row['throughput_this_over_base_by_wall']:.3f}x); CPU median base {b['cpu_median_s']:.2f} s, "
+              f"this {t['cpu_median_s']:.2f} s ({row['throughput_this_over_base_by_cpu']:.3f}x)")
+        print(f"  runs (wall/CPU s) base: {' '.join(f'{w:.2f}/{c:.2f}' for w, c in zip(b['wall_runs_s'], b['cpu_runs_s'], strict=True))}")
+        print(f"  runs (wall/CPU s) this: {' '.join(f'{w:.2f}/{c:.2f}' for w, c in zip(t['wall_runs_s'], t['cpu_runs_s'], strict=True))}")
+
+
 # ------------------------------------------------------------------------------------------ main
 
 
@@ -123,7 +197,13 @@ def main(argv: list[str] | None = None) -> int:
                         help="also check that every example equals its piece tokenized on its own, whole, with "
                              "labels from character offsets (no segments)")
     parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument("--against", type=Path, metavar="TREE",
+                        help="time cold preparation of this other checkout against this one, --repeat rounds")
+    parser.add_argument("--cold-once", type=Path, help=argparse.SUPPRESS)  # one process of an --against round
     args = parser.parse_args(argv)
+    if args.cold_once:
+        print(json.dumps(cold_once(args.cold_once, args.tokenizer, args.contexts)))
+        return 0
 
     load_before = os.getloadavg()
     from datasets import load_from_disk  # noqa: F401  (import cost is not part of any pipeline's time)
@@ -146,6 +226,15 @@ def main(argv: list[str] | None = None) -> int:
     subset = work / f"sharegpt_first{args.records}.json"
     subset.write_text(json.dumps(raw.records, ensure_ascii=False))
     n = len(raw.records)
+    if args.against:
+        results = against(args.against, subset, args.tokenizer, args.contexts, args.repeat)
+        results["records"] = n
+        results["machine"] = {"cpus": os.cpu_count(), "loadavg_before": load_before, "loadavg_after": os.getloadavg()}
+        _print_against(results)
+        print(f"machine: load average before {load_before[0]:.2f}, after {os.getloadavg()[0]:.2f}")
+        if args.json:
+            args.json.write_text(json.dumps(results, indent=2) + "\n")
+        return 0
     # Vicuna v1.1 with the vocabulary's own BOS and EOS
     template = dataclasses.replace(load_option("template", "vicuna_v1.1"), bos_token=tok.bos_token,
                                    eos_token=tok.eos_token)
