@@ -142,6 +142,7 @@ def check_deepspeed(cfg: DictConfig, on_gpu: bool) -> None:
         build_ops.use_extensions_dir()
         needed = (["CPUAdamBuilder"] if b.offload_optimizer else []) + ([] if on_gpu else ["ShareMemCommBuilder"])
         for op in needed:
+            build_ops.clear_stale_lock(build_ops.CPU_OPS[op])  # else every rank waits on a dead build's lock
             compatible, built = build_ops.op_status(op)
             if not compatible:
                 what = "ZeRO offload (backend.offload_optimizer=true) needs DeepSpeed's CPU Adam op" \

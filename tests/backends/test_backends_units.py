@@ -320,3 +320,21 @@ def test_torchruns_failure_report_stays_off_the_terminal_and_a_workers_traceback
         f.feed(line)
     f.flush()
     assert shown == [*worker, 'E1201 failed (exitcode: -9) local_rank: 1\n', 'after\n'] and f.dropped
+
+
+def test_a_dead_builds_op_lock_is_removed_and_a_fresh_one_kept(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                 caplog: pytest.LogCaptureFixture) -> None:
+    import os
+
+    from vicuna_exp.backends import build_ops
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    lock = tmp_path / "cpu_adam" / "lock"
+    lock.parent.mkdir()
+    lock.write_text("")
+    assert build_ops.clear_stale_lock("cpu_adam") is None and lock.exists()  # a build may be running
+    old = time.time() - build_ops.STALE_LOCK_S - 60
+    os.utime(lock, (old, old))
+    assert build_ops.clear_stale_lock("cpu_adam") == lock and not lock.exists()
+    assert "did not finish" in caplog.text
+    assert build_ops.clear_stale_lock("deepspeed_shm_comm") is None  # no lock, nothing to do

@@ -12,13 +12,20 @@ loads take about a second.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 import time
 from pathlib import Path
 
+log = logging.getLogger(__name__)
+
 # op builder class name -> directory torch.utils.cpp_extension puts it in
 CPU_OPS = {"ShareMemCommBuilder": "deepspeed_shm_comm", "CPUAdamBuilder": "cpu_adam"}
+# torch's JIT build takes a `lock` file beside the op (a FileBaton: existence only, no owner); a build
+# that was killed leaves it, and every later load of the op then waits on it forever. No build of
+# these ops takes anywhere near this long, so an older lock is a dead build's.
+STALE_LOCK_S = 15 * 60
 
 
 def default_extensions_dir() -> Path:
@@ -39,6 +46,24 @@ def use_extensions_dir() -> Path:
 def is_built(op_dir_name: str) -> bool:
     """A built op is `<dir>/<name>/<name>.so`; a half-built one (no .so) does not count."""
     return (extensions_dir() / op_dir_name / f"{op_dir_name}.so").is_file()
+
+
+def clear_stale_lock(op_dir_name: str, max_age_s: float = STALE_LOCK_S) -> Path | None:
+    """Remove the op's build lock when it is older than any build (a killed build's); returns it if removed."""
+    lock = extensions_dir() / op_dir_name / "lock"
+    try:
+        age = time.time() - lock.stat().st_mtime
+    except OSError:
+        return None
+    if age < max_age_s:
+        return None  # a build may be running now: wait for it as torch does
+    try:
+        lock.unlink()
+    except OSError:
+        return None
+    log.warning("removed %s, left %.0f min ago by a DeepSpeed op build that did not finish; the op is built again",
+                lock, age / 60)
+    return lock
 
 
 def op_status(builder_name: str) -> tuple[bool, bool]:
@@ -63,6 +88,7 @@ def build(names: list[str]) -> dict[str, float]:
         builder = get_accelerator().create_op_builder(name)
         if builder is None or not builder.is_compatible(verbose=False):
             raise RuntimeError(f"DeepSpeed op {name} cannot be built on this machine (see `ds_report`)")
+        clear_stale_lock(CPU_OPS.get(name, builder.NAME))
         t0 = time.perf_counter()
         builder.load(verbose=False)
         took[name] = time.perf_counter() - t0
