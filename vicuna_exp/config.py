@@ -123,6 +123,9 @@ class TrainerConfig:
     export_shard_mb: int = 5120  # largest safetensors file of final/; the writing rank buffers at most this
     save_final: bool = True
     loss_spike_guard: bool = True  # a non-finite loss stops the run before the optimizer step
+    # The loss projects hidden states through the LM head at supervised positions only, this many
+    # at a time (fp32 log-softmax per chunk, recomputed in backward); 0: logits at every position.
+    loss_chunk_tokens: int = 1024
 
 
 @dataclass
@@ -365,10 +368,13 @@ V1_LAYOUT: dict[str, dict[str, Any]] = {
 # from before it existed. While a key holds that value it stays out of the hash, so adding a
 # feature never sets aside existing checkpoints or reruns completed sweep jobs. An issue that adds
 # a key to a hashed section registers it here; tests/test_config.py pins the shipped presets' hashes.
-HASH_NEUTRAL: dict[str, Any] = {}
-
-
+# `EVERY_VALUE` marks a key whose every value trains the same model (only the order of the
+# arithmetic differs), so it never enters the hash.
 _ANY = object()
+EVERY_VALUE = _ANY
+HASH_NEUTRAL: dict[str, Any] = {
+    "trainer.loss_chunk_tokens": EVERY_VALUE,  # chunked loss = full-logits loss within 1e-5 (tests/test_loss.py)
+}
 
 
 def _pop(container: dict, dotted: str, *, only_if: Any = _ANY) -> None:
@@ -448,6 +454,8 @@ def validate(cfg: DictConfig) -> None:
     need(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), "optim.betas", f"must be two values in [0, 1), got {list(o.betas)}")
     need(0 <= o.min_lr_ratio <= 1, "optim.min_lr_ratio", f"must be in [0, 1], got {o.min_lr_ratio}")
     need(t.micro_batch_size > 0, "trainer.micro_batch_size", f"must be > 0, got {t.micro_batch_size}")
+    need(t.loss_chunk_tokens >= 0, "trainer.loss_chunk_tokens",
+         f"must be >= 0 (0: the full-logits loss), got {t.loss_chunk_tokens}")
     if t.tokens_per_step is not None:
         need(t.tokens_per_step > 0, "trainer.tokens_per_step", f"must be > 0, got {t.tokens_per_step}")
         need(t.tokens_per_step % cfg.context.length == 0, "trainer.tokens_per_step",

@@ -23,7 +23,6 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from omegaconf import DictConfig
 
 from vicuna_exp import distributed as D
@@ -47,6 +46,7 @@ from vicuna_exp.errors import (
 )
 from vicuna_exp.export import torch_dtype, write_tokenizer_files
 from vicuna_exp.hardware import Resolved, with_resolved_hardware
+from vicuna_exp.loss import chunk_count, chunked_loss_sum, full_loss_sum, output_head
 from vicuna_exp.memory import PeakMemory
 from vicuna_exp.model import ModelSpec, make_model_spec, model_facts_of, resolve_precision
 from vicuna_exp.plan import check_fits
@@ -127,6 +127,8 @@ class Recipe:
         self.plan: StepPlan | None = None
         self.backend: Backend | None = None
         self.model: torch.nn.Module
+        self.head: torch.nn.Module | None = None  # the LM head the chunked loss calls
+        self.loss_chunks = 0  # head calls per micro-batch (`vicuna_exp.loss.chunk_count`); 0: full logits
         self.checkpoints: CheckpointManager
         self.peak_memory: PeakMemory
         self.stop: StopFlags | None = None
@@ -156,6 +158,7 @@ class Recipe:
         optim = self._setup_optimizer(cfg.optim)
         self.backend = backend_class(cfg)(cfg, self.dist, self.device, self.precision)
         self.model = self.backend.setup(self.spec, optim)
+        self._setup_loss(cfg.trainer)
         self.peak_memory = PeakMemory(self.device)
         self.checkpoints = self._setup_checkpoints(cfg.trainer)
         self._resume(cfg.trainer)
@@ -193,6 +196,13 @@ class Recipe:
             lr=o.lr, weight_decay=o.weight_decay, betas=tuple(o.betas), eps=o.eps,
             fused=o.fused and self.device.type == "cuda",
             lr_lambda=lr_multiplier(o.schedule, total_steps=total, warmup_steps=warmup, min_ratio=o.min_lr_ratio))
+
+    def _setup_loss(self, trainer_cfg: DictConfig) -> None:
+        """The chunked loss needs the LM head as a module; the full-logits path (0) needs nothing."""
+        if trainer_cfg.loss_chunk_tokens:
+            self.head = output_head(self.backend.module)
+            self.loss_chunks = chunk_count(trainer_cfg.micro_batch_size, self.cfg.context.length,
+                                           trainer_cfg.loss_chunk_tokens)
 
     def _setup_checkpoints(self, trainer_cfg: DictConfig) -> CheckpointManager:
         return CheckpointManager(self.run_dir / CHECKPOINTS_DIR, keep_last=trainer_cfg.keep_last, dist=self.dist,
@@ -326,14 +336,15 @@ class Recipe:
         # flash-attention's varlen path sees example boundaries only in a single flattened row
         flatten = self.cfg.data.packing and self.spec.hf_config._attn_implementation == "flash_attention_2"
         batch = batching.collate(dataset, rows, pad_id=pad_id(self.tokenizer), flatten=flatten)
-        n_supervised = int((batch["labels"][:, 1:] != -100).sum())  # on the host, before the copy
+        n_supervised = len(batch["loss_targets"])  # on the host, before the copy
         pin = self.device.type == "cuda"  # copies from pinned memory overlap with compute
         out: dict[str, Any] = {k: (v.pin_memory() if pin else v).to(self.device, non_blocking=True)
                                for k, v in batch.items()}
         seq_lens = self.lengths(dataset)[[i for row in rows for i in row]]
         out["num_supervised"] = n_supervised
         out["num_tokens"] = int(seq_lens.sum())
-        out["model_flops"] = batch_flops(self.facts, seq_lens.tolist())
+        head_tokens = n_supervised if self.loss_chunks else None  # the full path projects every token
+        out["model_flops"] = batch_flops(self.facts, seq_lens.tolist(), head_tokens=head_tokens)
         return out
 
     def lengths(self, dataset: Any) -> np.ndarray:
@@ -343,14 +354,13 @@ class Recipe:
         return self._lengths[key]
 
     def token_loss_sum(self, batch: dict[str, Any], weight: float = 1.0) -> Any:
-        """Summed next-token cross-entropy over supervised positions, computed in fp32."""
+        """Summed next-token cross-entropy over supervised positions, in fp32 (see `vicuna_exp.loss`)."""
         with self.backend.autocast():
-            logits = self.model(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
-                                attention_mask=batch.get("attention_mask"), use_cache=False).logits
-        logits = logits[:, :-1].float()
-        labels = batch["labels"][:, 1:]
-        return F.cross_entropy(logits.reshape(-1, logits.size(-1)), labels.reshape(-1),
-                               ignore_index=-100, reduction="sum") * weight
+            if self.loss_chunks:
+                token_loss = chunked_loss_sum(self.model, self.head, batch, self.loss_chunks)
+            else:
+                token_loss = full_loss_sum(self.model, batch)
+        return token_loss * weight
 
     def evaluate(self) -> float | None:
         """Loss per supervised token on the held-out conversations; every rank joins every forward."""

@@ -2,7 +2,8 @@
 
 Contract the loop relies on:
 - `setup` builds (or shards, then loads) the model and makes the optimizer and LR schedule;
-  every rank calls it, with the same seed, and gets the module to call forward on.
+  every rank calls it, with the same seed, and gets the module to call forward on (`model`);
+  `module` is the Hugging Face model inside, whose submodules (the LM head) may be called too.
 - `backward(loss)` leaves gradients equal to the SUM over ranks of d(loss)/d(theta). The loop
   already divides each rank's summed token loss by the supervised-token count of the whole
   global batch, so a backend that averages over ranks must scale by the world size (and a
@@ -93,7 +94,8 @@ class Backend(ABC):
         self.dist = dist
         self.device = device
         self.precision = precision  # fp32 | bf16_mixed | bf16 (resolved, never auto)
-        self.model: torch.nn.Module | None = None
+        self.model: torch.nn.Module | None = None  # what forward is called on (a wrapper, an engine)
+        self.module: torch.nn.Module | None = None  # the Hugging Face model inside it (its head, its config)
 
     @abstractmethod
     def setup(self, spec: ModelSpec, optim: OptimizerSpec) -> torch.nn.Module: ...

@@ -168,6 +168,7 @@ def collate(
     no padding at all (what flash-attention 2 varlen needs). Unpacked: padded to the longest example
     of the batch, with `attention_mask`. Labels are unshifted (the model shifts them) and are -100
     on every example's first token, so no position predicts across an example boundary.
+    `loss_positions` and `loss_targets` list the supervised positions (`supervised_positions`).
     """
     import torch
 
@@ -213,4 +214,15 @@ def collate(
     batch = {"input_ids": input_ids, "labels": label_t, "position_ids": position_ids}
     if not packed:
         batch["attention_mask"] = attention_mask
+    batch["loss_positions"], batch["loss_targets"] = supervised_positions(label_t)
     return batch
+
+
+def supervised_positions(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(flat indices into the batch's positions, targets) of every position that predicts a supervised
+    token: position t of a row predicts the label at t + 1. Found here, on the host, so the loss
+    indexes the device's hidden states with a known index and never a device-side mask."""
+    width = labels.size(1)
+    shifted = labels[:, 1:]
+    rows, cols = (shifted != IGNORE).nonzero(as_tuple=True)
+    return rows * width + cols, shifted[rows, cols]

@@ -2,7 +2,8 @@
 
 Convention (PaLM, appendix B): a token costs 6N FLOPs for its matmuls (forward 2N, backward 4N)
 plus 12 * L * h * s for attention over a sequence of s tokens (QK^T and AV, forward and
-backward, counted in full although causal kernels skip half). Recomputation by activation
+backward, counted in full although causal kernels skip half). The LM head's share of N
+(vocab x hidden) counts only at the positions it projects (see `batch_flops`). Recomputation by activation
 checkpointing is not counted: MFU measures useful model work, not hardware work.
 """
 
@@ -21,16 +22,24 @@ def _facts(model: ModelLike) -> ModelFacts:
     return model if isinstance(model, ModelFacts) else model_facts(model)
 
 
-def batch_flops(model: ModelLike, seq_lens: Sequence[int]) -> float:
+def batch_flops(model: ModelLike, seq_lens: Sequence[int], head_tokens: int | None = None) -> float:
     """Training FLOPs (forward + backward) of examples of these lengths.
 
     In a padding-free packed row each example attends only to itself, so pass the lengths of the
     examples, not of the row; padding tokens are not useful work and are not passed.
+
+    The LM head counts where it is applied: at `head_tokens` positions (the chunked loss projects
+    only the supervised ones), or at every token when None (the full-logits loss, and the
+    planner, which does not know the data). Its recomputation in the chunked loss's backward is not
+    counted, as activation checkpointing's is not.
     """
     m = _facts(model)
     tokens = sum(seq_lens)
+    head = tokens if head_tokens is None else head_tokens
     squares = sum(s * s for s in seq_lens)
-    return 6.0 * m.matmul_params * tokens + 12.0 * m.num_hidden_layers * m.hidden_size * squares
+    body = m.matmul_params - m.embedding_params
+    return (6.0 * body * tokens + 6.0 * m.embedding_params * head
+            + 12.0 * m.num_hidden_layers * m.hidden_size * squares)
 
 
 def flops_per_token(model: ModelLike, seq_lens: Sequence[int]) -> float:
