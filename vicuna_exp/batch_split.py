@@ -1,4 +1,5 @@
-"""How a global batch is cut: rows per rank, micro-batches under the cap, and which splits are valid.
+"""How a global batch is cut: rows per rank, micro-batches under the cap, which splits are valid,
+and how many chunks the loss cuts a micro-batch's supervised positions into.
 
 Plain integer arithmetic shared by the config checks, the training loop, the DeepSpeed config and
 the planner, so all four cut a batch the same way. `trainer.micro_batch_size` is a memory cap, not
@@ -8,11 +9,20 @@ rank's rows are cut changes memory, never the gradient.
 
 from __future__ import annotations
 
+import math
+
 
 def micro_batch_sizes(rows: int, cap: int) -> list[int]:
     """`rows` cut into micro-batches of at most `cap`, the last one smaller where the division is
     uneven: 5 rows under a cap of 2 are [2, 2, 1]."""
     return [min(cap, rows - start) for start in range(0, rows, cap)]
+
+
+def loss_chunk_count(micro_batch_size: int, context_length: int, chunk_tokens: int) -> int:
+    """Head calls per micro-batch of the chunked loss: enough that a full micro-batch's positions fit
+    `chunk_tokens` to a chunk. It depends on the config alone, so every rank makes the same number
+    of calls whatever its data (ZeRO-3 gathers the head's weight at each call, a collective)."""
+    return max(1, math.ceil(micro_batch_size * context_length / chunk_tokens))
 
 
 def split_error(global_batch: int, nproc_per_node: int, nnodes: int, *, source: str) -> str | None:

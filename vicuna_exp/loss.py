@@ -20,7 +20,7 @@ own head from projecting anything. The head is then called as a module, so FSDP2
 holds it, unsharded after the root's forward) and ZeRO-3 (whose module hooks gather its partitioned
 weight at each call, forward and recompute) see an ordinary module call. ZeRO-3 gathers are
 collectives, so every rank calls the head the same number of times: a micro-batch is cut into
-`chunk_count` chunks, a number fixed by the config, however many positions a rank supervises.
+`batch_split.loss_chunk_count` chunks, a number fixed by the config, however many positions a rank supervises.
 """
 
 from __future__ import annotations
@@ -45,15 +45,6 @@ def output_head(model: torch.nn.Module) -> torch.nn.Module:
                          "(get_output_embeddings() returns none); set trainer.loss_chunk_tokens=0 for the "
                          "full-logits loss")
     return head
-
-
-def chunk_count(micro_batch_size: int, context_length: int, chunk_tokens: int) -> int:
-    """Chunks per micro-batch: enough that a full micro-batch's positions fit `chunk_tokens` each.
-
-    The same on every rank and every micro-batch (it depends on the config alone), so ranks make
-    the same number of head calls whatever their data (ZeRO-3 gathers the head at each call).
-    """
-    return max(1, math.ceil(micro_batch_size * context_length / chunk_tokens))
 
 
 def _forward_kwargs(batch: dict[str, Any]) -> dict[str, Any]:

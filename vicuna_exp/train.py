@@ -30,6 +30,7 @@ from vicuna_exp import heartbeat
 from vicuna_exp.backends import Backend, OptimizerSpec, backend_class, lr_multiplier
 from vicuna_exp.checkpoint import CHECKPOINTS_DIR, CheckpointManager, TrainerState
 from vicuna_exp.choices import choice_str
+from vicuna_exp.batch_split import loss_chunk_count
 from vicuna_exp.config import config_hash, global_batch_size, grad_accumulation_steps
 from vicuna_exp.data import batching
 from vicuna_exp.data.batching import StepPlan, plan_steps
@@ -46,7 +47,7 @@ from vicuna_exp.errors import (
 )
 from vicuna_exp.export import torch_dtype, write_tokenizer_files
 from vicuna_exp.hardware import Resolved, with_resolved_hardware
-from vicuna_exp.loss import chunk_count, chunked_loss_sum, full_loss_sum, output_head
+from vicuna_exp.loss import chunked_loss_sum, full_loss_sum, output_head
 from vicuna_exp.memory import PeakMemory
 from vicuna_exp.model import ModelSpec, make_model_spec, model_facts_of, resolve_precision
 from vicuna_exp.plan import check_fits
@@ -128,7 +129,7 @@ class Recipe:
         self.backend: Backend | None = None
         self.model: torch.nn.Module
         self.head: torch.nn.Module | None = None  # the LM head the chunked loss calls
-        self.loss_chunks = 0  # head calls per micro-batch (`vicuna_exp.loss.chunk_count`); 0: full logits
+        self.loss_chunks = 0  # head calls per micro-batch (`batch_split.loss_chunk_count`); 0: full logits
         self.checkpoints: CheckpointManager
         self.peak_memory: PeakMemory
         self.stop: StopFlags | None = None
@@ -201,8 +202,8 @@ class Recipe:
         """The chunked loss needs the LM head as a module; the full-logits path (0) needs nothing."""
         if trainer_cfg.loss_chunk_tokens:
             self.head = output_head(self.backend.module)
-            self.loss_chunks = chunk_count(trainer_cfg.micro_batch_size, self.cfg.context.length,
-                                           trainer_cfg.loss_chunk_tokens)
+            self.loss_chunks = loss_chunk_count(trainer_cfg.micro_batch_size, self.cfg.context.length,
+                                                trainer_cfg.loss_chunk_tokens)
 
     def _setup_checkpoints(self, trainer_cfg: DictConfig) -> CheckpointManager:
         return CheckpointManager(self.run_dir / CHECKPOINTS_DIR, keep_last=trainer_cfg.keep_last, dist=self.dist,

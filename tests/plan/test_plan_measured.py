@@ -14,7 +14,7 @@ import torch
 from plan_helpers import make_cfg
 
 from vicuna_exp.plan import predicted_state_bytes
-from vicuna_exp.plan.estimate import activation_bytes, setup_from_config
+from vicuna_exp.plan.estimate import activation_bytes, logits_bytes, setup_from_config
 
 SHAPE = dict(model__vocab_size=300, model__hidden_size=96, model__intermediate_size=256, model__num_hidden_layers=3,
              model__num_attention_heads=6, model__num_key_value_heads=2, model__attn_implementation="sdpa")
@@ -88,3 +88,53 @@ def test_activation_bytes_match_saved_tensors(precision, dtype, autocast):
     if autocast:  # autograd also keeps autocast's bf16 weight copies; the planner counts them apart
         predicted += 2 * s.model.matmul_params
     assert predicted == pytest.approx(measured, rel=0.05)
+
+
+LOSS_SHAPE = dict(model__vocab_size=32000, model__hidden_size=32, model__intermediate_size=64,
+                  model__num_hidden_layers=1, model__num_attention_heads=4, model__num_key_value_heads=4,
+                  model__attn_implementation="sdpa")
+
+
+def _loss_step_peak_bytes(cfg) -> float:
+    """Peak resident bytes above the start of one forward + backward through the recipe's loss, every
+    position supervised (the planner's worst case), after a first step allocated the gradients."""
+    import psutil
+
+    from vicuna_exp.batch_split import loss_chunk_count
+    from vicuna_exp.data.batching import supervised_positions
+    from vicuna_exp.loss import chunked_loss_sum, full_loss_sum, output_head
+    from vicuna_exp.memory import PeakMemory
+
+    model = _model(cfg, torch.float32)
+    rows, seq = cfg.trainer.micro_batch_size, cfg.context.length
+    ids = torch.randint(3, cfg.model.vocab_size, (rows, seq))
+    positions, targets = supervised_positions(ids)
+    batch = {"input_ids": ids, "labels": ids, "position_ids": torch.arange(seq).repeat(rows, 1),
+             "loss_positions": positions, "loss_targets": targets, "num_supervised": len(targets)}
+    chunks = loss_chunk_count(rows, seq, cfg.trainer.loss_chunk_tokens) if cfg.trainer.loss_chunk_tokens else 0
+
+    def step() -> None:
+        loss = chunked_loss_sum(model, output_head(model), batch, chunks) if chunks else full_loss_sum(model, batch)
+        loss.backward()
+
+    step()
+    model.zero_grad(set_to_none=False)
+    peak = PeakMemory(torch.device("cpu"))
+    peak.reset()
+    if peak.since_start:
+        pytest.skip("the kernel refuses to reset the peak resident set (/proc/self/clear_refs)")
+    before = psutil.Process().memory_info().rss
+    step()
+    return peak.peak_gb() * 2**30 - before
+
+
+@pytest.mark.parametrize("chunk", [0, 512])
+def test_logits_line_follows_the_setting_and_matches_the_measured_peak(chunk: int):
+    """Each chunk's buffers (65 MB) are above glibc's largest mmap threshold, so they leave the
+    resident set when freed and the high-water mark sees the loss path's true peak."""
+    cfg = make_cfg("tiny", "cpu", trainer__precision="fp32", context__length=512, trainer__micro_batch_size=2,
+                   trainer__global_batch_size=2, trainer__loss_chunk_tokens=chunk, **LOSS_SHAPE)
+    s = setup_from_config(cfg)
+    assert s.loss_tokens == (1024 if chunk == 0 else 512)
+    measured = _loss_step_peak_bytes(cfg)
+    assert logits_bytes(s) == pytest.approx(measured, rel=0.10)

@@ -16,7 +16,7 @@ Memory model (bytes per rank, N parameters, G ranks sharing the shards):
 - Buffers: gathered FSDP units (current + prefetched layer, the root's embedding/lm_head, one
   layer's unsharded grads), ZeRO-3's largest module and prefetch bucket, ZeRO-2/DDP
   communication buckets, autocast's bf16 weight copies, and the logits with their fp32 loss
-  copies (vocab x tokens, the largest single buffer of a LLaMA step).
+  copies (vocab x tokens: one chunk's tokens under the chunked loss, the micro-batch's without).
 - Runtime: a CUDA context per process and an allocator fragmentation fraction.
 """
 
@@ -26,7 +26,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from vicuna_exp.batch_split import micro_batch_sizes, split_error
+from vicuna_exp.batch_split import loss_chunk_count, micro_batch_sizes, split_error
 from vicuna_exp.choices import AttnImpl, BackendName, DeviceType, Precision, Sharding
 from vicuna_exp.errors import UsageError, require_resolvable
 from vicuna_exp.hardware import Resolved, resolve_precision, with_resolved_hardware
@@ -56,6 +56,7 @@ class Setup:
     bucket_bytes: float
     nproc_per_node: int
     nnodes: int
+    loss_chunks: int = 0  # head calls per micro-batch of the chunked loss (`loss_chunk_count`); 0: full logits
 
     @property
     def world(self) -> int:
@@ -69,6 +70,13 @@ class Setup:
     def micro_batches(self) -> list[int]:
         """One rank's rows of a step cut under the micro-batch cap, the last one smaller if uneven."""
         return micro_batch_sizes(self.rows_per_rank, self.micro_batch)
+
+    @property
+    def loss_tokens(self) -> int:
+        """The most positions whose logits exist at once: a full micro-batch's, shared evenly over the
+        chunks of the chunked loss (the recipe's cut), or all of them with the full-logits loss."""
+        positions = self.micro_batch * self.seq_len
+        return math.ceil(positions / self.loss_chunks) if self.loss_chunks else positions
 
     @property
     def grad_accum(self) -> int:
@@ -153,6 +161,7 @@ def setup_from_config(cfg: Any) -> Setup:
         bucket_bytes=float(b.bucket_size_mb) * 1e6 if "bucket_size_mb" in b else 200e6,
         nproc_per_node=nproc,
         nnodes=nnodes,
+        loss_chunks=loss_chunk_count(cap, seq_len, int(t.loss_chunk_tokens)) if t.get("loss_chunk_tokens") else 0,
     )
 
 
@@ -243,10 +252,13 @@ def activation_bytes(s: Setup, checkpointing: bool) -> float:
 
 
 def logits_bytes(s: Setup) -> float:
-    """Logits, their fp32 copy for the loss, log-softmax kept for backward, and their gradient."""
+    """Logits, their fp32 copy for the loss, log-softmax kept for backward, and their gradient, for
+    the positions projected at once: one chunk of the chunked loss (whose backward recomputes one
+    chunk at a time), or the whole micro-batch with `trainer.loss_chunk_tokens=0`. Measured against
+    the process's peak in tests/plan/test_plan_measured.py."""
     out = 4 if s.precision == Precision.fp32 else 2
     per_token = s.model.vocab_size * (out + (4 if out != 4 else 0) + 4 + 4)
-    return float(s.micro_batch * s.seq_len * per_token)
+    return float(s.loss_tokens * per_token)
 
 
 def memory(s: Setup, hw: Any, plan_cfg: Any) -> Memory:

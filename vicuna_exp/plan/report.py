@@ -36,6 +36,14 @@ def _hours(h: float) -> str:
     return f"{h * 60:.0f} min" if h < 1 else (f"{h:.1f} h" if h < 48 else f"{h / 24:.1f} days")
 
 
+def _loss_tokens(s: Any) -> str:
+    """What the logits line counts: the whole micro-batch, or one chunk of the chunked loss."""
+    whole = s.micro_batch * s.seq_len
+    if not s.loss_chunks:
+        return f"{whole:,} tokens, full logits"
+    return f"{s.loss_tokens:,} tokens, one of {s.loss_chunks} chunks of supervised positions"
+
+
 def verdict_sentence(plan: Plan) -> str:
     mem = plan.memory
     if not mem.fits and mem.total > mem.capacity:
@@ -88,7 +96,7 @@ def render(plan: Plan) -> str:
         ("optimizer state (AdamW)", mem.optim),
         (f"activations (checkpointing {ckpt}; {'off' if ckpt == 'on' else 'on'}: "
          f"{_gb(mem.activations_no_ckpt if ckpt == 'on' else mem.activations_ckpt)})", mem.activations),
-        (f"logits + loss ({m.vocab_size:,} x {s.micro_batch * s.seq_len:,} tokens)", mem.logits),
+        (f"logits + loss ({m.vocab_size:,} x {_loss_tokens(s)})", mem.logits),
     ]
     if mem.gathered:
         what = "gathered FSDP units (2 layers + root + layer grads)" if s.backend == BackendName.fsdp \
