@@ -28,9 +28,9 @@ from omegaconf import DictConfig
 from vicuna_exp import distributed as D
 from vicuna_exp import heartbeat
 from vicuna_exp.backends import Backend, OptimizerSpec, backend_class, lr_multiplier
+from vicuna_exp.batch_split import loss_chunk_count
 from vicuna_exp.checkpoint import CHECKPOINTS_DIR, CheckpointManager, TrainerState
 from vicuna_exp.choices import choice_str
-from vicuna_exp.batch_split import loss_chunk_count
 from vicuna_exp.config import config_hash, global_batch_size, grad_accumulation_steps
 from vicuna_exp.data import batching
 from vicuna_exp.data.batching import StepPlan, plan_steps

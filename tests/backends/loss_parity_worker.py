@@ -19,9 +19,9 @@ from datasets import Dataset
 
 from vicuna_exp import distributed as D
 from vicuna_exp.backends import OptimizerSpec, backend_class
+from vicuna_exp.batch_split import loss_chunk_count
 from vicuna_exp.data import batching
 from vicuna_exp.hydra_app import compose
-from vicuna_exp.batch_split import loss_chunk_count
 from vicuna_exp.loss import chunked_loss_sum, full_loss_sum, output_head
 from vicuna_exp.model import make_model_spec
 
@@ -108,7 +108,7 @@ def one_backend(name: str, tied: bool, dist: D.DistInfo, device: torch.device) -
     return {"loss_full": full["loss"], "loss_chunked": chunked["loss"],
             "eval_full": full["eval_loss"], "eval_chunked": chunked["eval_loss"],
             "grad_max_abs": max(float(g.abs().max()) for g in full["grads"]),
-            "grad_max_diff": max(float((a - b).abs().max()) for a, b in zip(full["grads"], chunked["grads"]))}
+            "grad_max_diff": max(float((a - b).abs().max()) for a, b in zip(full["grads"], chunked["grads"], strict=True))}
 
 
 def main(out: str, names: list[str]) -> None:
