@@ -147,6 +147,8 @@ class Recipe:
         check_fits(cfg, self.hardware)  # refuse what cannot fit the hardware, before anything is built
         self.spec = self._setup_model_spec(cfg.model)
         self.facts = model_facts_of(self.spec, cfg.model)
+        if cfg.trainer.loss_chunk_tokens:  # the chunked loss calls the head: refuse a model without one now (exit 2)
+            output_head(self.spec.build_meta())
         self.peak_tflops = peak_tflops(cfg.hardware, self.precision)
         heartbeat.beat("prepare_data")
         self.data = self._setup_data(cfg.data, cfg.template)
