@@ -125,7 +125,7 @@ class TrainerConfig:
     loss_spike_guard: bool = True  # a non-finite loss stops the run before the optimizer step
     # The loss projects hidden states through the LM head at supervised positions only, this many
     # at a time (fp32 log-softmax per chunk, recomputed in backward); 0: logits at every position.
-    loss_chunk_tokens: int = 1024
+    loss_chunk_tokens: int = 512
 
 
 @dataclass
