@@ -66,7 +66,9 @@ def achieved_tflops(model_flops: float, seconds: float, n_devices: int) -> float
 
 def mfu(model_flops: float, seconds: float, n_devices: int, peak_tflops_per_device: float) -> float | None:
     """Model FLOPs utilisation in [0, 1]: achieved model TFLOP/s per device over the peak (None when
-    the peak is unknown)."""
+    the peak is unknown). The model FLOPs count the LM head where it is applied (`batch_flops`):
+    under the chunked loss only the supervised positions. Work skipped is not counted as done, so MFU
+    stays comparable with anchors (PaLM, torchtitan) that count the head where they compute it."""
     if peak_tflops_per_device <= 0:
         return None
     return achieved_tflops(model_flops, seconds, n_devices) / peak_tflops_per_device
