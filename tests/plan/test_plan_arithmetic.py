@@ -68,7 +68,10 @@ def test_checkpointing_and_micro_batch_move_activations():
     assert off.activations == on.activations_no_ckpt > 5 * on.activations
     mb1 = make_plan(make_cfg("llama-7b", trainer__micro_batch_size=1, **base)).memory
     assert mb1.activations == pytest.approx(on.activations / 2)
-    assert mb1.logits == pytest.approx(on.logits / 2)
+    assert mb1.logits == on.logits  # the chunked loss: one chunk's logits whatever the micro-batch
+    full = dict(base, trainer__loss_chunk_tokens=0)
+    full_mb1 = make_plan(make_cfg("llama-7b", trainer__micro_batch_size=1, **full)).memory
+    assert full_mb1.logits == pytest.approx(make_plan(make_cfg("llama-7b", **full)).memory.logits / 2)
     eager = make_plan(make_cfg("llama-7b", model__attn_implementation="eager", model__gradient_checkpointing=False,
                                **base)).memory
     assert eager.activations > off.activations + 32 * 32 * 2048 * 4096 * 4  # the seq x seq scores
@@ -203,6 +206,18 @@ def test_missing_facts_filled_from_local_config_json(tmp_path):
                                           '"num_hidden_layers": 32, "num_attention_heads": 32}')
     cfg = make_cfg("llama-7b", model__hidden_size=None, model__intermediate_size=None, model__path=str(tmp_path))
     assert model_facts(cfg.model).total_params == 6_738_415_616
+
+
+def test_the_logits_line_follows_the_loss_setting():
+    from vicuna_exp.plan import render
+
+    base = dict(backend__name="fsdp", launcher__nproc_per_node=8, context__length=2048)  # 2 rows x 2048
+    chunked = make_plan(make_cfg("llama-7b", trainer__loss_chunk_tokens=512, **base))
+    full = make_plan(make_cfg("llama-7b", trainer__loss_chunk_tokens=0, **base))
+    assert "logits + loss (32,000 x 512 tokens, one of 8 chunks of supervised positions)" in render(chunked)
+    assert "logits + loss (32,000 x 4,096 tokens, full logits)" in render(full)
+    assert chunked.memory.logits == pytest.approx(full.memory.logits / 8)
+    assert full.memory.total - chunked.memory.total > 0.8 * (full.memory.logits - chunked.memory.logits)
 
 
 def test_render_says_fits_or_does_not_fit_in_words():
