@@ -241,7 +241,14 @@ def test_the_micro_batch_is_a_cap_and_the_plan_prints_the_split():
     roomy = make_plan(make_cfg("llama-7b", backend__name="fsdp", launcher__nproc_per_node=2,
                                trainer__global_batch_size=4, trainer__micro_batch_size=8))
     assert roomy.setup.micro_batch == 2 and "2 rows per GPU: 1 micro-batch of 2" in render(roomy)
-    assert roomy.memory.logits == even.memory.logits  # 2 rows either way
+    assert roomy.memory.activations == even.memory.activations  # 2 rows either way
+    # The chunked loss cuts by the cap (an eval forward takes up to the cap's rows): 32 chunks of 128.
+    assert roomy.setup.loss_chunks == 32 and roomy.memory.logits == even.memory.logits / 4
+    full = dict(backend__name="fsdp", trainer__loss_chunk_tokens=0)
+    assert (make_plan(make_cfg("llama-7b", launcher__nproc_per_node=2, trainer__global_batch_size=4,
+                               trainer__micro_batch_size=8, **full)).memory.logits
+            == make_plan(make_cfg("llama-7b", launcher__nproc_per_node=8, trainer__global_batch_size=32,
+                                  trainer__micro_batch_size=2, **full)).memory.logits)
 
 
 def test_the_plan_reads_the_real_model_when_model_path_is_set(tmp_path):
