@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 export TORCH_EXTENSIONS_DIR := $(CURDIR)/$(VENV)/torch_extensions
 export WANDB_SILENT := true
 
-.PHONY: setup train test lint bench clean
+.PHONY: setup train test lint bench clean gpu-check
 
 setup: $(STAMP)
 
@@ -28,6 +28,11 @@ test: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
+
+# The GPU check runs on the machine's own python and packages (PYTHONPATH=., no install, no .venv):
+# a GPU machine may have no network for pip. bench/gpu_check.py says which wheels it needs beside it.
+gpu-check:
+	PYTHONPATH=.$${PYTHONPATH:+:$$PYTHONPATH} $(PYTHON) bench/gpu_check.py $(ARGS)
 
 clean:
 	rm -rf $(VENV) outputs .pytest_cache .ruff_cache

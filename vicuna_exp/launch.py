@@ -140,7 +140,7 @@ def check_deepspeed(cfg: DictConfig, on_gpu: bool) -> None:
         raise UsageError("backend.offload_params=true needs backend.zero_stage=3")
     try:
         build_ops.use_extensions_dir()
-        needed = (["CPUAdamBuilder"] if b.offload_optimizer else []) + ([] if on_gpu else ["ShareMemCommBuilder"])
+        needed = build_ops.needed_ops(on_gpu=on_gpu, offload_optimizer=bool(b.offload_optimizer))
         for op in needed:
             build_ops.clear_stale_lock(build_ops.CPU_OPS[op])  # else every rank waits on a dead build's lock
             compatible, built = build_ops.op_status(op)

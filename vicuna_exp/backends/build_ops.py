@@ -28,6 +28,13 @@ CPU_OPS = {"ShareMemCommBuilder": "deepspeed_shm_comm", "CPUAdamBuilder": "cpu_a
 STALE_LOCK_S = 15 * 60
 
 
+def needed_ops(*, on_gpu: bool, offload_optimizer: bool) -> list[str]:
+    """The JIT ops a DeepSpeed run loads: CPU Adam when the optimizer is offloaded, and the
+    shared-memory communication op on a CPU (on CUDA, communication is nccl's and the optimizer
+    torch's AdamW, so a GPU run without offload loads none)."""
+    return (["CPUAdamBuilder"] if offload_optimizer else []) + ([] if on_gpu else ["ShareMemCommBuilder"])
+
+
 def default_extensions_dir() -> Path:
     """Inside the virtualenv, so `make clean` removes it and two checkouts never share stale builds."""
     return Path(sys.prefix) / "torch_extensions"
