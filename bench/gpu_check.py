@@ -212,7 +212,7 @@ def render_md(state: dict[str, Any]) -> str:
             lines += [f"Error: {part['error']}", ""]
         if part["checks"]:
             lines += ["| check | ok | detail |", "|---|---|---|"]
-            lines += [f"| {c['name']} | {'yes' if c['ok'] else 'NO'} | {c['detail']} |" for c in part["checks"]]
+            lines += [f"| {c['name']} | {'yes' if c['ok'] else 'NO'} | {_cell(c['detail'])} |" for c in part["checks"]]
             lines.append("")
         lines += [f"- skipped: {s['what']}: {s['reason']}" for s in part["skipped"]]
         lines += _figures_md(part) + [""]
@@ -250,6 +250,11 @@ def _figures_md(part: dict[str, Any]) -> list[str]:
 
 def _pct(x: float | None) -> str:
     return "n/a" if x is None else f"{100 * x:.1f}%"
+
+
+def _cell(text: str) -> str:
+    """Text that stays inside one cell of a Markdown table."""
+    return " ".join(str(text).replace("|", "/").split())
 
 
 def _ratio(x: float | None) -> str:

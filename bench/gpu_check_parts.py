@@ -523,9 +523,10 @@ def part_e2e(ctx: Context) -> None:
     r.put("resume_s", round(time.monotonic() - t0, 2))
     summary, after = read_summary(run_dir), train_losses(run_dir)
     r.put("summary", {k: summary.get(k) for k in ("status", "exit_code", "steps", "resumed_from_step", "final_loss",
-                                                 "tokens_per_s", "peak_mem_gb", "error")})
-    r.check("the rerun exits 0 and completes", rc == 0 and summary.get("status") == "completed",
-            f"exit {rc}, status {summary.get('status')}, error {summary.get('error')}")
+                                                 "wall_s", "tflops_per_device", "peak_mem_gb", "error")})
+    completed = rc == 0 and summary.get("status") == "completed"
+    r.check("the rerun exits 0 and completes", completed, f"exit {rc}, status {summary.get('status')}"
+            + ("" if completed else f", error {summary.get('error') or tail(log, 400)}"))
     r.check(f"it resumes from step {s.cli_save_at}", summary.get("resumed_from_step") == s.cli_save_at,
             f"resumed_from_step {summary.get('resumed_from_step')}")
     r.check(f"it trains all {s.cli_steps} steps", sorted(after) == list(range(1, s.cli_steps + 1)),
@@ -551,11 +552,12 @@ def _sharded_run(ctx: Context, backend: str, extra: list[str]) -> dict[str, Any]
     r.put("train_s", round(time.monotonic() - t0, 2))
     summary, losses = read_summary(run_dir), train_losses(run_dir)
     derived = summary.get("derived") or {}
-    r.put("summary", {k: summary.get(k) for k in ("status", "exit_code", "steps", "final_loss", "tokens_per_s",
-                                                 "peak_mem_gb", "mfu", "error")})
+    r.put("summary", {k: summary.get(k) for k in ("status", "exit_code", "steps", "final_loss", "wall_s",
+                                                 "tflops_per_device", "mfu", "peak_mem_gb", "error")})
     r.put("losses", losses)
-    r.check(f"{backend} exits 0 and completes", rc == 0 and summary.get("status") == "completed",
-            f"exit {rc}, status {summary.get('status')}, error {summary.get('error') or tail(log, 400)}")
+    completed = rc == 0 and summary.get("status") == "completed"
+    r.check(f"{backend} exits 0 and completes", completed, f"exit {rc}, status {summary.get('status')}"
+            + ("" if completed else f", error {summary.get('error') or tail(log, 400)}"))
     r.check(f"one rank, accumulation 2, {s.cli_steps} finite losses",
             derived.get("world_size") == 1 and derived.get("grad_accumulation") == 2
             and sorted(losses) == list(range(1, s.cli_steps + 1)) and all(map(math.isfinite, losses.values())),
@@ -599,11 +601,13 @@ def part_deepspeed(ctx: Context) -> None:
             rc = run_cli([sys.executable, "-m", "vicuna_exp.backends.build_ops", "--ops", *ops], log,
                          timeout=OP_BUILD_LIMIT_S)
         except subprocess.TimeoutExpired:
-            removed = _remove_new_locks(where, locks)
             r.put("op_build_s", round(time.monotonic() - t0, 1))
+            left = sorted(str(p) for p in _locks(where) - locks)
             r.check(f"the ops build within {OP_BUILD_LIMIT_S:.0f} s", False,
-                    f"{' '.join(ops)} still building after {OP_BUILD_LIMIT_S:.0f} s; killed"
-                    + (f"; removed its lock files {removed}" if removed else ""))
+                    f"{' '.join(ops)} still building (or waiting for another build) after {OP_BUILD_LIMIT_S:.0f} s; "
+                    "killed" + (f". Lock files left: {', '.join(left)}; once no other build runs, delete them "
+                                "(DeepSpeed waits on a lock forever) and run `python -m vicuna_exp.backends.build_ops`"
+                                if left else ""))
             return
         r.put("op_build_s", round(time.monotonic() - t0, 1))
         r.put("op_build_log", tail(log, 600))
@@ -629,16 +633,8 @@ def _built_ops(where: Path) -> dict[str, float]:
 
 
 def _locks(where: Path) -> set[Path]:
+    """The build locks (torch's `FileBaton`) in the extensions dir."""
     return set(where.glob("*/lock")) if where.is_dir() else set()
-
-
-def _remove_new_locks(where: Path, before: set[Path]) -> list[str]:
-    """A build killed at its limit leaves `lock` files that stop every later build: remove the ones
-    that appeared while this check's build ran (its own)."""
-    removed = sorted(_locks(where) - before)
-    for lock in removed:
-        lock.unlink(missing_ok=True)
-    return [str(p) for p in removed]
 
 
 PART_FUNCTIONS: dict[str, Callable[[Context], None]] = {
