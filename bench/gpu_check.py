@@ -23,7 +23,8 @@ hang or a CUDA fault stays inside it and this process never creates a CUDA conte
    limited to 150 s.
 
 Each part has its own timeout (`--timeout PART=SECONDS`) inside one budget for the whole check
-(`--budget-s`, 300 by default): a part that would start with less than 10 s left is not run.
+(`--budget-s`, 300 by default): a part that would start with less than 10 s left is not run. The
+dry run's limits (600 s a part, 1800 s in all) only catch a hang on a busy CI machine.
 `gpu_check.json` and `gpu_check.md` in `--out` are rewritten after every part, so a run cut short
 still reports. Exit 0 when every part passed, 1 when any failed or was not run, 2 for bad usage
 (no GPU without `--dry-run`, an unknown part).
@@ -71,6 +72,10 @@ DEFAULT_BUDGET_S = 300.0
 # Each part's own limit; the budget left caps it too. deepspeed: a 150 s op build, then the run.
 PART_TIMEOUT_S = {"env": 90.0, "correctness": 150.0, "throughput": 300.0, "e2e": 180.0, "fsdp": 150.0,
                   "deepspeed": 330.0}
+# The dry run's limits are for a shared CI machine, where a minute of work can take several: they
+# catch a hang, not slowness.
+DRY_RUN_BUDGET_S = 1800.0
+DRY_RUN_TIMEOUT_S = 600.0
 MIN_START_S = 10.0
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -84,7 +89,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=ROOT / "outputs" / "gpu_check", help="where the reports go")
     p.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated, by name or number (1-6): {','.join(PARTS)}")
     p.add_argument("--dry-run", action="store_true", help="the same parts on the CPU, tiny model, few steps")
-    p.add_argument("--budget-s", type=float, default=DEFAULT_BUDGET_S, help="the whole check's time limit")
+    p.add_argument("--budget-s", type=float, default=None,
+                   help=f"the whole check's time limit (default {DEFAULT_BUDGET_S:.0f}; {DRY_RUN_BUDGET_S:.0f} dry)")
     p.add_argument("--timeout", action="append", default=[], metavar="PART=SECONDS", help="one part's time limit")
     return p.parse_args(argv)
 
@@ -102,8 +108,8 @@ def selected_parts(spec: str) -> list[str]:
     return [p for p in PARTS if p in chosen]  # always in order of value
 
 
-def part_timeouts(items: list[str]) -> dict[str, float]:
-    limits = dict(PART_TIMEOUT_S)
+def part_timeouts(items: list[str], dry_run: bool) -> dict[str, float]:
+    limits = {name: DRY_RUN_TIMEOUT_S for name in PARTS} if dry_run else dict(PART_TIMEOUT_S)
     for item in items:
         name, _, value = item.partition("=")
         try:
@@ -264,7 +270,9 @@ def _ratio(x: float | None) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     try:
-        parts, limits = selected_parts(args.parts), part_timeouts(args.timeout)
+        parts, limits = selected_parts(args.parts), part_timeouts(args.timeout, args.dry_run)
+        if args.budget_s is None:
+            args.budget_s = DRY_RUN_BUDGET_S if args.dry_run else DEFAULT_BUDGET_S
         if args.budget_s <= 0:
             raise Usage(f"--budget-s {args.budget_s:g}: must be > 0")
         if not args.dry_run and gpu_count() == 0:

@@ -22,7 +22,7 @@ def _env() -> dict[str, str]:
     return env
 
 
-def _check(out: Path, *args: str, timeout: float = 900) -> subprocess.CompletedProcess:
+def _check(out: Path, *args: str, timeout: float = 1200) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, str(SCRIPT), "--out", str(out), *args], cwd=ROOT, env=_env(),
                           capture_output=True, text=True, timeout=timeout)
 
@@ -30,8 +30,7 @@ def _check(out: Path, *args: str, timeout: float = 900) -> subprocess.CompletedP
 @pytest.fixture(scope="module")
 def dry_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[subprocess.CompletedProcess, dict]:
     out = tmp_path_factory.mktemp("gpu_check")
-    # A budget for a busy CI machine; alone on 2 cores the dry run takes about a minute.
-    done = _check(out, "--dry-run", "--budget-s", "800")
+    done = _check(out, "--dry-run", timeout=2400)
     report = json.loads((out / "gpu_check.json").read_text())
     return done, report | {"md": (out / "gpu_check.md").read_text()}
 
