@@ -125,17 +125,23 @@ def part_timeouts(items: list[str], dry_run: bool) -> dict[str, float]:
 def gpu_count() -> int:
     """GPUs visible here, asked of the driver (nvidia-smi) or of torch in a child process: this
     process never creates a CUDA context."""
-    from vicuna_exp.hardware import probe_gpus
-
+    try:
+        from vicuna_exp.hardware import probe_gpus
+    except ImportError as e:
+        raise Usage(f"{e}: run from the checkout's root with PYTHONPATH=., and install the wheels this "
+                    "script's docstring lists (BENCHMARKS.md, GPU check)") from None
     found = probe_gpus()
     if found is not None:
         return found.count
     try:
-        out = subprocess.run([sys.executable, "-c", "import torch; print(torch.cuda.device_count())"],
-                             capture_output=True, text=True, timeout=120, check=True).stdout
-        return int(out.strip().splitlines()[-1])
-    except (OSError, subprocess.SubprocessError, ValueError, IndexError):
-        return 0
+        done = subprocess.run([sys.executable, "-c", "import torch; print(torch.cuda.device_count())"],
+                              capture_output=True, text=True, timeout=120)
+    except (OSError, subprocess.SubprocessError) as e:
+        raise Usage(f"{sys.executable} cannot be asked for its GPUs: {e}") from None
+    if done.returncode != 0:
+        last = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        raise Usage(f"{sys.executable} cannot import torch ({last}); run with a python that has torch 2.11-2.13")
+    return int(done.stdout.split()[-1])
 
 
 def child_env(out: Path, dry_run: bool) -> dict[str, str]:
