@@ -325,6 +325,36 @@ def test_a_run_dir_written_before_the_option_schemas_still_reads(tmp_path: Path)
         typed_config(old)
 
 
+def test_reduce_every_micro_batch_is_hash_neutral_at_its_memory_safe_default(tmp_path: Path) -> None:
+    """The fsdp pins above hold with the key at true; false is another job. A run dir written
+    before the key existed reads it at true, and hashes as it always did."""
+    assert compose(["backend=fsdp"]).backend.reduce_every_micro_batch is True
+    off = compose(["backend=fsdp", "backend.reduce_every_micro_batch=false"])
+    assert config_hash(off) != PRESET_HASHES[("backend=fsdp",)]
+    old = OmegaConf.to_container(compose(["backend=fsdp"]), resolve=True, enum_to_str=True)
+    del old["backend"]["reduce_every_micro_batch"]
+    cfg = typed_config(old)
+    assert cfg.backend.reduce_every_micro_batch is True
+    assert config_hash(cfg) == PRESET_HASHES[("backend=fsdp",)]
+
+
+def test_a_hybrid_mesh_needs_whole_nodes() -> None:
+    """The rule the pre-launch check (`validate`) and the FSDP worker share: the worker's world
+    and node size come from torchrun, the job's from launcher.nproc_per_node x launcher.nnodes."""
+    from vicuna_exp.choices import Sharding
+    from vicuna_exp.mesh import mesh_shape
+
+    assert mesh_shape(Sharding.full, 6, 4) == (6,)
+    assert mesh_shape(Sharding.hybrid, 8, 4) == (2, 4)
+    with pytest.raises(UsageError) as e:
+        mesh_shape(Sharding.hybrid, 6, 4)
+    msg = str(e.value)
+    assert msg.startswith("backend.sharding=hybrid: the world size 6 is not a multiple of the node size 4")
+    assert "launcher.nproc_per_node" in msg and "launcher.nnodes" in msg
+    validate(compose(["backend=fsdp", "backend.sharding=hybrid", "launcher.nproc_per_node=4", "launcher.nnodes=2",
+                      "trainer.global_batch_size=8"]))
+
+
 def test_a_section_is_checked_never_trimmed() -> None:
     """prepare() takes the schema's object; a key the schema lacks is an error, not dropped."""
     data = dict(OmegaConf.to_container(compose([]).data), dedupe=False)

@@ -45,6 +45,7 @@ from vicuna_exp.choices import (
 from vicuna_exp.data.config import DataConfig, TemplateConfig
 from vicuna_exp.errors import UsageError, require_resolvable
 from vicuna_exp.eval.config import EvalConfig
+from vicuna_exp.mesh import mesh_shape
 from vicuna_exp.plan.config import HardwareConfig, PlanConfig, SkyConfig
 
 
@@ -151,6 +152,9 @@ class FsdpBackendConfig(BackendConfig):
     sharding: Sharding = MISSING  # full | hybrid (shard within a node, replicate across nodes)
     reshard_after_forward: bool = MISSING  # free gathered params after forward (ZeRO-3 style)
     cpu_offload: bool = MISSING  # parameters, gradients and optimizer state on the CPU
+    # true: reduce-scatter every micro-batch into the sharded gradients (memory-safe); false: once
+    # per step, holding every parameter's unsharded gradient between micro-batches (less traffic)
+    reduce_every_micro_batch: bool = MISSING
 
 
 @dataclass
@@ -300,7 +304,18 @@ def typed_config(resolved: Any) -> DictConfig:
                                        {k: v for k, v in node.items() if k in own or k not in legacy})
     merged = OmegaConf.merge(cfg, raw)
     assert isinstance(merged, DictConfig)
+    _fill_later_keys(merged)
     return merged
+
+
+def _fill_later_keys(cfg: DictConfig) -> None:
+    """A run dir written before a key existed reads it at its neutral value (`HASH_NEUTRAL`), the
+    value its hash was computed without."""
+    for dotted, neutral in HASH_NEUTRAL.items():
+        parent, _, leaf = dotted.rpartition(".")
+        node = OmegaConf.select(cfg, parent) if parent else cfg
+        if isinstance(node, DictConfig) and leaf in node.keys() and OmegaConf.is_missing(node, leaf):
+            node[leaf] = neutral
 
 
 def conf_dir() -> Path:
@@ -374,6 +389,9 @@ _ANY = object()
 EVERY_VALUE = _ANY
 HASH_NEUTRAL: dict[str, Any] = {
     "trainer.loss_chunk_tokens": EVERY_VALUE,  # chunked loss = full-logits loss within 1e-5 (tests/test_loss.py)
+    # Where FSDP sums micro-batch gradients (in the shards after each reduce-scatter, or unsharded
+    # before one): the same gradient, up to the order of fp32 additions.
+    "backend.reduce_every_micro_batch": True,
 }
 
 
@@ -485,6 +503,8 @@ def validate(cfg: DictConfig) -> None:
          f"must be > 0, got {cfg.launcher.collective_timeout_s}")
     if cfg.logger.name == LoggerName.wandb:
         need(cfg.logger.init_timeout_s > 0, "logger.init_timeout_s", f"must be > 0, got {cfg.logger.init_timeout_s}")
+    if cfg.backend.name == BackendName.fsdp:
+        mesh_shape(cfg.backend.sharding, ws, int(cfg.launcher.nproc_per_node))  # the worker's mesh, checked here
     need(not (cfg.backend.name == BackendName.single and ws > 1), "backend",
          f"backend=single runs one process, but launcher asks for {ws}; choose backend=ddp, fsdp or deepspeed_zero3")
     m = cfg.model

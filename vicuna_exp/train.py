@@ -315,12 +315,14 @@ class Recipe:
                                sum(b["model_flops"] for b in micro)], dtype=torch.float64)
         counts = D.all_reduce(counts.to(self.device, non_blocking=True))
         normaliser = counts[0].clamp(min=1.0).float()
-        loss_sum = torch.zeros((), device=self.device)
+        # float64: the logged loss then does not depend on how the batch is cut over ranks and
+        # micro-batches (fp32 sums in another order differ in the last digits)
+        loss_sum = torch.zeros((), device=self.device, dtype=torch.float64)
         for i, batch in enumerate(micro):
             with self.backend.accumulate(is_last=i == len(micro) - 1):
                 token_loss = self.token_loss_sum(batch)
                 self.backend.backward(token_loss / normaliser)
-            loss_sum += token_loss.detach().float()
+            loss_sum += token_loss.detach().double()
         D.all_reduce(loss_sum)
         loss_sum_host, n_supervised, n_tokens, self.step_flops = torch.cat(
             [loss_sum.double().reshape(1), counts]).tolist()

@@ -9,6 +9,10 @@ HSDP on a 2-D mesh). Precision comes from `trainer.precision` alone:
               for compute and reduces gradients in fp32 (MixedPrecisionPolicy);
 - bf16:       weights, gradients and optimizer state in bf16.
 
+`backend.reduce_every_micro_batch` (default true) reduce-scatters each micro-batch's gradients
+into the shards, trading a reduce-scatter per micro-batch for memory; false reduces once per step
+and holds the whole model's unsharded gradients between micro-batches.
+
 `backend.cpu_offload` keeps the sharded parameters, gradients and optimizer state on the CPU
 (the optimizer steps there). Pretrained weights are loaded after sharding, each rank reading
 only its own rows of the safetensors files, so no rank ever holds the whole model; the export
@@ -23,10 +27,11 @@ from pathlib import Path
 
 import torch
 
-from vicuna_exp.backends.base import OptimizerSpec
+from vicuna_exp.backends.base import OptimizerSpec, storage_bytes
 from vicuna_exp.backends.dcp_state import TorchOptimizerBackend
-from vicuna_exp.choices import ModelInit, Precision, Sharding
+from vicuna_exp.choices import ModelInit, Precision
 from vicuna_exp.errors import UsageError
+from vicuna_exp.mesh import mesh_shape
 from vicuna_exp.model import ModelSpec
 
 
@@ -71,13 +76,9 @@ class FSDPBackend(TorchOptimizerBackend):
     def _mesh(self) -> object:
         from torch.distributed.device_mesh import init_device_mesh
 
-        world, local = self.dist.world_size, self.dist.local_world_size
-        if self.cfg.backend.sharding == Sharding.full:
-            return init_device_mesh(self.device.type, (world,), mesh_dim_names=("shard",))
-        if world % local:
-            raise UsageError(f"backend.sharding=hybrid: world size {world} is not a multiple of the "
-                             f"{local} processes per node")
-        return init_device_mesh(self.device.type, (world // local, local), mesh_dim_names=("replicate", "shard"))
+        shape = mesh_shape(self.cfg.backend.sharding, self.dist.world_size, self.dist.local_world_size)
+        names = ("shard",) if len(shape) == 1 else ("replicate", "shard")
+        return init_device_mesh(self.device.type, shape, mesh_dim_names=names)
 
     def _mp_policy(self) -> object:
         from torch.distributed.fsdp import MixedPrecisionPolicy
@@ -91,9 +92,36 @@ class FSDPBackend(TorchOptimizerBackend):
 
     @contextlib.contextmanager
     def accumulate(self, is_last: bool) -> Iterator[None]:
-        # Reduce-scatter only after the last micro-batch; earlier ones accumulate unsharded grads locally.
-        self.model.set_requires_gradient_sync(is_last)
+        if self.cfg.backend.reduce_every_micro_batch:
+            # Reduce-scatter every micro-batch into the sharded gradients, so no rank holds more
+            # than one layer's unsharded gradients; under HSDP the all-reduce across replicas waits
+            # for the last one (FSDP2 adds the earlier shards up in its partial reduce output).
+            self.model.set_requires_gradient_sync(True)
+            self.model.set_requires_all_reduce(is_last)
+        else:
+            # Communicate once per step: earlier micro-batches leave every parameter's unsharded
+            # gradient on each rank (the whole model's, in the reduce dtype) until the last one.
+            self.model.set_requires_gradient_sync(is_last)
         yield
+
+    def held_grad_bytes(self) -> int:
+        """Sharded `.grad`s plus FSDP2's own gradient storage: each parameter's unsharded gradient
+        (`_unsharded_param.grad`, or `unsharded_accumulated_grad` in the reduce dtype) while no
+        reduce-scatter has taken it, HSDP's partial reduce output awaiting the all-reduce, and
+        retained reduce-scatter inputs. These are FSDP2 internals (torch 2.13), read, never changed."""
+        found: list[torch.Tensor | None] = [p.grad for p in self.model.parameters()]
+        for module in self.model.modules():
+            if not hasattr(module, "_get_fsdp_state"):
+                continue
+            state = module._get_fsdp_state()
+            found += [rs.reduce_scatter_input for rs in getattr(state._comm_ctx, "reduce_scatter_states", [])]
+            for group in state._fsdp_param_groups:
+                found.append(group._partial_reduce_output)
+                for fp in group.fsdp_params:
+                    found.append(fp.unsharded_accumulated_grad)
+                    unsharded = getattr(fp, "_unsharded_param", None)
+                    found.append(unsharded.grad if unsharded is not None else None)
+        return storage_bytes(found)
 
     def export(self, out_dir: Path, dtype: torch.dtype) -> None:
         from vicuna_exp.export import export_module
