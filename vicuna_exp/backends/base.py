@@ -24,7 +24,7 @@ from __future__ import annotations
 import contextlib
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -149,6 +149,13 @@ class Backend(ABC):
         """Bytes of parameters, gradients and optimizer state this rank holds (for plan checks)."""
         return {"params": 0, "grads": 0, "optim": 0}
 
+    def held_grad_bytes(self) -> int:
+        """Bytes of gradient storage this rank holds now: every parameter's `.grad` plus the
+        backend's own accumulators and buckets, each storage counted once. Read between
+        micro-batches, it is what gradient accumulation costs (the planner's gradient term)."""
+        assert self.model is not None
+        return storage_bytes(p.grad for p in self.model.parameters())
+
     def close(self) -> None:
         """Release backend resources; the process group itself is the worker's to destroy."""
         return None
@@ -160,3 +167,17 @@ def tensor_bytes(tensors: Iterator[torch.Tensor]) -> int:
         local = t.to_local() if hasattr(t, "to_local") else t
         total += local.numel() * local.element_size()
     return total
+
+
+def storage_bytes(tensors: Iterable[torch.Tensor | None]) -> int:
+    """Bytes of the distinct storages behind `tensors` (a DTensor's local shard; views of one
+    flat buffer count once, as the buffer)."""
+    seen: dict[int, int] = {}
+    for t in tensors:
+        if t is None:
+            continue
+        local = t.to_local() if hasattr(t, "to_local") else t
+        storage = local.untyped_storage()
+        if storage.nbytes():
+            seen[storage.data_ptr()] = storage.nbytes()
+    return sum(seen.values())

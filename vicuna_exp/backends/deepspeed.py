@@ -30,7 +30,7 @@ import torch
 from omegaconf import DictConfig
 
 from vicuna_exp import distributed as D
-from vicuna_exp.backends.base import Backend, OptimizerSpec, tensor_bytes
+from vicuna_exp.backends.base import Backend, OptimizerSpec, storage_bytes, tensor_bytes
 from vicuna_exp.checkpoint import DCP_SUBDIR, DEEPSPEED_SUBDIR
 from vicuna_exp.choices import ModelInit, Precision
 from vicuna_exp.config import rows_per_rank, world_size
@@ -328,10 +328,33 @@ class DeepSpeedBackend(Backend):
         optim = [v for s in base.state.values() for v in s.values() if torch.is_tensor(v) and v.ndim > 0]
         return {"params": tensor_bytes(iter(params)), "grads": 0, "optim": tensor_bytes(iter(optim))}
 
+    def held_grad_bytes(self) -> int:
+        """Module and master-partition `.grad`s plus ZeRO's own gradient storage, found by attribute
+        name on its optimizer: the reduce buckets (`ipg_*`) and the partitions it accumulates
+        into (ZeRO-2 `grads_in_partition` / `averaged_gradients`, ZeRO-3
+        `grad_partitions_flat_buffer`). Read, never changed."""
+        zero = self.engine.optimizer
+        found: list[torch.Tensor | None] = [p.grad for p in self.module.parameters()]
+        found += [p.grad for g in self._base_optimizer().param_groups for p in g["params"]]
+        for name, value in vars(zero).items():
+            if "grad" in name.lower() or "ipg" in name.lower():
+                found += _tensors_in(value)
+        return storage_bytes(found)
+
     def close(self) -> None:
         engine = getattr(self, "engine", None)
         if engine is not None and hasattr(engine, "destroy"):
             engine.destroy()
+
+
+def _tensors_in(value: Any, depth: int = 3) -> list[torch.Tensor]:
+    """The tensors in a value of nested lists, tuples and dicts (ZeRO keeps its buffers so)."""
+    if torch.is_tensor(value):
+        return [value]
+    if depth == 0:
+        return []
+    items = value.values() if isinstance(value, dict) else value if isinstance(value, (list, tuple)) else ()
+    return [t for item in items for t in _tensors_in(item, depth - 1)]
 
 
 def saved_world_size(ds_dir: Path) -> int:
