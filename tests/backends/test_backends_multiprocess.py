@@ -3,7 +3,9 @@ Hydra job exactly as `vicuna-exp train backend=... launcher.nproc_per_node=2` do
 
 One uninterrupted run per backend is shared by most assertions (parity with `single`, sharding,
 sharded loading, export); one more run per backend is killed with SIGKILL and resumed; ddp is
-stopped with SIGTERM. Budget: about 4 minutes on 2 busy cores for the whole module.
+stopped with SIGTERM. Gradient accumulation gets two short runs of its own (4 micro-batches per
+rank, short rows, nothing saved): `single` and FSDP under HSDP. Budget: about 4.5 minutes on 2
+busy cores for the whole module.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ pytestmark = pytest.mark.multiprocess
 
 BACKENDS = ["fsdp", "deepspeed_zero2", "deepspeed_zero3"]
 STEPS, SAVE_EVERY, KILL_AFTER = 8, 3, 5
+ACCUMULATION, ACCUMULATION_STEPS = 4, 10  # micro-batches per rank, steps of the accumulation runs
 
 
 @pytest.fixture(scope="module")
@@ -114,6 +117,34 @@ def test_one_run_dir_and_rank0_alone_writes(backend: str, runs: dict[str, Job], 
     statuses = sorted((job.run_dir / ".workers").glob("rank_*.json"))
     assert [json.loads(p.read_text())["exit_code"] for p in statuses] == [0, 0]
     assert (job.run_dir / "resolved_config.yaml").is_file()
+
+
+@pytest.fixture(scope="module")
+def accumulation_args(common: list[str]) -> list[str]:
+    """Rows of 128 tokens, one per micro-batch, 4 micro-batches per rank on 2 ranks; nothing saved."""
+    return [*common, f"trainer.max_steps={ACCUMULATION_STEPS}", f"trainer.global_batch_size={2 * ACCUMULATION}",
+            "context.length=128", "trainer.save_every_steps=null", "trainer.save_every_minutes=null",
+            "trainer.save_final=false"]
+
+
+def test_accumulation_under_hsdp_matches_single_to_fp32_rounding(accumulation_args: list[str],
+                                                                 workdir: Path) -> None:
+    """`backend.reduce_every_micro_batch=true` (the default) reduce-scatters each micro-batch and,
+    under `sharding=hybrid`, all-reduces across replicas after the last one only (here one node: a
+    replica group of one, but the partial reduce-scatter outputs are summed as on many nodes).
+    `reduce_every_micro_batch=false` is compared with it gradient for gradient in
+    tests/plan/test_plan_measured.py."""
+    ref = run_job(workdir / "single-acc", accumulation_args, cwd=workdir / "cwd")
+    assert ref.rc == 0, ref.stderr[-3000:]
+    job = run_job(workdir / "hsdp-acc", [*accumulation_args, "backend=fsdp", "backend.sharding=hybrid",
+                                         "launcher.nproc_per_node=2"], cwd=workdir / "cwd")
+    assert job.rc == 0, job.stderr[-3000:]
+    assert job.summary["derived"]["grad_accumulation"] == ACCUMULATION
+    mine, want = job.losses(), ref.losses()
+    assert sorted(mine) == sorted(want) == list(range(1, ACCUMULATION_STEPS + 1))
+    assert want[ACCUMULATION_STEPS] < want[1] - 1.0  # it learns
+    worst = max(abs(mine[k] - want[k]) for k in want)
+    assert worst < 1e-6, f"hsdp with accumulation drifts from single by {worst}"
 
 
 # ---- sharding ----------------------------------------------------------------------------------

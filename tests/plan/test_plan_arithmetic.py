@@ -265,3 +265,37 @@ def test_the_plan_reads_the_real_model_when_model_path_is_set(tmp_path):
     assert preset.setup.model.hidden_size == 4096 and "preset facts of model=llama-7b" in render(preset)
     missing = make_plan(make_cfg("llama-7b", model__path=str(tmp_path / "absent")))
     assert missing.setup.model.hidden_size == 4096 and "no config.json in model.path" in render(missing)
+
+
+@pytest.mark.parametrize("model", ["llama-7b", "llama-13b"])
+def test_fsdp_gradients_follow_reduce_every_micro_batch(model):
+    """Reduce-scattered each micro-batch, a rank holds 4N/G of fp32 gradient shards; reduced once
+    per step, every parameter's unsharded fp32 gradient until the last micro-batch: 4N each, on
+    top of the rest, which is what puts the 13B recipe past 80 GB."""
+    n = model_facts(make_cfg(model).model).total_params
+    every = make_plan(make_cfg(model, backend__name="fsdp", launcher__nproc_per_node=8,
+                               trainer__precision="bf16_mixed", trainer__micro_batch_size=2))
+    once = make_plan(make_cfg(model, backend__name="fsdp", launcher__nproc_per_node=8,
+                              trainer__precision="bf16_mixed", trainer__micro_batch_size=2,
+                              backend__reduce_every_micro_batch=False))
+    assert every.setup.grad_accum == 8
+    assert every.memory.grads == pytest.approx(4 * n / 8) and once.memory.grads == pytest.approx(4 * n)
+    assert once.memory.total - every.memory.total > 4 * n * (1 - 1 / 8)
+    assert "unsharded until the last micro-batch" in render(once)
+    if model == "llama-13b":
+        assert every.memory.fits and not once.memory.fits
+        assert render(once).index("backend.reduce_every_micro_batch=true") < render(once).index("micro_batch_size=1")
+    one_step = make_plan(make_cfg(model, backend__name="fsdp", launcher__nproc_per_node=8, trainer__micro_batch_size=2,
+                                  trainer__global_batch_size=16, backend__reduce_every_micro_batch=False))
+    assert one_step.setup.grad_accum == 1 and one_step.memory.grads == pytest.approx(4 * n / 8)  # nothing to hold
+
+
+def test_the_vicuna_13b_verdict_counts_the_held_gradients(capsys):
+    from vicuna_exp.cli import main
+
+    assert main(["plan", "experiment=vicuna-13b"]) == 0
+    out = capsys.readouterr().out
+    assert "FSDP2" in out and "8 micro-batches" in out and "Verdict: fits" in out
+    assert main(["plan", "experiment=vicuna-13b", "backend.reduce_every_micro_batch=false"]) == 0
+    out = capsys.readouterr().out
+    assert "gradients (unsharded until the last micro-batch)" in out and "Verdict: does not fit" in out

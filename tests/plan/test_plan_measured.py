@@ -4,10 +4,16 @@
 activations autograd saves in a forward pass (counted with saved-tensor hooks). The shapes
 differ from the ones the activation coefficients were fitted on, so this checks the model,
 not the fit. FSDP2/DeepSpeed ranks are compared by the backend tests via
-`vicuna_exp.plan.predicted_state_bytes`.
+`vicuna_exp.plan.predicted_state_bytes`; the gradients FSDP2 holds between micro-batches, with
+and without a reduce-scatter per micro-batch, by `bench/bench_grad_memory.py` on two gloo ranks.
 """
 
 from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -138,3 +144,37 @@ def test_logits_line_follows_the_setting_and_matches_the_measured_peak(chunk: in
     assert s.loss_tokens == (1024 if chunk == 0 else 512)
     measured = _loss_step_peak_bytes(cfg)
     assert logits_bytes(s) == pytest.approx(measured, rel=0.10)
+
+# ---- FSDP2 gradients between micro-batches, as two gloo ranks really hold them ----------------------
+BENCH = Path(__file__).resolve().parents[2] / "bench" / "bench_grad_memory.py"
+BENCH_MODEL = ",".join(f"{k.replace('__', '.')}={v}" for k, v in SHAPE.items() if k != "model__attn_implementation")
+
+
+@pytest.fixture(scope="module")
+def held_gradients(tmp_path_factory: pytest.TempPathFactory) -> dict[tuple[str, int], dict]:
+    """`bench/bench_grad_memory.py` on a tiny model: both settings of the knob, accumulation 1 and 4."""
+    out = tmp_path_factory.mktemp("grad_memory") / "rows.json"
+    cmd = [sys.executable, str(BENCH), "--variants", "fsdp,fsdp_sync_last", "--accumulation", "1,4", "--steps", "2",
+           "--seq", "32", "--model", BENCH_MODEL, "--json", str(out)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return {(r["variant"], r["accumulation"]): r for r in json.loads(out.read_text())}
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("variant", ["fsdp", "fsdp_sync_last"])
+@pytest.mark.parametrize("accumulation", [1, 4])
+def test_planner_gradient_term_matches_held_bytes(held_gradients: dict, variant: str, accumulation: int) -> None:
+    row = held_gradients[(variant, accumulation)]
+    assert row["planner_bytes"] == pytest.approx(row["held_bytes"], rel=0.05)
+    if accumulation > 1:
+        assert row["held_between_bytes"] == row["held_bytes"]  # the peak is between micro-batches
+
+
+@pytest.mark.multiprocess
+def test_reduce_every_micro_batch_holds_shards_and_computes_the_same_gradients(held_gradients: dict) -> None:
+    every, once = held_gradients[("fsdp", 4)], held_gradients[("fsdp_sync_last", 4)]
+    assert every["held_bytes"] == held_gradients[("fsdp", 1)]["held_bytes"]  # accumulation costs nothing
+    assert once["held_bytes"] > 1.9 * every["held_bytes"]  # the whole model's grads on each of 2 ranks
+    assert every["losses"] == pytest.approx(once["losses"], rel=1e-6)
+    assert every["grad_norms"] == pytest.approx(once["grad_norms"], rel=1e-6)

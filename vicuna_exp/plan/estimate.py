@@ -4,6 +4,9 @@ Memory model (bytes per rank, N parameters, G ranks sharing the shards):
 - State, by backend and precision (AdamW: two moments in the master dtype):
   single/ddp    fp32 or bf16_mixed: params 4N, grads 4N, optim 8N (16 bytes/param); bf16: 2N+2N+4N.
   fsdp (FSDP2)  the same, divided by G (fp32 shards; bf16 copies exist only while gathered).
+                Gradients as held between micro-batches: sharded when each micro-batch is
+                reduce-scattered (`backend.reduce_every_micro_batch`, the default); otherwise every
+                parameter's unsharded gradient in the reduce dtype (4N; 2N in bf16) until the last.
   deepspeed     bf16 module params (2N, or 2N/G under ZeRO-3); fp32 master + moments 12N/G;
                 grads: ZeRO-2 keeps bf16 + fp32 partitions (6N/G), ZeRO-3 an fp32 partition (4N/G).
                 This is DeepSpeed's own accounting (2N + 18N/G for ZeRO-2, 18N/G for ZeRO-3).
@@ -50,6 +53,7 @@ class Setup:
     backend: BackendName
     zero_stage: int
     reshard_after_forward: bool
+    reduce_every_micro_batch: bool  # FSDP: gradients reduce-scattered into the shards each micro-batch
     shard_group: int  # ranks one copy of the state is split over
     offload_params: bool
     offload_optimizer: bool
@@ -155,6 +159,7 @@ def setup_from_config(cfg: Any) -> Setup:
         backend=name,
         zero_stage=zero_stage,
         reshard_after_forward=bool(b.reshard_after_forward) if name == BackendName.fsdp else True,
+        reduce_every_micro_batch=bool(b.reduce_every_micro_batch) if name == BackendName.fsdp else True,
         shard_group=shard_group,
         offload_params=offload_params,
         offload_optimizer=offload_optimizer,
@@ -230,6 +235,27 @@ def _state_bytes(s: Setup) -> tuple[dict[str, float], dict[str, float]]:
     return dev, host
 
 
+def _held_state_bytes(s: Setup) -> tuple[dict[str, float], dict[str, float]]:
+    """`_state_bytes` with the gradients as held between micro-batches, the memory peak's view.
+
+    FSDP2 without a reduce-scatter before the last micro-batch (`reduce_every_micro_batch=false`)
+    keeps every parameter's unsharded gradient, in the reduce dtype, on each rank's device until
+    then; with it, only the shards are held (one layer's unsharded gradients in flight count in
+    the gathered units)."""
+    dev, host = _state_bytes(s)
+    if s.backend == BackendName.fsdp and s.grad_accum > 1 and not s.reduce_every_micro_batch:
+        reduce_dtype = 2.0 if s.precision == Precision.bf16 else 4.0
+        dev["grads"], host["grads"] = reduce_dtype * float(s.model.total_params), 0.0
+    return dev, host
+
+
+def held_gradient_bytes(s: Setup) -> float:
+    """Gradient storage one rank holds between micro-batches (device and host): the planner's
+    gradient term, which `bench/bench_grad_memory.py` measures."""
+    dev, host = _held_state_bytes(s)
+    return dev["grads"] + host["grads"]
+
+
 def activation_bytes(s: Setup, checkpointing: bool) -> float:
     """Saved activations of one micro-batch on one rank (fitted to HF's LLaMA, see module doc)."""
     m = s.model
@@ -263,7 +289,7 @@ def logits_bytes(s: Setup) -> float:
 
 def memory(s: Setup, hw: Any, plan_cfg: Any) -> Memory:
     m = s.model
-    dev, host = _state_bytes(s)
+    dev, host = _held_state_bytes(s)
     c = 4.0 if s.precision == Precision.fp32 else 2.0  # compute dtype bytes
     gathered = comm = autocast = 0.0
     if s.backend == BackendName.fsdp:

@@ -8,13 +8,24 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import Any
 
 from vicuna_exp.batch_split import describe
 from vicuna_exp.choices import BackendName
 from vicuna_exp.errors import EXIT_OK, UsageError
 from vicuna_exp.hardware import Resolved, with_resolved_hardware
-from vicuna_exp.plan.estimate import GIB, REPLICATED, Plan, make_plan, memory, plan_on, setup_from_config
+from vicuna_exp.plan.estimate import (
+    GIB,
+    REPLICATED,
+    Plan,
+    Setup,
+    held_gradient_bytes,
+    make_plan,
+    memory,
+    plan_on,
+    setup_from_config,
+)
 
 
 def _gb(x: float) -> str:
@@ -62,6 +73,10 @@ def suggestions(plan: Plan) -> list[str]:
     """What would make a config that does not fit, fit; most effective first."""
     s, mem = plan.setup, plan.memory
     out = []
+    if s.backend == BackendName.fsdp and s.grad_accum > 1 and not s.reduce_every_micro_batch:
+        sharded = held_gradient_bytes(replace(s, reduce_every_micro_batch=True))
+        out.append(f"backend.reduce_every_micro_batch=true (gradients {_gb(mem.grads)} -> {_gb(sharded)} GiB: "
+                   f"a reduce-scatter per micro-batch instead of per step)")
     if s.backend in REPLICATED:
         out.append("shard the model state: backend=fsdp or backend=deepspeed_zero3")
     if not s.model.gradient_checkpointing and mem.activations_no_ckpt > 2 * mem.activations_ckpt:
@@ -74,6 +89,13 @@ def suggestions(plan: Plan) -> list[str]:
                    "(backend=fsdp_offload, backend=deepspeed_zero3_offload)")
     out.append("a bigger GPU (hardware=a100-80gb, hardware=h100-80gb)")
     return out
+
+
+def grads_label(s: Setup) -> str:
+    """The gradient row says when FSDP holds whole unsharded gradients between micro-batches."""
+    if s.backend == BackendName.fsdp and s.grad_accum > 1 and not s.reduce_every_micro_batch:
+        return "gradients (unsharded until the last micro-batch)"
+    return "gradients"
 
 
 def render(plan: Plan) -> str:
@@ -92,7 +114,7 @@ def render(plan: Plan) -> str:
     ]
     rows = [
         ("parameters", mem.params),
-        ("gradients", mem.grads),
+        (grads_label(s), mem.grads),
         ("optimizer state (AdamW)", mem.optim),
         (f"activations (checkpointing {ckpt}; {'off' if ckpt == 'on' else 'on'}: "
          f"{_gb(mem.activations_no_ckpt if ckpt == 'on' else mem.activations_ckpt)})", mem.activations),
