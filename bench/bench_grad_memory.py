@@ -25,6 +25,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 # backend option + overrides, and the process layout (hybrid 2x1: two "nodes" of one rank each)
@@ -71,8 +72,9 @@ def measure(variant: str, accumulation: int, steps: int, seq: int, model: list[s
     backend = backend_class(cfg)(cfg, info, device, Precision.fp32)
     model_ = backend.setup(spec, optim)
     vocab = int(cfg.model.vocab_size)
-    held, between, losses, norms = 0, 0, [], []
+    held, between, losses, norms, seconds = 0, 0, [], [], []
     for step in range(steps):
+        started = time.perf_counter()
         loss_sum = torch.zeros((), dtype=torch.float64)
         for i in range(accumulation):
             ids = torch.randint(0, vocab, (1, seq), generator=torch.Generator().manual_seed(
@@ -88,13 +90,15 @@ def measure(variant: str, accumulation: int, steps: int, seq: int, model: list[s
             if i < accumulation - 1:
                 between = max(between, now)
         norms.append(backend.step())
+        seconds.append(time.perf_counter() - started)
         losses.append(float(D.all_reduce(loss_sum)) / (accumulation * WORLD * (seq - 1)))
     peak = D.all_reduce(torch.tensor([float(held), float(between)], dtype=torch.float64), op="max")
     backend.close()
     del backend, model_
     gc.collect()
     return {"variant": variant, "accumulation": accumulation, "held_bytes": int(peak[0]),
-            "held_between_bytes": int(peak[1]), "losses": losses, "grad_norms": norms}
+            "held_between_bytes": int(peak[1]), "losses": losses, "grad_norms": norms,
+            "step_s": sum(seconds[1:]) / max(1, len(seconds) - 1)}  # the first step allocates
 
 
 def worker(args: argparse.Namespace) -> None:
@@ -173,12 +177,13 @@ def main(argv: list[str] | None = None) -> None:
             print(f"  {row['variant']} acc {row['accumulation']}: {row['held_bytes'] / 2**20:.1f} MiB", flush=True)
     print(f"\n{rows[0]['params'] / 1e6:.0f}M params, {WORLD} ranks, fp32; one layer's unsharded grads "
           f"{rows[0]['layer_grad_bytes'] / 2**20:.1f} MiB\n")
-    print(f"{'variant':<18}{'acc':>4}{'held MiB':>10}{'between':>10}{'planner':>10}{'vs acc 1':>10}")
+    print(f"{'variant':<18}{'acc':>4}{'held MiB':>10}{'between':>10}{'planner':>10}{'vs acc 1':>10}{'step s':>8}")
     base = {r["variant"]: r["held_bytes"] for r in rows if r["accumulation"] == min(args.accumulation)}
     for r in rows:
         extra = (r["held_bytes"] - base[r["variant"]]) / 2**20
         print(f"{r['variant']:<18}{r['accumulation']:>4}{r['held_bytes'] / 2**20:>10.1f}"
-              f"{r['held_between_bytes'] / 2**20:>10.1f}{r['planner_bytes'] / 2**20:>10.1f}{extra:>+10.1f}")
+              f"{r['held_between_bytes'] / 2**20:>10.1f}{r['planner_bytes'] / 2**20:>10.1f}{extra:>+10.1f}"
+              f"{r['step_s']:>8.2f}")
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1))
 

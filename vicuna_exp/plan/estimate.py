@@ -87,6 +87,12 @@ class Setup:
         return len(self.micro_batches)
 
     @property
+    def holds_unsharded_grads(self) -> bool:
+        """FSDP reducing once per step with several micro-batches: every parameter's unsharded
+        gradient stays on each rank until the last micro-batch."""
+        return self.backend == BackendName.fsdp and self.grad_accum > 1 and not self.reduce_every_micro_batch
+
+    @property
     def strategy(self) -> str:
         if self.backend == BackendName.deepspeed:
             where = [w for w, on in (("optimizer", self.offload_optimizer), ("params", self.offload_params)) if on]
@@ -243,9 +249,8 @@ def _held_state_bytes(s: Setup) -> tuple[dict[str, float], dict[str, float]]:
     then; with it, only the shards are held (one layer's unsharded gradients in flight count in
     the gathered units)."""
     dev, host = _state_bytes(s)
-    if s.backend == BackendName.fsdp and s.grad_accum > 1 and not s.reduce_every_micro_batch:
-        reduce_dtype = 2.0 if s.precision == Precision.bf16 else 4.0
-        dev["grads"], host["grads"] = reduce_dtype * float(s.model.total_params), 0.0
+    if s.holds_unsharded_grads:  # on the device even under CPU offload, where the shards then land
+        dev["grads"] = (2.0 if s.precision == Precision.bf16 else 4.0) * float(s.model.total_params)
     return dev, host
 
 

@@ -19,7 +19,6 @@ from vicuna_exp.plan.estimate import (
     GIB,
     REPLICATED,
     Plan,
-    Setup,
     held_gradient_bytes,
     make_plan,
     memory,
@@ -73,7 +72,7 @@ def suggestions(plan: Plan) -> list[str]:
     """What would make a config that does not fit, fit; most effective first."""
     s, mem = plan.setup, plan.memory
     out = []
-    if s.backend == BackendName.fsdp and s.grad_accum > 1 and not s.reduce_every_micro_batch:
+    if s.holds_unsharded_grads:
         sharded = held_gradient_bytes(replace(s, reduce_every_micro_batch=True))
         out.append(f"backend.reduce_every_micro_batch=true (gradients {_gb(mem.grads)} -> {_gb(sharded)} GiB: "
                    f"a reduce-scatter per micro-batch instead of per step)")
@@ -89,13 +88,6 @@ def suggestions(plan: Plan) -> list[str]:
                    "(backend=fsdp_offload, backend=deepspeed_zero3_offload)")
     out.append("a bigger GPU (hardware=a100-80gb, hardware=h100-80gb)")
     return out
-
-
-def grads_label(s: Setup) -> str:
-    """The gradient row says when FSDP holds whole unsharded gradients between micro-batches."""
-    if s.backend == BackendName.fsdp and s.grad_accum > 1 and not s.reduce_every_micro_batch:
-        return "gradients (unsharded until the last micro-batch)"
-    return "gradients"
 
 
 def render(plan: Plan) -> str:
@@ -114,7 +106,7 @@ def render(plan: Plan) -> str:
     ]
     rows = [
         ("parameters", mem.params),
-        (grads_label(s), mem.grads),
+        ("gradients (unsharded until the last micro-batch)" if s.holds_unsharded_grads else "gradients", mem.grads),
         ("optimizer state (AdamW)", mem.optim),
         (f"activations (checkpointing {ckpt}; {'off' if ckpt == 'on' else 'on'}: "
          f"{_gb(mem.activations_no_ckpt if ckpt == 'on' else mem.activations_ckpt)})", mem.activations),
