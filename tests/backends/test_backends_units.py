@@ -38,6 +38,39 @@ def test_option_meanings() -> None:
     assert cfg_for("backend=deepspeed_zero2").backend.zero_stage == 2
 
 
+class _RecordsSync:
+    """Stands in for the fully_shard-ed root: records what FSDP2 is told before each micro-batch."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, bool]] = []
+
+    def set_requires_gradient_sync(self, value: bool) -> None:
+        self.calls.append(("gradient_sync", value))
+
+    def set_requires_all_reduce(self, value: bool) -> None:
+        self.calls.append(("all_reduce", value))
+
+
+@pytest.mark.parametrize("every,want", [
+    (True, [("gradient_sync", True), ("all_reduce", False), ("gradient_sync", True), ("all_reduce", True)]),
+    (False, [("gradient_sync", False), ("gradient_sync", True)]),
+])
+def test_fsdp_accumulation_reduces_as_the_knob_says(every: bool, want: list) -> None:
+    """true: reduce-scatter every micro-batch, the HSDP all-reduce on the last one only; false:
+    nothing until the last. (Both compute the same gradient: tests/plan/test_plan_measured.py.)"""
+    from vicuna_exp.backends.fsdp import FSDPBackend
+    from vicuna_exp.choices import Precision
+    from vicuna_exp.distributed import DistInfo
+
+    cfg = cfg_for("backend=fsdp", f"backend.reduce_every_micro_batch={str(every).lower()}")
+    backend = FSDPBackend(cfg, DistInfo(), torch.device("cpu"), Precision.fp32)
+    backend.model = _RecordsSync()
+    for is_last in (False, True):
+        with backend.accumulate(is_last):
+            pass
+    assert backend.model.calls == want
+
+
 def test_deepspeed_config_follows_the_hydra_values() -> None:
     from vicuna_exp.backends.deepspeed import deepspeed_config
 
