@@ -110,10 +110,13 @@ def worker(args: argparse.Namespace) -> None:
     info = D.from_env()
     D.init_process_group(info, torch.device("cpu"))
     model = BIG if not args.model else args.model.split(",")
-    rows = [measure(v, acc, args.steps, args.seq, model) for v in args.variants.split(",") for acc in args.accumulation]
+    rows = []
+    for variant in args.variants.split(","):
+        for acc in args.accumulation:
+            rows.append(measure(variant, acc, args.steps, args.seq, model))
+            if info.rank == 0:  # as it goes: a later variant that fails leaves these
+                args.json.write_text(json.dumps(rows))
     D.destroy_process_group()
-    if info.rank == 0:
-        args.json.write_text(json.dumps(rows))
 
 
 def predicted(variant: str, accumulation: int, seq: int, model: list[str]) -> dict[str, float]:
@@ -127,8 +130,17 @@ def predicted(variant: str, accumulation: int, seq: int, model: list[str]) -> di
             "params": float(s.model.total_params)}
 
 
+def process_groups(variants: list[str]) -> list[list[str]]:
+    """FSDP variants of one node layout share two processes; each DeepSpeed variant gets its own
+    (an engine does not give back all it allocated)."""
+    groups: dict[object, list[str]] = {}
+    for v in variants:
+        groups.setdefault(v if v.startswith("deepspeed") else VARIANTS[v][1], []).append(v)
+    return list(groups.values())
+
+
 def run_group(variants: list[str], accumulations: list[int], steps: int, seq: int, model: str,
-              threads: int) -> list[dict]:
+              threads: int) -> tuple[list[dict], bool]:
     """Two gloo ranks on this machine for variants of one node layout, told by torchrun's variables
     how they are laid out (`fsdp_hybrid_2x1`: two nodes of one rank, so HSDP has two replicas)."""
     from vicuna_exp.distributed import free_port
@@ -147,9 +159,12 @@ def run_group(variants: list[str], accumulations: list[int], steps: int, seq: in
                    "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
             procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
         logs = [p.communicate(timeout=3600)[0] for p in procs]
+        rows = json.loads(out.read_text()) if out.is_file() else []
         if any(p.returncode for p in procs):
-            raise SystemExit(f"{','.join(variants)}: a rank failed:\n" + "\n".join(log[-4000:] for log in logs))
-        return json.loads(out.read_text())
+            codes = ", ".join(f"rank {r}: exit {p.returncode}" for r, p in enumerate(procs))
+            print(f"{','.join(variants)}: a rank failed ({codes}); kept {len(rows)} rows\n"
+                  + "\n".join(log[-2000:] for log in logs), file=sys.stderr)
+        return rows, not any(p.returncode for p in procs)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -167,11 +182,12 @@ def main(argv: list[str] | None = None) -> None:
         return
     model = BIG if not args.model else args.model.split(",")
     threads = max(1, len(os.sched_getaffinity(0)) // WORLD)
-    rows = []
+    rows, failed = [], []
     chosen = args.variants.split(",")
-    for per_node in sorted({VARIANTS[v][1] for v in chosen}, reverse=True):
-        group = [v for v in chosen if VARIANTS[v][1] == per_node]
-        for row in run_group(group, args.accumulation, args.steps, args.seq, args.model, threads):
+    for group in process_groups(chosen):
+        got, ok = run_group(group, args.accumulation, args.steps, args.seq, args.model, threads)
+        failed += [] if ok else group
+        for row in got:
             row.update(predicted(row["variant"], row["accumulation"], args.seq, model))
             rows.append(row)
             print(f"  {row['variant']} acc {row['accumulation']}: {row['held_bytes'] / 2**20:.1f} MiB", flush=True)
@@ -186,6 +202,8 @@ def main(argv: list[str] | None = None) -> None:
               f"{r['step_s']:>8.2f}")
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1))
+    if failed:
+        raise SystemExit(f"failed: {', '.join(failed)} (see above)")
 
 
 if __name__ == "__main__":
