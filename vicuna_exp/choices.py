@@ -68,6 +68,13 @@ class Device(StrEnum):
     cuda = "cuda"
 
 
+class FinetuneMethod(StrEnum):
+    """`finetune.name`: which parameters train; each method has its own schema."""
+
+    full = "full"  # every parameter
+    lora = "lora"  # low-rank adapters through peft; the base stays frozen
+
+
 class ExportDtype(StrEnum):
     """`trainer.export_dtype`: the dtype of the weights in final/."""
 

@@ -34,6 +34,7 @@ from vicuna_exp.choices import (
     Device,
     DistBackend,
     ExportDtype,
+    FinetuneMethod,
     LoggerMode,
     LoggerName,
     ModelInit,
@@ -91,6 +92,49 @@ class OptimConfig:
     schedule: Schedule = MISSING
     min_lr_ratio: float = MISSING  # floor of the decay, as a fraction of lr
     fused: bool = MISSING  # torch's fused AdamW kernel (CUDA only)
+    # A preset's learning rate for a method other than full (`demo` sets LoRA's on the tiny model),
+    # used in place of that method's `finetune.lr`; `lr` itself is the full-fine-tuning value.
+    lr_by_method: dict[str, float] = field(default_factory=dict)
+    # Where `lr` came from, written when the config is composed (`with_lr_in_force`); a record, not a knob.
+    lr_source: str | None = None
+
+
+@dataclass
+class FinetuneConfig:
+    """Which parameters train: the keys every method has. Each method's own schema extends it
+    (`FINETUNE_SCHEMAS`)."""
+
+    name: FinetuneMethod = MISSING
+    # The method's learning rate, used unless `optim.lr` is set on the command line (or a preset
+    # names one in `optim.lr_by_method`); null: the method trains at `optim.lr` (full).
+    lr: float | None = MISSING
+
+
+@dataclass
+class FullFinetuneConfig(FinetuneConfig):
+    """Every parameter trains, at `optim.lr`."""
+
+
+@dataclass
+class LoraFinetuneConfig(FinetuneConfig):
+    """Low-rank adapters (peft's LoraConfig) on a frozen base; keys named as peft names them."""
+
+    r: int = MISSING  # adapter rank
+    lora_alpha: float = MISSING  # the update is scaled by lora_alpha / r (rsLoRA: lora_alpha / sqrt(r))
+    lora_dropout: float = MISSING
+    # Module names (suffixes) to adapt; `all-linear` is every linear layer of the decoder blocks in
+    # any family (peft's name for it), never the LM head.
+    target_modules: list[str] = MISSING
+    train_embeddings: bool = MISSING  # the input embeddings train in full beside the adapters
+    train_lm_head: bool = MISSING  # the LM head trains in full beside the adapters
+    use_dora: bool = MISSING  # weight-decomposed LoRA (DoRA)
+    use_rslora: bool = MISSING  # rank-stabilised scaling, lora_alpha / sqrt(r)
+
+
+FINETUNE_SCHEMAS: dict[FinetuneMethod, type[FinetuneConfig]] = {
+    FinetuneMethod.full: FullFinetuneConfig,
+    FinetuneMethod.lora: LoraFinetuneConfig,
+}
 
 
 @dataclass
@@ -219,7 +263,11 @@ LOGGER_SCHEMAS: dict[LoggerName, type[LoggerConfig]] = {
 }
 
 # Groups whose options carry different keys: the section's schema per option, by its `name`.
-OPTION_SCHEMAS: dict[str, dict[Any, type]] = {"backend": BACKEND_SCHEMAS, "logger": LOGGER_SCHEMAS}
+OPTION_SCHEMAS: dict[str, dict[Any, type]] = {"backend": BACKEND_SCHEMAS, "logger": LOGGER_SCHEMAS,
+                                              "finetune": FINETUNE_SCHEMAS}
+
+# A section a run dir written before its group existed lacks: the option that reproduces those runs.
+SECTION_BEFORE_GROUP: dict[str, dict[str, Any]] = {"finetune": {"name": "full", "lr": None}}
 
 
 @dataclass
@@ -231,6 +279,7 @@ class VicunaConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     backend: BackendConfig = MISSING  # one of BACKEND_SCHEMAS, from the option's defaults list
+    finetune: FinetuneConfig = MISSING  # one of FINETUNE_SCHEMAS, from the option's defaults list
     launcher: LauncherConfig = field(default_factory=LauncherConfig)
     logger: LoggerConfig = MISSING  # one of LOGGER_SCHEMAS, from the option's defaults list
     hardware: HardwareConfig = field(default_factory=HardwareConfig)
@@ -292,7 +341,7 @@ def typed_config(resolved: Any) -> DictConfig:
     assert isinstance(raw, dict)
     cfg = OmegaConf.structured(VicunaConfig)
     for section, schemas in OPTION_SCHEMAS.items():
-        node = raw.pop(section, None)
+        node = raw.pop(section, SECTION_BEFORE_GROUP.get(section))
         if not isinstance(node, dict):
             raise UsageError(f"{section}: missing from the resolved config")
         schema = schemas.get(node.get("name"))
@@ -365,7 +414,8 @@ def load_option(group: str, option: str) -> Any:
 
 # Keys that do not change what is trained: excluded from the config hash, so a rerun that only
 # changes where metrics go, or how it resumes, is still recognised as the same job.
-_HASH_EXCLUDED = ("logger", "trainer.resume", "launcher.rdzv_endpoint", "launcher.rdzv_id",
+# `optim.lr_by_method` is folded into `optim.lr` (the lr in force, hashed) when the config is composed.
+_HASH_EXCLUDED = ("logger", "optim.lr_by_method", "optim.lr_source", "trainer.resume", "launcher.rdzv_endpoint", "launcher.rdzv_id",
                   "launcher.node_rank", "launcher.monitor_interval_s", "launcher.stall_timeout_s",
                   "launcher.stall_timeout_by_phase_s", "launcher.collective_timeout_s", "eval", "plan", "hardware",
                   "sky")
@@ -392,6 +442,7 @@ HASH_NEUTRAL: dict[str, Any] = {
     # Where FSDP sums micro-batch gradients (in the shards after each reduce-scatter, or unsharded
     # before one): the same gradient, up to the order of fp32 additions.
     "backend.reduce_every_micro_batch": True,
+    "finetune": SECTION_BEFORE_GROUP["finetune"],  # full: every parameter trains, as before the group
 }
 
 
@@ -427,6 +478,35 @@ def config_hash(cfg: DictConfig) -> str:
     """A short content hash of everything that determines the trained model."""
     blob = json.dumps(hash_form(cfg), sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def lr_in_force(cfg: DictConfig, overrides: list[str]) -> tuple[float, str]:
+    """The learning rate a run trains at, and the key it came from.
+
+    A preset's `optim.lr` is a full-fine-tuning value and experiment files come last among the
+    defaults, so composition alone would train `experiment=vicuna-7b finetune=lora` at 2e-5. The
+    precedence, highest first: `optim.lr` set on the command line (or by a sweep's axis); for
+    `full`, `optim.lr`; else the preset's `optim.lr_by_method.<method>`; else the method's own
+    `finetune.lr`."""
+    method = str(cfg.finetune.name)
+    if any(o.split("=", 1)[0].lstrip("+~") == "optim.lr" for o in overrides):
+        return float(cfg.optim.lr), "optim.lr (command line)"
+    if cfg.finetune.lr is None:
+        return float(cfg.optim.lr), "optim.lr"
+    if method in cfg.optim.lr_by_method:
+        return float(cfg.optim.lr_by_method[method]), f"optim.lr_by_method.{method}"
+    return float(cfg.finetune.lr), f"finetune.lr ({method} default)"
+
+
+def with_lr_in_force(cfg: DictConfig, overrides: list[str]) -> DictConfig:
+    """`optim.lr` set to the rate in force and `optim.lr_source` to where it came from, once, when
+    the config is composed: every later reader (the ranks, the hash, the plan, reports) sees the lr
+    that trains. A config that already has a source (a run dir's resolved config) is left alone."""
+    if "finetune" not in cfg or "optim" not in cfg or OmegaConf.is_missing(cfg, "finetune") \
+            or cfg.optim.lr_source is not None:
+        return cfg
+    cfg.optim.lr, cfg.optim.lr_source = lr_in_force(cfg, overrides)
+    return cfg
 
 
 def world_size(cfg: DictConfig) -> int:
@@ -467,6 +547,7 @@ def validate(cfg: DictConfig) -> None:
     t, o = cfg.trainer, cfg.optim
     need(cfg.context.length > 0, "context.length", f"must be a positive number of tokens, got {cfg.context.length}")
     need(o.lr > 0, "optim.lr", f"must be > 0, got {o.lr}")
+    validate_finetune(cfg.finetune)
     need(o.weight_decay >= 0, "optim.weight_decay", f"must be >= 0, got {o.weight_decay}")
     need(0 <= o.warmup_ratio < 1, "optim.warmup_ratio", f"must be in [0, 1), got {o.warmup_ratio}")
     need(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), "optim.betas", f"must be two values in [0, 1), got {list(o.betas)}")
@@ -520,3 +601,30 @@ def validate(cfg: DictConfig) -> None:
              f"{m.hidden_size} is not divisible by num_attention_heads={m.num_attention_heads}")
     need(cfg.context.length <= m.max_position_embeddings or m.path is not None, "context.length",
          f"{cfg.context.length} exceeds model.max_position_embeddings={m.max_position_embeddings}")
+
+
+def validate_finetune(ft: DictConfig) -> None:
+    """Ranges of the method's keys (which modules exist is checked against the built model)."""
+    if ft.lr is not None and ft.lr <= 0:
+        raise UsageError(f"finetune.lr: must be > 0 or null, got {ft.lr}")
+    if ft.name != FinetuneMethod.lora:
+        return
+    if ft.r < 1:
+        raise UsageError(f"finetune.r: the adapter rank must be >= 1, got {ft.r}")
+    if ft.lora_alpha <= 0:
+        raise UsageError(f"finetune.lora_alpha: must be > 0, got {ft.lora_alpha}")
+    if not 0 <= ft.lora_dropout < 1:
+        raise UsageError(f"finetune.lora_dropout: must be in [0, 1), got {ft.lora_dropout}")
+    if not ft.target_modules:
+        raise UsageError("finetune.target_modules: name at least one module (all-linear: every linear layer)")
+
+
+# Backends that train adapters; the sharded ones (fsdp, deepspeed) are not wired for them yet.
+ADAPTER_BACKENDS = (BackendName.single, BackendName.ddp)
+
+
+def check_method_backend(cfg: DictConfig) -> None:
+    """Training refuses a method its backend does not run (the planner still plans it)."""
+    if cfg.finetune.name != FinetuneMethod.full and cfg.backend.name not in ADAPTER_BACKENDS:
+        raise UsageError(f"finetune={cfg.finetune.name} runs on backend={' or '.join(map(str, ADAPTER_BACKENDS))}; "
+                         f"backend.name={cfg.backend.name} trains finetune=full only")

@@ -22,7 +22,7 @@ from typing import Any
 
 from omegaconf import DictConfig
 
-from vicuna_exp.config import conf_dir, register_configs
+from vicuna_exp.config import conf_dir, register_configs, with_lr_in_force
 from vicuna_exp.errors import EXIT_FAILED, EXIT_OK, EXIT_USAGE, UsageError
 from vicuna_exp.preflight import check_output_location
 
@@ -77,7 +77,7 @@ def compose(overrides: list[str], *, return_hydra_config: bool = False) -> DictC
     missing = sorted(_missing_keys(cfg))
     if missing:
         raise UsageError(f"no value for {', '.join(missing)}: set it (key=value) or choose an option that supplies it")
-    return cfg
+    return with_lr_in_force(cfg, overrides)
 
 
 def _missing_keys(cfg: DictConfig) -> set[str]:
@@ -203,6 +203,9 @@ def run_task(target: str, cfg: DictConfig, prog: str) -> int:
     Value checks are the task's own (`train` validates the whole recipe; `plan` needs no weights).
     """
     try:
+        from hydra.core.hydra_config import HydraConfig
+
+        with_lr_in_force(cfg, list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else [])
         return int(_load(target)(cfg) or EXIT_OK)
     except UsageError as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
