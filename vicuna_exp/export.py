@@ -8,6 +8,10 @@ memory while gathering the full fp32 model to save it, cannot happen here.
 
     vicuna-exp export outputs/runs/DAY/TIME/checkpoints/step_00000120 exported/
     vicuna-exp export outputs/runs/DAY/TIME exported/      # the run's latest complete checkpoint
+    vicuna-exp export outputs/runs/DAY/TIME adapter/ --adapter   # finetune=lora: the peft adapter alone
+
+A checkpoint of an adapter method holds the adapters only: the base is rebuilt from the run's
+`model.path` (or its seed, for a random-init base, on the CPU) and the adapters are merged into it.
 """
 
 from __future__ import annotations
@@ -45,6 +49,7 @@ from vicuna_exp.model import make_model_spec
 from vicuna_exp.rundir import RESOLVED_CONFIG, load_resolved_config
 
 DEFAULT_MAX_SHARD_BYTES = 5 * 2**30
+FINAL_ADAPTER_DIR = "final_adapter"  # beside final/: the adapter of an adapter method (peft's layout)
 DTYPES = ("bf16", "fp16", "fp32")
 
 
@@ -137,14 +142,16 @@ def write_hf_config(hf_config: Any, out_dir: Path, dtype_name: str) -> None:
     GenerationConfig.from_model_config(config).save_pretrained(str(out_dir))
 
 
-def export_module(module: Any, tensors: Any, out_dir: Path, dtype: Any, cfg: Any, *, is_writer: bool) -> Any:
+def export_module(module: Any, tensors: Any, out_dir: Path, dtype: Any, cfg: Any, *, is_writer: bool,
+                  max_shard_bytes: int | None = None, dtype_name: str | None = None) -> Any:
     """The export every backend shares: each parameter once (a tied lm_head is dropped), shard files
     with their index, and config.json. `tensors(names)` yields (name, full tensor) one at a time,
     with None on ranks that do not write; returns the writer (None on those ranks)."""
     names = set(drop_tied([n for n, _ in module.named_parameters()], module.config))
-    writer = write_tensors(tensors(names), out_dir, dtype, is_writer=is_writer, max_shard_bytes=export_shard_bytes(cfg))
+    writer = write_tensors(tensors(names), out_dir, dtype, is_writer=is_writer,
+                           max_shard_bytes=max_shard_bytes or export_shard_bytes(cfg))
     if writer is not None:
-        write_hf_config(module.config, out_dir, str(cfg.trainer.export_dtype))
+        write_hf_config(module.config, out_dir, dtype_name or str(cfg.trainer.export_dtype))
     return writer
 
 
@@ -230,15 +237,50 @@ def run_dir_of(ckpt: Path) -> Path:
                      f"{ckpt.parent.parent}); the config tells which model and tokenizer to write")
 
 
+def adapter_model_from_checkpoint(ckpt: Path, cfg: Any, spec: Any) -> Any:
+    """The run's base (rebuilt: pretrained from model.path, or from the seed) with the checkpoint's
+    trained adapters loaded, on the CPU in fp32."""
+    from vicuna_exp.finetune import load_trainable
+
+    if not (ckpt / DCP_SUBDIR / ".metadata").is_file():
+        raise UsageError(f"CHECKPOINT_DIR={ckpt}: no {DCP_SUBDIR}/ (torch.distributed.checkpoint) directory inside")
+    torch.manual_seed(int(cfg.trainer.seed))  # a random-init base is rebuilt as the run built it (on the CPU)
+    module = spec.build("cpu")
+    n = load_trainable(module, dcp_model_tensors(ckpt / DCP_SUBDIR))
+    trainable = sum(1 for p in module.parameters() if p.requires_grad)
+    if n != trainable:
+        raise UsageError(f"CHECKPOINT_DIR={ckpt}: holds {n} of the {trainable} trainable tensors of the "
+                         f"finetune={cfg.finetune.name} model its config builds")
+    return module
+
+
 def export_checkpoint(ckpt: Path, out_dir: Path, *, dtype_name: str | None = None,
-                      max_shard_bytes: int | None = None) -> ShardedSafetensorsWriter:
-    """Write `out_dir` (weights, config, tokenizer, chat template) from one checkpoint directory."""
+                      max_shard_bytes: int | None = None, adapter: bool = False) -> ShardedSafetensorsWriter | None:
+    """Write `out_dir` (weights, config, tokenizer, chat template) from one checkpoint directory:
+    the merged model, or with `adapter` the adapter alone (then None is returned)."""
+    from vicuna_exp.finetune import merged_model, save_adapter, uses_adapters
+
     cfg, _ = load_resolved_config(run_dir_of(ckpt))
     dtype_name = dtype_name or str(cfg.trainer.export_dtype)
     max_shard_bytes = max_shard_bytes or export_shard_bytes(cfg)
     tok_key = "model.tokenizer" if cfg.model.tokenizer else "model.path"
     tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.path, key=tok_key)
-    spec = make_model_spec(cfg.model, vocab_size=len(tokenizer), device=torch.device("cpu"), precision="fp32")
+    spec = make_model_spec(cfg.model, vocab_size=len(tokenizer), device=torch.device("cpu"), precision="fp32",
+                           finetune=cfg.finetune)
+    if adapter and not uses_adapters(cfg.finetune):
+        raise UsageError(f"--adapter: {ckpt} is of a finetune={cfg.finetune.name} run, which has no adapter")
+    if uses_adapters(cfg.finetune):
+        module = adapter_model_from_checkpoint(ckpt, cfg, spec)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        if adapter:
+            save_adapter(module, out_dir, cfg.model.path)
+            write_tokenizer_files(cfg, tokenizer, out_dir)
+            return None
+        model = merged_model(module)
+        writer = export_module(model, local_tensors(model), out_dir, torch_dtype(dtype_name), cfg, is_writer=True,
+                               max_shard_bytes=max_shard_bytes, dtype_name=dtype_name)
+        write_tokenizer_files(cfg, tokenizer, out_dir)
+        return writer
 
     def keep(names: list[str]) -> list[str]:
         return drop_tied(names, spec.hf_config)
@@ -270,6 +312,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("checkpoint_dir", type=Path, help="a checkpoints/step_* dir, or a run dir (latest checkpoint)")
     parser.add_argument("out_dir", type=Path, help="where to write the Hugging Face model")
     parser.add_argument("--dtype", choices=DTYPES, default=None, help="default: the run's trainer.export_dtype")
+    parser.add_argument("--adapter", action="store_true",
+                        help="finetune=lora runs: write the peft adapter alone (default: the merged model)")
     parser.add_argument("--max-shard-mb", type=int, default=None,
                         help="largest safetensors file (default: the run's trainer.export_shard_mb)")
     args = parser.parse_args(argv)
@@ -277,6 +321,7 @@ def main(argv: list[str]) -> int:
     if args.out_dir.exists() and any(args.out_dir.iterdir()):
         raise UsageError(f"OUT_DIR={args.out_dir}: exists and is not empty; choose a new directory")
     shard = args.max_shard_mb * 2**20 if args.max_shard_mb else None
-    writer = export_checkpoint(ckpt, args.out_dir, dtype_name=args.dtype, max_shard_bytes=shard)
-    print(f"exported {ckpt} -> {args.out_dir} ({writer.total_bytes / 2**20:.1f} MiB)", file=sys.stderr)
+    writer = export_checkpoint(ckpt, args.out_dir, dtype_name=args.dtype, max_shard_bytes=shard, adapter=args.adapter)
+    size = f" ({writer.total_bytes / 2**20:.1f} MiB)" if writer is not None else " (adapter)"
+    print(f"exported {ckpt} -> {args.out_dir}{size}", file=sys.stderr)
     return EXIT_OK

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from omegaconf import DictConfig
@@ -15,6 +16,7 @@ from omegaconf import DictConfig
 from vicuna_exp import hardware
 from vicuna_exp.choices import AttnImpl, ModelInit, Precision
 from vicuna_exp.errors import UsageError
+from vicuna_exp.finetune import add_adapters, check_targets, uses_adapters
 from vicuna_exp.hardware import resolve_attention
 
 
@@ -49,20 +51,30 @@ class ModelSpec:
     init: ModelInit
     path: Path | None
     gradient_checkpointing: bool
-    param_dtype: torch.dtype  # dtype the weights are stored in during training
+    param_dtype: torch.dtype  # dtype the weights are stored in during training (a frozen base: its own)
+    finetune: Any = None  # the `finetune` section: which parameters train (None: all)
 
     def build(self, device: torch.device | str) -> torch.nn.Module:
-        """A ready model on `device`; pretrained weights are read straight from model.path."""
+        """A ready model on `device`, adapters added; pretrained weights are read straight from model.path."""
         from transformers import AutoModelForCausalLM
 
         if self.init == ModelInit.pretrained:
-            # No device_map: it needs `accelerate`, which is not a dependency.
+            # No device_map: that path goes through accelerate, which training does not use.
             model = AutoModelForCausalLM.from_pretrained(str(self.path), config=self.hf_config,
                                                          dtype=self.param_dtype).to(device)
         else:
             with torch.device(device):
                 model = AutoModelForCausalLM.from_config(self.hf_config, dtype=self.param_dtype)
-        return self.finish(model)
+        return self.adapt(self.finish(model))
+
+    def adapt(self, model: torch.nn.Module) -> torch.nn.Module:
+        """The model to train, from the base with its weights in place: adapters for LoRA."""
+        return add_adapters(model, self.finetune)
+
+    def check_finetune(self) -> None:
+        """The method fits this architecture (target modules exist), checked on the meta device."""
+        if uses_adapters(self.finetune):
+            check_targets(self.build_meta(), self.finetune)
 
     def build_meta(self) -> torch.nn.Module:
         """Parameters without storage, for backends that shard before they materialise."""
@@ -84,11 +96,15 @@ class ModelSpec:
         return "LlamaDecoderLayer"
 
 
-def make_model_spec(model_cfg: DictConfig, *, vocab_size: int, device: torch.device, precision: str) -> ModelSpec:
+def make_model_spec(model_cfg: DictConfig, *, vocab_size: int, device: torch.device, precision: str,
+                    finetune: DictConfig | None = None) -> ModelSpec:
+    """What to build. Under bf16_mixed a frozen base is stored in bf16 (it needs no fp32 master
+    copy: nothing updates it); the adapters stay fp32."""
     from transformers import AutoConfig, LlamaConfig
 
     attn = resolve_attn_implementation(model_cfg.attn_implementation, device)
-    param_dtype = torch.bfloat16 if precision == Precision.bf16 else torch.float32
+    bf16_base = precision == Precision.bf16 or (precision == Precision.bf16_mixed and uses_adapters(finetune))
+    param_dtype = torch.bfloat16 if bf16_base else torch.float32
     if model_cfg.init == ModelInit.pretrained:
         path = check_model_dir(model_cfg.path)
         try:
@@ -101,7 +117,8 @@ def make_model_spec(model_cfg: DictConfig, *, vocab_size: int, device: torch.dev
         if model_vocab is not None and model_vocab < vocab_size:
             raise UsageError(f"model.tokenizer: the tokenizer has {vocab_size} tokens but model.path={model_cfg.path} "
                              f"has an embedding for {model_vocab}")
-        return ModelSpec(hf_config, ModelInit.pretrained, path, bool(model_cfg.gradient_checkpointing), param_dtype)
+        return ModelSpec(hf_config, ModelInit.pretrained, path, bool(model_cfg.gradient_checkpointing), param_dtype,
+                         finetune)
     hf_config = LlamaConfig(
         vocab_size=model_cfg.vocab_size or vocab_size,
         hidden_size=model_cfg.hidden_size,
@@ -120,7 +137,7 @@ def make_model_spec(model_cfg: DictConfig, *, vocab_size: int, device: torch.dev
         use_cache=False,
         attn_implementation=str(attn),
     )
-    return ModelSpec(hf_config, ModelInit.random, None, bool(model_cfg.gradient_checkpointing), param_dtype)
+    return ModelSpec(hf_config, ModelInit.random, None, bool(model_cfg.gradient_checkpointing), param_dtype, finetune)
 
 
 def count_parameters(model: torch.nn.Module) -> int:

@@ -45,7 +45,8 @@ from vicuna_exp.errors import (
     TrainingInterrupted,
     UsageError,
 )
-from vicuna_exp.export import torch_dtype, write_tokenizer_files
+from vicuna_exp.export import FINAL_ADAPTER_DIR, torch_dtype, write_tokenizer_files
+from vicuna_exp.finetune import uses_adapters
 from vicuna_exp.hardware import Resolved, with_resolved_hardware
 from vicuna_exp.loss import chunked_loss_sum, full_loss_sum, output_head
 from vicuna_exp.memory import PeakMemory
@@ -176,7 +177,10 @@ class Recipe:
 
     def _setup_model_spec(self, model_cfg: DictConfig) -> ModelSpec:
         """What to build (architecture, weights, attention), not yet built: the backend builds it."""
-        return make_model_spec(model_cfg, vocab_size=len(self.tokenizer), device=self.device, precision=self.precision)
+        spec = make_model_spec(model_cfg, vocab_size=len(self.tokenizer), device=self.device, precision=self.precision,
+                               finetune=self.cfg.finetune)
+        spec.check_finetune()  # a target module the model lacks is usage (exit 2), found before any work
+        return spec
 
     def _setup_data(self, data_cfg: DictConfig, template_cfg: DictConfig) -> PreparedData:
         cfg = self.cfg
@@ -228,6 +232,8 @@ class Recipe:
                 "global_batch_size": gbs, "grad_accumulation": grad_accumulation_steps(cfg),
                 "tokens_per_step": gbs * cfg.context.length, "precision": self.precision,
                 "total_steps": self.plan.total, "device": str(self.device),
+                "finetune": choice_str(cfg.finetune.name), "trainable_params": self.trainable_params(),
+                "lr": cfg.optim.lr, "lr_source": cfg.optim.lr_source,
                 "packing_efficiency": self.data.stats.get("packing_efficiency"), "data_hash": self.data.data_hash}
 
     # ---- the loop ------------------------------------------------------------------------------------
@@ -429,6 +435,12 @@ class Recipe:
         return {"tflops_per_device": achieved_tflops(state.model_flops, state.train_s, W),
                 "mfu": mfu(state.model_flops, state.train_s, W, self.peak_tflops)}
 
+    def trainable_params(self) -> int | None:
+        """Parameters that get gradients on this rank's model (all of them for full fine-tuning)."""
+        if self.backend is None or self.backend.model is None:
+            return None
+        return sum(p.numel() for p in self.backend.model.parameters() if p.requires_grad)
+
     def resumable(self) -> bool:
         """A complete checkpoint exists in the run dir, so the same command resumes from it."""
         return latest_checkpoint(self.run_dir) is not None
@@ -444,9 +456,17 @@ class Recipe:
         self.checkpoints.save(self.state, self.backend.save)
 
     def export(self, out_dir: Path) -> None:
-        """One Hugging Face model with its tokenizer and the training chat template beside it."""
+        """One Hugging Face model with its tokenizer and the training chat template beside it; for an
+        adapter method, the adapter first (`final_adapter/`), then the merged model in `out_dir`."""
         heartbeat.beat("export")
         dtype = torch_dtype(choice_str(self.cfg.trainer.export_dtype))
+        if uses_adapters(self.cfg.finetune):
+            adapter_dir = out_dir.parent / FINAL_ADAPTER_DIR
+            with writing("the adapter", adapter_dir, self.trainable_params() * 4, partial=adapter_dir):
+                self.backend.export_adapter(adapter_dir)
+                if self.dist.is_main:
+                    write_tokenizer_files(self.cfg, self.tokenizer, adapter_dir)
+                D.barrier()
         # A full disk removes the partial export; the final checkpoint is complete, so the rerun exports again.
         with writing("the final model", out_dir, self.facts.total_params * dtype.itemsize, partial=out_dir):
             if self.dist.is_main:

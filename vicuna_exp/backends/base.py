@@ -16,7 +16,8 @@ Contract the loop relies on:
   where the backend shards); every rank calls them. The checkpoint manager owns the directory
   life cycle (temporary name, atomic rename, pruning).
 - `export` writes one Hugging Face model (safetensors) from the training state, without any
-  rank holding the whole unsharded model when the backend shards.
+  rank holding the whole unsharded model when the backend shards; with adapters, the merged
+  model, after `export_adapter` wrote the adapter alone.
 """
 
 from __future__ import annotations
@@ -126,6 +127,10 @@ class Backend(ABC):
 
     @abstractmethod
     def export(self, out_dir: Path, dtype: torch.dtype) -> None: ...
+
+    def export_adapter(self, out_dir: Path) -> None:
+        """Write the trained adapter alone (peft's layout) for an adapter method; every rank calls it."""
+        raise NotImplementedError(f"backend {self.name} does not train adapters")
 
     def zero_grad(self) -> None:
         """Drop partial gradients of an abandoned step (a preemption inside a step)."""

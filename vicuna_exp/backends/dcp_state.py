@@ -16,13 +16,22 @@ from vicuna_exp.checkpoint import DCP_SUBDIR, DEEPSPEED_SUBDIR
 SCHEDULER_FILE = "scheduler.pt"
 
 
+def _options(model: torch.nn.Module) -> object:
+    """A frozen base (an adapter method) stays out of the checkpoint: it is rebuilt from model.path
+    (or the seed), so only the parameters that train, their optimizer state and the schedule are saved."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    frozen = any(not p.requires_grad for p in model.parameters())
+    return StateDictOptions(ignore_frozen_params=frozen, strict=not frozen)
+
+
 def save_state(ckpt_dir: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                scheduler: torch.optim.lr_scheduler.LRScheduler, *, is_main: bool) -> None:
     """Every rank writes its own shards; rank 0 writes the (tiny, identical) schedule state."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
-    model_sd, optim_sd = get_state_dict(model, optimizer)
+    model_sd, optim_sd = get_state_dict(model, optimizer, options=_options(model))
     with warnings.catch_warnings():  # one process: "assuming the intent is to save in a single process"; it is
         warnings.simplefilter("ignore", UserWarning)
         dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(ckpt_dir / DCP_SUBDIR))
@@ -39,12 +48,13 @@ def load_state(ckpt_dir: Path, model: torch.nn.Module, optimizer: torch.optim.Op
     if not (ckpt_dir / DCP_SUBDIR / ".metadata").is_file() and (ckpt_dir / DEEPSPEED_SUBDIR).is_dir():
         raise RuntimeError(f"{ckpt_dir} was written by the deepspeed backend: resume it with backend=deepspeed_zero2/3, "
                            f"or convert it with `vicuna-exp export {ckpt_dir} OUT_DIR`")
-    model_sd, optim_sd = get_state_dict(model, optimizer)
+    options = _options(model)
+    model_sd, optim_sd = get_state_dict(model, optimizer, options=options)
     state = {"model": model_sd, "optim": optim_sd}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         dcp.load(state, checkpoint_id=str(ckpt_dir / DCP_SUBDIR))
-    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"], options=options)
     scheduler.load_state_dict(torch.load(ckpt_dir / SCHEDULER_FILE, weights_only=True))
 
 
@@ -79,6 +89,13 @@ class TorchOptimizerBackend(Backend):
 
     def load(self, ckpt_dir: Path) -> None:
         load_state(ckpt_dir, self.model, self.optimizer, self.scheduler)
+
+    def export_adapter(self, out_dir: Path) -> None:
+        """Rank 0 writes the adapter (every replica holds the same one)."""
+        from vicuna_exp.finetune import save_adapter
+
+        if self.dist.is_main:
+            save_adapter(self.module, out_dir, self.cfg.model.path)
 
     def state_bytes(self) -> dict[str, int]:
         params = list(self.module.parameters())

@@ -34,6 +34,7 @@ class DDPBackend(TorchOptimizerBackend):
             module.to_empty(device=self.device)
             rebuild_buffers(module)
             self.elements_loaded = load_full_tensors(module, spec.path)
+            module = spec.adapt(module)  # adapters on the loaded base (build() adds them itself)
         else:
             module = spec.build(self.device)
         self.module = module
@@ -50,11 +51,13 @@ class DDPBackend(TorchOptimizerBackend):
 
     def export(self, out_dir: Path, dtype: torch.dtype) -> None:
         from vicuna_exp.export import export_module, local_tensors
+        from vicuna_exp.finetune import merged_model
 
         if not self.dist.is_main:  # every replica is the same; no collective needed
             self.log_facts(None)
             return
-        writer = export_module(self.module, local_tensors(self.module), out_dir, dtype, self.cfg, is_writer=True)
+        model = merged_model(self.module)  # adapters folded in (the last use of the model)
+        writer = export_module(model, local_tensors(model), out_dir, dtype, self.cfg, is_writer=True)
         self.export_peak_bytes = writer.peak_bytes if writer is not None else 0
         self.log_facts(writer)
 

@@ -23,5 +23,7 @@ class SingleBackend(TorchOptimizerBackend):
     def export(self, out_dir: Path, dtype: torch.dtype) -> None:
         """The same writer as the sharded backends, so every backend's `final/` is laid out alike."""
         from vicuna_exp.export import export_module, local_tensors
+        from vicuna_exp.finetune import merged_model
 
-        export_module(self.module, local_tensors(self.module), out_dir, dtype, self.cfg, is_writer=True)
+        model = merged_model(self.module)  # adapters folded in (the last use of the model)
+        export_module(model, local_tensors(model), out_dir, dtype, self.cfg, is_writer=True)

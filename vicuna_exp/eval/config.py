@@ -84,6 +84,9 @@ class EvalConfig:
     bench_name: str | None = None  # None: the question file's stem (its folder's name for question.jsonl)
     limit: int | None = None  # only the first N questions (smoke tests)
     model_id: str | None = None  # None: the run dir's (or model path's) folder name
+    # A peft adapter dir (a finetune=lora run's final_adapter/), answered with on its base: model.path,
+    # or the base the adapter names when model.path is unset.
+    adapter: str | None = None
     batch_size: int = 8
     max_new_tokens: int = 1024
     temperature: dict[str, float] = field(default_factory=_mt_bench_temperatures)  # per category

@@ -78,8 +78,31 @@ def conversation(q: Question, answers: list[str], upto: int) -> list[dict[str, s
     return msgs
 
 
-def load_model(src: Path, tokenizer_dir: Path, device: str, dtype: EvalDtype) -> tuple[Any, Any, Any]:
-    """(model, tokenizer, device) from local files only."""
+def adapter_source(cfg: DictConfig) -> tuple[Path, Path] | None:
+    """(base model dir, adapter dir) when `eval.adapter` is set: the base is model.path, which must be
+    the base the adapter was trained on, or that base itself when model.path is unset."""
+    from vicuna_exp.finetune import adapter_base, check_adapter_base
+
+    if not cfg.eval.adapter:
+        return None
+    adapter = absolute_path(str(cfg.eval.adapter))
+    if not (adapter / "adapter_config.json").is_file():
+        raise UsageError(f"eval.adapter={cfg.eval.adapter}: not a peft adapter dir (no adapter_config.json)")
+    path = select(cfg, "model.path")
+    check_adapter_base(adapter, str(path) if path else None)
+    base = str(path) if path else adapter_base(adapter)
+    if not base:
+        raise UsageError(f"eval.adapter={cfg.eval.adapter}: the adapter names no base (a random-init run); "
+                         "answer with the merged model instead (eval.run_dir, or model.path=RUN_DIR/final)")
+    src = absolute_path(base)
+    if not (src / "config.json").is_file():
+        raise UsageError(f"model.path={base}: not a Hugging Face model dir (no config.json)")
+    return src, adapter
+
+
+def load_model(src: Path, tokenizer_dir: Path, device: str, dtype: EvalDtype,
+               adapter: Path | None = None) -> tuple[Any, Any, Any]:
+    """(model, tokenizer, device) from local files only; with `adapter`, the peft adapter on `src`."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -96,6 +119,10 @@ def load_model(src: Path, tokenizer_dir: Path, device: str, dtype: EvalDtype) ->
         model = AutoModelForCausalLM.from_pretrained(str(src), dtype=torch_dtype, local_files_only=True)
     except (OSError, ValueError) as e:
         raise UsageError(f"{src}: cannot load a causal LM ({str(e).splitlines()[0]})") from None
+    if adapter is not None:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, str(adapter), is_trainable=False)
     model.to(device).eval()
     return model, tokenizer, torch.device(device)
 
@@ -197,13 +224,15 @@ def main(cfg: DictConfig) -> int:
     _check(cfg)
     paths = resolve_paths(cfg)
     questions = load_questions(paths.questions, ev.limit)
-    src = model_source(cfg)
-    mid = model_id(cfg)
+    with_adapter = adapter_source(cfg)
+    src, adapter = with_adapter if with_adapter else (model_source(cfg), None)
+    # an adapter's answers are not its base's: filed under the run's name (RUN_DIR/final_adapter)
+    mid = model_id(cfg) if adapter is None or cfg.eval.model_id else f"{adapter.parent.name}-{adapter.name}"
     template, template_source = training_template(cfg)
     from vicuna_exp.data.template import check_template
 
     check_template(template)
-    tokenizer_dir = _tokenizer_dir(cfg, src)
+    tokenizer_dir = adapter if adapter is not None else _tokenizer_dir(cfg, src)
 
     out_file = paths.answers_file(mid)
     if ev.overwrite and out_file.exists():
@@ -211,16 +240,16 @@ def main(cfg: DictConfig) -> int:
     done = load_answers(out_file, lenient=True) if out_file.is_file() else {}
     todo = [q for q in questions if q.question_id not in done or len(done[q.question_id].turns) < len(q.turns)]
     print(f"generate: {len(questions)} questions from {paths.questions}; {len(questions) - len(todo)} already "
-          f"answered in {out_file}; model {src}; template from {template_source}")
+          f"answered in {out_file}; model {src}{' + adapter ' + str(adapter) if adapter else ''}; template from {template_source}")
 
     failed: list[Pending] = []
     if todo:
         import torch
 
         torch.manual_seed(ev.seed)
-        model, tokenizer, device = load_model(src, tokenizer_dir, ev.device, ev.dtype)
+        model, tokenizer, device = load_model(src, tokenizer_dir, ev.device, ev.dtype, adapter)
         write_json_atomic(paths.generation_record, {
-            "model_id": mid, "model_path": str(src), "questions": str(paths.questions), "bench": paths.bench,
+            "model_id": mid, "model_path": str(src), "adapter": str(adapter) if adapter else None, "questions": str(paths.questions), "bench": paths.bench,
             "template": OmegaConf.to_container(template, resolve=True), "max_new_tokens": ev.max_new_tokens,
             "temperature": dict(ev.temperature), "default_temperature": ev.default_temperature,
             "seed": ev.seed, "device": str(device), "dtype": str(next(model.parameters()).dtype),

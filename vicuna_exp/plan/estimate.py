@@ -33,6 +33,8 @@ from vicuna_exp.batch_split import loss_chunk_count, micro_batch_sizes, split_er
 from vicuna_exp.choices import AttnImpl, BackendName, DeviceType, Precision, Sharding
 from vicuna_exp.errors import UsageError, require_resolvable
 from vicuna_exp.hardware import Resolved, resolve_precision, with_resolved_hardware
+from vicuna_exp.plan import adapters as adapter_plan
+from vicuna_exp.plan.adapters import AdapterFacts, adapter_facts
 from vicuna_exp.plan.facts import ModelFacts, model_facts
 from vicuna_exp.plan.flops import flops_per_token, peak_tflops
 
@@ -61,6 +63,13 @@ class Setup:
     nproc_per_node: int
     nnodes: int
     loss_chunks: int = 0  # head calls per micro-batch of the chunked loss (`loss_chunk_count`); 0: full logits
+    adapters: AdapterFacts | None = None  # finetune=lora: what trains; None: every parameter
+    lr: float | None = None  # the learning rate in force (`optim.lr` after `with_lr_in_force`)
+    lr_source: str | None = None
+
+    @property
+    def trainable_params(self) -> int:
+        return self.adapters.trainable_params if self.adapters else self.model.total_params
 
     @property
     def world(self) -> int:
@@ -155,8 +164,11 @@ def setup_from_config(cfg: Any) -> Setup:
         offload_params = offload_optimizer = False
     hybrid = name == BackendName.fsdp and b.sharding == Sharding.hybrid
     shard_group = 1 if name in REPLICATED else (nproc if hybrid else world)
+    facts = model_facts(cfg.model, on_cuda=hw.device == DeviceType.cuda)
     return Setup(
-        model=model_facts(cfg.model, on_cuda=hw.device == DeviceType.cuda),
+        model=facts,
+        adapters=adapter_facts(facts, cfg.finetune if "finetune" in cfg else None),
+        lr=float(cfg.optim.lr), lr_source=cfg.optim.get("lr_source"),
         seq_len=seq_len,
         micro_batch=micro,
         global_batch=global_batch,
@@ -217,6 +229,10 @@ class Memory:
 def _state_bytes(s: Setup) -> tuple[dict[str, float], dict[str, float]]:
     """(on device, in host RAM) bytes per rank of params, grads and optimizer state."""
     n, g = float(s.model.total_params), float(s.shard_group)
+    if s.adapters is not None:  # a frozen base: no gradient, no optimizer state (see plan/adapters.py)
+        dev = adapter_plan.state_bytes(s.model, s.adapters, s.precision, s.shard_group)
+        host = {"params": 0.0, "grads": 0.0, "optim": 0.0}
+        return (host, dev) if s.offload_params else (dev, host)
     if s.backend == BackendName.deepspeed:
         c = 4.0 if s.precision == Precision.fp32 else 2.0  # DeepSpeed keeps module weights in the compute dtype
         params = c * n / g if s.zero_stage == 3 else c * n
@@ -273,9 +289,11 @@ def activation_bytes(s: Setup, checkpointing: bool) -> float:
     else:  # bf16 weights (pure bf16, FSDP param_dtype=bf16, DeepSpeed bf16)
         per_layer, act, residual = 20 * h + 8 * i + 4 * kv, 2, 2
     per_layer += 4 * heads + 8  # softmax log-sum-exp per head, RMSNorm scales
+    outside = h * (8 + act) + 8 * m.head_dim + 16  # final norm, lm_head input, rotary tables, ids
+    if s.adapters is not None:  # a frozen base saves less, the adapters and their dropout more
+        per_layer, outside = adapter_plan.activation_terms(m, s.adapters, s.precision, autocast)
     if m.attn_implementation == AttnImpl.eager:
         per_layer += heads * seq * (4 if s.precision == Precision.fp32 else 6) + act * h
-    outside = h * (8 + act) + 8 * m.head_dim + 16  # final norm, lm_head input, rotary tables, ids
     tokens = s.micro_batch * seq
     layers = m.num_hidden_layers
     kept = layers * residual * h + per_layer if checkpointing else layers * per_layer
@@ -316,7 +334,8 @@ def memory(s: Setup, hw: Any, plan_cfg: Any) -> Memory:
     elif s.backend == BackendName.ddp:
         comm = dev["grads"]  # DDP's gradient buckets hold a copy of every gradient
     if s.precision == Precision.bf16_mixed and s.backend in REPLICATED:
-        autocast = 2.0 * m.matmul_params  # bf16 weight copies autocast keeps for backward
+        # bf16 weight copies autocast keeps for backward (of the fp32 adapters alone over a bf16 base)
+        autocast = 2.0 * (s.adapters.adapter_params if s.adapters else m.matmul_params)
     act_ckpt, act_full = activation_bytes(s, True), activation_bytes(s, False)
     activations = act_ckpt if m.gradient_checkpointing else act_full
     logits = logits_bytes(s)
@@ -373,6 +392,18 @@ class Plan:
         return "fits" if self.memory.fits else "does not fit"
 
 
+def adapter_notes(s: Setup) -> list[str]:
+    """What the plan of an adapter method assumes, and what training will refuse."""
+    notes = []
+    if s.backend not in REPLICATED:
+        notes.append(f"finetune={s.adapters.method} trains on backend=single or ddp only for now: "
+                     f"backend={s.backend} is planned, but `train` refuses it")
+    if not s.adapters.all_linear:
+        notes.append("activations are modelled with every linear layer adapted (an upper bound for fewer targets)")
+    notes.append("time assumes 6N FLOPs per token; a frozen base needs no weight gradients (about 4N)")
+    return notes
+
+
 def tokens_per_epoch(cfg: Any, dataset_tokens: int | None = None) -> tuple[float, str]:
     """(tokens, where the figure comes from): config value > prepared dataset > Vicuna estimate."""
     p = cfg.plan
@@ -414,6 +445,8 @@ def plan_on(cfg: Any, resolved: Resolved, dataset_tokens: int | None = None) -> 
     if s.precision == Precision.fp32 and hw.device == DeviceType.cuda:
         notes.append(f"fp32 runs at the fp32 peak ({hw.fp32_tflops:g} TFLOP/s): trainer.precision=bf16_mixed "
                      f"uses the {hw.bf16_tflops:g} TFLOP/s bf16 peak")
+    if s.adapters is not None:
+        notes += adapter_notes(s)
     if s.model.attn_implementation == AttnImpl.eager:
         notes.append("eager attention stores seq x seq scores per head: use sdpa or flash_attention_2")
     return Plan(

@@ -90,6 +90,16 @@ def suggestions(plan: Plan) -> list[str]:
     return out
 
 
+def _method_line(s: Any) -> str:
+    """The fine-tuning method, what trains, and the learning rate in force with its source."""
+    a, lr = s.adapters, f"lr {s.lr:g} from {s.lr_source or 'optim.lr'}"
+    if a is None:
+        return f"finetune full: all {_num(s.model.total_params)} params train; {lr}"
+    return (f"finetune {a.method} (r={a.r}): {_num(a.trainable_params)} trainable params "
+            f"({a.trainable_params / s.model.total_params:.2%}), base frozen in {'fp32' if s.precision == 'fp32' else 'bf16'}; "
+            f"{lr}")
+
+
 def render(plan: Plan) -> str:
     """The full breakdown and verdict of one plan, as `vicuna-exp plan` prints it."""
     s, m, mem = plan.setup, plan.setup.model, plan.memory
@@ -101,13 +111,15 @@ def render(plan: Plan) -> str:
         f"      {s.strategy}, precision {s.precision}, gradient checkpointing {ckpt}, attention "
         f"{m.attn_implementation}, on {s.world} x {plan.hardware_name} ({nodes})",
         f"      hardware: {plan.hardware_source}",
+        f"      {_method_line(s)}",
         "",
         "Memory per GPU (GiB)",
     ]
     rows = [
-        ("parameters", mem.params),
-        ("gradients (unsharded until the last micro-batch)" if s.holds_unsharded_grads else "gradients", mem.grads),
-        ("optimizer state (AdamW)", mem.optim),
+        ("parameters" + (" (frozen base + adapters)" if s.adapters else ""), mem.params),
+        ("gradients (unsharded until the last micro-batch)" if s.holds_unsharded_grads
+         else "gradients" + (" (adapters only)" if s.adapters else ""), mem.grads),
+        ("optimizer state (AdamW" + (", adapters only)" if s.adapters else ")"), mem.optim),
         (f"activations (checkpointing {ckpt}; {'off' if ckpt == 'on' else 'on'}: "
          f"{_gb(mem.activations_no_ckpt if ckpt == 'on' else mem.activations_ckpt)})", mem.activations),
         (f"logits + loss ({m.vocab_size:,} x {_loss_tokens(s)})", mem.logits),

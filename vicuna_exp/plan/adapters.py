@@ -1,0 +1,90 @@
+"""What an adapter method (`finetune=lora`) changes in the plan: how many parameters train, and
+which activations autograd saves once the base is frozen.
+
+State: the frozen base is held in its storage dtype (bf16 under bf16 and bf16_mixed, fp32 under
+fp32; nothing updates it, so it needs no fp32 master), with no gradient and no AdamW state. The
+adapters (and any module trained in full beside them) are fp32, with fp32 gradients and two fp32
+moments: 16 bytes per trainable parameter, as in full fine-tuning.
+
+Activations per token per decoder layer with LoRA on every linear layer, measured with the same
+saved-tensor hooks as full fine-tuning (tests/plan/test_plan_measured.py) on HF's LLaMA with
+peft's LoRA layers: a frozen linear keeps no input for a weight gradient, each adapter keeps its
+(dropped-out) input and its rank-r projection, and dropout adds a mask and a copy per target.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from vicuna_exp.choices import FinetuneMethod, Precision
+from vicuna_exp.plan.facts import ModelFacts
+
+ALL_LINEAR = "all-linear"
+
+
+def linear_shapes(m: ModelFacts) -> dict[str, tuple[int, int]]:
+    """(in, out) features of each linear layer of a decoder block, by module name (the names every
+    supported family uses: LLaMA, Mistral, Qwen2)."""
+    h, i, kv = m.hidden_size, m.intermediate_size, m.kv_dim
+    return {"q_proj": (h, h), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (h, h),
+            "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
+
+
+@dataclass(frozen=True)
+class AdapterFacts:
+    """The trainable part of an adapter method."""
+
+    method: FinetuneMethod
+    r: int
+    dropout: bool  # lora_dropout > 0: each target keeps a mask and a dropped-out copy of its input
+    all_linear: bool  # the activation fit is of every linear layer adapted
+    adapter_params: int  # low-rank matrices (+ DoRA magnitudes), fp32
+    saved_module_params: int  # embeddings / LM head trained in full beside them (trainable copies)
+
+    @property
+    def trainable_params(self) -> int:
+        return self.adapter_params + self.saved_module_params
+
+
+def adapter_facts(m: ModelFacts, finetune: Any) -> AdapterFacts | None:
+    """The adapters of `finetune` on this model; None for full fine-tuning."""
+    if finetune is None or FinetuneMethod(finetune.name) == FinetuneMethod.full:
+        return None
+    shapes = linear_shapes(m)
+    targets = list(finetune.target_modules)
+    names = list(shapes) if targets == [ALL_LINEAR] else [t for t in targets if t in shapes]
+    r = int(finetune.r)
+    per_layer = sum(r * (shapes[n][0] + shapes[n][1]) + (shapes[n][1] if finetune.use_dora else 0) for n in names)
+    saved = m.embedding_params * (int(bool(finetune.train_embeddings)) + int(bool(finetune.train_lm_head)))
+    return AdapterFacts(method=FinetuneMethod(finetune.name), r=r, dropout=float(finetune.lora_dropout) > 0,
+                        all_linear=targets == [ALL_LINEAR], adapter_params=m.num_hidden_layers * per_layer,
+                        saved_module_params=saved)
+
+
+def base_bytes_per_param(precision: Precision) -> float:
+    """The frozen base's storage dtype."""
+    return 4.0 if precision == Precision.fp32 else 2.0
+
+
+def state_bytes(m: ModelFacts, a: AdapterFacts, precision: Precision, shard_group: int) -> dict[str, float]:
+    """Bytes per rank of params (frozen base + fp32 trainable), grads and AdamW state (trainable only)."""
+    t, g = float(a.trainable_params), float(shard_group)
+    return {"params": (base_bytes_per_param(precision) * m.total_params + 4.0 * t) / g,
+            "grads": 4.0 * t / g, "optim": 8.0 * t / g}
+
+
+def activation_terms(m: ModelFacts, a: AdapterFacts, precision: Precision, autocast: bool) -> tuple[float, float]:
+    """(bytes per token per decoder layer, bytes per token outside the layers), fitted exactly
+    (to the byte) on five shapes and two ranks with every linear layer adapted."""
+    h, i, kv, heads, hd, r = m.hidden_size, m.intermediate_size, m.kv_dim, m.num_attention_heads, m.head_dim, a.r
+    if precision == Precision.fp32:
+        per_layer = (64 * h + 20 * i if a.dropout else 24 * h + 16 * i) + 8 * kv + 28 * r
+        outside = 8 * hd - (12 * h if a.dropout else 0)
+    elif autocast:  # bf16 base, fp32 adapters, bf16 compute
+        per_layer = (48 * h + 12 * i if a.dropout else 24 * h + 8 * i) + 4 * kv + 14 * r
+        outside = 4 * hd - (12 * h if a.dropout else 0)
+    else:  # bf16 base, fp32 adapters, no autocast: the adapter path runs in fp32
+        per_layer = (60 * h + 14 * i if a.dropout else 36 * h + 10 * i) + 4 * kv + 28 * r
+        outside = 4 * hd - (12 * h if a.dropout else 0)
+    return float(per_layer + 4 * heads + 8), float(outside)
