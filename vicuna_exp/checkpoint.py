@@ -50,6 +50,7 @@ class TrainerState:
     world_size: int = 1
     backend: str = "single"
     config_hash: str = ""
+    finetune: str = "full"  # the method that trained (finetune.name): a checkpoint resumes only its own
     model_flops: float = 0.0  # summed over training steps (evaluation excluded): the MFU numerator
     train_s: float = 0.0  # time inside training steps, over all attempts: the MFU denominator
     peak_mem_gb: float = 0.0  # this rank's largest peak_mem_gb of any training step, over all attempts
@@ -164,13 +165,14 @@ class CheckpointManager:
                             ckpt, type(e).__name__, e)
         return None
 
-    def resume(self, resume: str, load_backend: Callable[[Path], None], *, config_hash: str) -> TrainerState | None:
+    def resume(self, resume: str, load_backend: Callable[[Path], None], *, config_hash: str,
+               finetune: str = "full") -> TrainerState | None:
         """`trainer.resume`: never; auto (the newest loadable checkpoint here, after setting aside those
         of another configuration); or a PATH (a checkpoint, or a dir of them, e.g. another run's)."""
         if resume == ResumeMode.never:
             return None
         if resume == ResumeMode.auto:
-            self.set_aside_foreign(config_hash)
+            self.set_aside_foreign(config_hash, finetune)
             state = self.load_latest(load_backend)
         else:
             path = Path(resume)
@@ -183,17 +185,21 @@ class CheckpointManager:
             log.info("resumed from step %d (%s)", state.step, self.root)
         return state
 
-    def set_aside_foreign(self, config_hash: str) -> None:
+    def set_aside_foreign(self, config_hash: str, finetune: str = "full") -> None:
         """Checkpoints of another configuration in this run dir are moved aside, not resumed:
         a job whose configuration changed trains again from the start."""
         done = self.complete()
         if not done:
             return
-        theirs = json.loads((done[-1] / STATE_FILE).read_text()).get("config_hash")
+        saved = json.loads((done[-1] / STATE_FILE).read_text())
+        theirs = saved.get("config_hash")
         if theirs and theirs != config_hash:
+            method = saved.get("finetune", "full")
+            why = (f"; they were trained with finetune={method}, this run is finetune={finetune}, and one "
+                   f"method's checkpoint does not hold the other's state" if method != finetune else "")
             if self.dist.is_main:
                 aside = self.root.with_name(f"{self.root.name}.config-{theirs}")
-                log.warning("checkpoints in %s are of another configuration (%s, now %s): moved to %s; "
-                            "training from the start", self.root, theirs, config_hash, aside)
+                log.warning("checkpoints in %s are of another configuration (%s, now %s%s): moved to %s; "
+                            "training from the start", self.root, theirs, config_hash, why, aside)
                 self.root.rename(aside)
             D.barrier()

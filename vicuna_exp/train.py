@@ -110,7 +110,7 @@ class Recipe:
         self.traceback: str | None = None  # of the exception that ended the run, for summary.json
         # Progress: fresh here, replaced by the checkpoint's when setup resumes.
         self.state = TrainerState(world_size=dist.world_size, backend=choice_str(cfg.backend.name),
-                                  config_hash=self.config_hash)
+                                  config_hash=self.config_hash, finetune=choice_str(cfg.finetune.name))
         self.wall_before = 0.0  # wall time of earlier attempts
         self.resumed_from_step: int | None = None
         self.step_flops = 0.0  # model FLOPs of the current global batch, all ranks
@@ -217,7 +217,8 @@ class Recipe:
 
     def _resume(self, trainer_cfg: DictConfig) -> None:
         """Continue from a checkpoint (`trainer.resume`): its progress replaces the fresh state."""
-        state = self.checkpoints.resume(str(trainer_cfg.resume), self.backend.load, config_hash=self.config_hash)
+        state = self.checkpoints.resume(str(trainer_cfg.resume), self.backend.load, config_hash=self.config_hash,
+                                        finetune=self.state.finetune)
         if state is not None:
             self.state, self.resumed_from_step, self.wall_before = state, state.step, state.wall_s
 
