@@ -10,6 +10,7 @@ for a random-init base) whenever it is needed: on resume, and when exporting fro
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -80,8 +81,9 @@ def add_adapters(model: torch.nn.Module, finetune: DictConfig | None) -> torch.n
     from peft import get_peft_model
 
     check_targets(model, finetune)
-    peft_model = get_peft_model(model, lora_config(model, finetune), autocast_adapter_dtype=True)
-    return peft_model
+    with warnings.catch_warnings():  # peft asks transformers' deprecated is_gradient_checkpointing
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
+        return get_peft_model(model, lora_config(model, finetune), autocast_adapter_dtype=True)
 
 
 def is_peft_model(module: Any) -> bool:
