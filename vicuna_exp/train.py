@@ -131,6 +131,7 @@ class Recipe:
         self.model: torch.nn.Module
         self.head: torch.nn.Module | None = None  # the LM head the chunked loss calls
         self.loss_chunks = 0  # head calls per micro-batch (`batch_split.loss_chunk_count`); 0: full logits
+        self.n_trainable: int | None = None  # parameters that get gradients (all, for full fine-tuning)
         self.checkpoints: CheckpointManager
         self.peak_memory: PeakMemory
         self.stop: StopFlags | None = None
@@ -163,6 +164,7 @@ class Recipe:
         self.backend = backend_class(cfg)(cfg, self.dist, self.device, self.precision)
         self.model = self.backend.setup(self.spec, optim)
         self._setup_loss(cfg.trainer)
+        self.n_trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
         self.peak_memory = PeakMemory(self.device)
         self.checkpoints = self._setup_checkpoints(cfg.trainer)
         self._resume(cfg.trainer)
@@ -233,7 +235,7 @@ class Recipe:
                 "global_batch_size": gbs, "grad_accumulation": grad_accumulation_steps(cfg),
                 "tokens_per_step": gbs * cfg.context.length, "precision": self.precision,
                 "total_steps": self.plan.total, "device": str(self.device),
-                "finetune": choice_str(cfg.finetune.name), "trainable_params": self.trainable_params(),
+                "finetune": choice_str(cfg.finetune.name), "trainable_params": self.n_trainable,
                 "lr": cfg.optim.lr, "lr_source": cfg.optim.lr_source,
                 "packing_efficiency": self.data.stats.get("packing_efficiency"), "data_hash": self.data.data_hash}
 
@@ -436,12 +438,6 @@ class Recipe:
         return {"tflops_per_device": achieved_tflops(state.model_flops, state.train_s, W),
                 "mfu": mfu(state.model_flops, state.train_s, W, self.peak_tflops)}
 
-    def trainable_params(self) -> int | None:
-        """Parameters that get gradients on this rank's model (all of them for full fine-tuning)."""
-        if self.backend is None or self.backend.model is None:
-            return None
-        return sum(p.numel() for p in self.backend.model.parameters() if p.requires_grad)
-
     def resumable(self) -> bool:
         """A complete checkpoint exists in the run dir, so the same command resumes from it."""
         return latest_checkpoint(self.run_dir) is not None
@@ -463,7 +459,7 @@ class Recipe:
         dtype = torch_dtype(choice_str(self.cfg.trainer.export_dtype))
         if uses_adapters(self.cfg.finetune):
             adapter_dir = out_dir.parent / FINAL_ADAPTER_DIR
-            with writing("the adapter", adapter_dir, self.trainable_params() * 4, partial=adapter_dir):
+            with writing("the adapter", adapter_dir, self.n_trainable * 4, partial=adapter_dir):
                 self.backend.export_adapter(adapter_dir)
                 if self.dist.is_main:
                     write_tokenizer_files(self.cfg, self.tokenizer, adapter_dir)
