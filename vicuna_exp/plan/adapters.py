@@ -67,7 +67,7 @@ def base_bytes_per_param(precision: Precision) -> float:
     return 4.0 if precision == Precision.fp32 else 2.0
 
 
-def state_bytes(m: ModelFacts, a: AdapterFacts, precision: Precision, shard_group: int) -> dict[str, float]:
+def adapter_state_bytes(m: ModelFacts, a: AdapterFacts, precision: Precision, shard_group: int) -> dict[str, float]:
     """Bytes per rank of params (frozen base + fp32 trainable), grads and AdamW state (trainable only)."""
     t, g = float(a.trainable_params), float(shard_group)
     return {"params": (base_bytes_per_param(precision) * m.total_params + 4.0 * t) / g,

@@ -33,8 +33,7 @@ from vicuna_exp.batch_split import loss_chunk_count, micro_batch_sizes, split_er
 from vicuna_exp.choices import AttnImpl, BackendName, DeviceType, Precision, Sharding
 from vicuna_exp.errors import UsageError, require_resolvable
 from vicuna_exp.hardware import Resolved, resolve_precision, with_resolved_hardware
-from vicuna_exp.plan import adapters as adapter_plan
-from vicuna_exp.plan.adapters import AdapterFacts, adapter_facts
+from vicuna_exp.plan.adapters import AdapterFacts, activation_terms, adapter_facts, adapter_state_bytes
 from vicuna_exp.plan.facts import ModelFacts, model_facts
 from vicuna_exp.plan.flops import flops_per_token, peak_tflops
 
@@ -230,7 +229,7 @@ def _state_bytes(s: Setup) -> tuple[dict[str, float], dict[str, float]]:
     """(on device, in host RAM) bytes per rank of params, grads and optimizer state."""
     n, g = float(s.model.total_params), float(s.shard_group)
     if s.adapters is not None:  # a frozen base: no gradient, no optimizer state (see plan/adapters.py)
-        dev = adapter_plan.state_bytes(s.model, s.adapters, s.precision, s.shard_group)
+        dev = adapter_state_bytes(s.model, s.adapters, s.precision, s.shard_group)
         host = {"params": 0.0, "grads": 0.0, "optim": 0.0}
         return (host, dev) if s.offload_params else (dev, host)
     if s.backend == BackendName.deepspeed:
@@ -291,7 +290,7 @@ def activation_bytes(s: Setup, checkpointing: bool) -> float:
     per_layer += 4 * heads + 8  # softmax log-sum-exp per head, RMSNorm scales
     outside = h * (8 + act) + 8 * m.head_dim + 16  # final norm, lm_head input, rotary tables, ids
     if s.adapters is not None:  # a frozen base saves less, the adapters and their dropout more
-        per_layer, outside = adapter_plan.activation_terms(m, s.adapters, s.precision, autocast)
+        per_layer, outside = activation_terms(m, s.adapters, s.precision, autocast)
     if m.attn_implementation == AttnImpl.eager:
         per_layer += heads * seq * (4 if s.precision == Precision.fp32 else 6) + act * h
     tokens = s.micro_batch * seq
