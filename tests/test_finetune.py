@@ -235,7 +235,7 @@ def test_a_lora_checkpoint_is_set_aside_by_finetune_full_saying_why(runs, common
     full = [a for a in common if not a.startswith(("finetune", "optim.lr"))] + ["trainer.max_steps=1"]
     job = run_job(run_dir, full, cwd=workdir)
     assert job.rc == 0, job.stderr[-3000:]
-    assert job.summary["resumed_from_step"] is None
+    assert job.summary.get("resumed_from_step") is None
     log = (run_dir / "hydra_app.log").read_text() + job.stderr
     assert "trained with finetune=lora, this run is finetune=full" in log
 
