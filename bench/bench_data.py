@@ -11,7 +11,7 @@ Compares, on the same records and the same cores:
   - the Hugging Face tokenizer's `__call__` on the same text.
 
     python bench/bench_data.py --tokenizer /work/shared/data/sp32k --records 2000
-    python bench/bench_data.py --tokenizer "$(python tests/vocabularies.py llama3 /tmp/vocab)" --verify
+    python bench/bench_data.py --tokenizer "$(python -m vicuna_exp.data.vocabularies llama3 /tmp/vocab)" --verify
     python bench/bench_data.py --tokenizer /work/shared/data/sp32k --against /tmp/base --repeat 5
 
 `--against TREE` times cold preparation of another checkout (e.g. `git archive main | tar -x -C

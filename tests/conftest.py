@@ -24,8 +24,7 @@ def cache_root() -> Path:
 def real_vocabulary(pytestconfig):
     """`load(name)`: the real tokenizer `name` ("sentencepiece_32k", "llama3"; see vocabularies.py),
     built from its pinned package once under the test cache; a skip naming the package if it is missing."""
-    import vocabularies
-
+    from vicuna_exp.data import vocabularies
     from vicuna_exp.data.tokenizer import load_tokenizer
 
     loaded = {}

@@ -57,7 +57,7 @@ class ModelConfig:
     name: str = MISSING
     init: ModelInit = MISSING  # pretrained (weights from model.path) | random (from the facts below)
     path: str | None = MISSING  # local Hugging Face model dir; required when init=pretrained
-    tokenizer: str | None = None  # tokenizer dir; default: model.path, or the packaged tiny tokenizer
+    tokenizer: str | None = MISSING  # tokenizer dir, or vocabulary:NAME; null: model.path, or the packaged tiny one
     vocab_size: int | None = MISSING  # None: taken from the tokenizer
     hidden_size: int | None = MISSING
     intermediate_size: int | None = MISSING
@@ -68,6 +68,11 @@ class ModelConfig:
     rms_norm_eps: float = MISSING
     rope_theta: float = MISSING
     tie_word_embeddings: bool = MISSING
+    # The transformers config class of a random-init model (a pretrained one's is in its config.json).
+    # Added after the LLaMA-only options; at their LLaMA values they stay out of the hash (HASH_NEUTRAL).
+    architecture: str = MISSING  # LlamaConfig | MistralConfig | Qwen2Config | any causal LM's config class
+    rope_scaling: dict[str, Any] | None = MISSING  # Llama-3.1: {rope_type: llama3, factor: 8.0, ...}
+    sliding_window: int | None = MISSING  # Mistral v0.1: 4096 (attention sees only the last N tokens)
     initializer_range: float = 0.02
     attn_implementation: AttnImpl = AttnImpl.auto
     gradient_checkpointing: bool = MISSING  # Vicuna trains with it on
@@ -339,6 +344,13 @@ def typed_config(resolved: Any) -> DictConfig:
     and nothing ever read them for that option."""
     raw = OmegaConf.to_container(OmegaConf.create(resolved), resolve=False)
     assert isinstance(raw, dict)
+    for dotted, neutral in HASH_NEUTRAL.items():  # a run dir from before the key: its neutral value
+        *parents, leaf = dotted.split(".")
+        node: Any = raw
+        for p in parents:
+            node = node.get(p) if isinstance(node, dict) else None
+        if isinstance(node, dict):
+            node.setdefault(leaf, neutral)
     cfg = OmegaConf.structured(VicunaConfig)
     for section, schemas in OPTION_SCHEMAS.items():
         node = raw.pop(section, SECTION_BEFORE_GROUP.get(section))
@@ -431,8 +443,18 @@ V1_LAYOUT: dict[str, dict[str, Any]] = {
 
 # Keys added after hashes were first written, each with the value that reproduces the behaviour
 # from before it existed. While a key holds that value it stays out of the hash, so adding a
-# feature never sets aside existing checkpoints or reruns completed sweep jobs. An issue that adds
+# feature never sets aside existing checkpoints or reruns completed sweep jobs; a run dir written
+# before the key existed reads it at that value (`typed_config`). An issue that adds
 # a key to a hashed section registers it here; tests/test_config.py pins the shipped presets' hashes.
+# Values that replaced an earlier spelling of the same behaviour, hashed as that spelling. The
+# template's special tokens used to be spelt `<s>` / `</s>`, which every tokenizer the project knew
+# then named as its own BOS and EOS; null (the tokenizer's own) hashes as they did.
+HASH_AS_BEFORE: dict[str, tuple[Any, Any]] = {
+    "template.bos_token": (None, "<s>"),
+    "template.eos_token": (None, "</s>"),
+}
+
+
 # `EVERY_VALUE` marks a key whose every value trains the same model (only the order of the
 # arithmetic differs), so it never enters the hash.
 _ANY = object()
@@ -443,6 +465,9 @@ HASH_NEUTRAL: dict[str, Any] = {
     # before one): the same gradient, up to the order of fp32 additions.
     "backend.reduce_every_micro_batch": True,
     "finetune": SECTION_BEFORE_GROUP["finetune"],  # full: every parameter trains, as before the group
+    "model.architecture": "LlamaConfig",
+    "model.rope_scaling": None,
+    "model.sliding_window": None,
 }
 
 
@@ -458,7 +483,8 @@ def _pop(container: dict, dotted: str, *, only_if: Any = _ANY) -> None:
 def hash_form(cfg: DictConfig) -> dict[str, Any]:
     """The canonical form `config_hash` hashes: the resolved config, less the keys that do not
     change what is trained and the later keys at their neutral values, with each option's
-    section laid out as the first schema had it (`V1_LAYOUT`)."""
+    section laid out as the first schema had it (`V1_LAYOUT`), and values that replaced an earlier
+    spelling of the same behaviour spelt as before (`HASH_AS_BEFORE`)."""
     container = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
     assert isinstance(container, dict)
     container.pop("hydra", None)
@@ -471,6 +497,13 @@ def hash_form(cfg: DictConfig) -> dict[str, Any]:
         _pop(container, dotted)
     for dotted, neutral in HASH_NEUTRAL.items():
         _pop(container, dotted, only_if=neutral)
+    for dotted, (now, before) in HASH_AS_BEFORE.items():
+        *parents, leaf = dotted.split(".")
+        node: Any = container
+        for p in parents:
+            node = node.get(p) if isinstance(node, dict) else None
+        if isinstance(node, dict) and leaf in node and node[leaf] == now:
+            node[leaf] = before
     return container
 
 

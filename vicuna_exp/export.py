@@ -43,9 +43,10 @@ from vicuna_exp.checkpoint import (
     complete_checkpoints,
 )
 from vicuna_exp.data.chat_template import to_jinja
-from vicuna_exp.data.tokenizer import load_tokenizer
+from vicuna_exp.data.template import with_special_tokens
+from vicuna_exp.data.tokenizer import load_tokenizer, token_ids
 from vicuna_exp.errors import EXIT_OK, UsageError
-from vicuna_exp.model import make_model_spec
+from vicuna_exp.model import causal_lm_class_name, make_model_spec, tied_parameter_names
 from vicuna_exp.rundir import RESOLVED_CONFIG, load_resolved_config
 
 DEFAULT_MAX_SHARD_BYTES = 5 * 2**30
@@ -131,8 +132,8 @@ def export_shard_bytes(cfg: Any) -> int:
 def write_hf_config(hf_config: Any, out_dir: Path, dtype_name: str) -> None:
     """config.json and generation_config.json, as `save_pretrained` would, for the export dtype."""
     config = copy.deepcopy(hf_config)
-    if not getattr(config, "architectures", None):
-        config.architectures = ["LlamaForCausalLM"]
+    if not getattr(config, "architectures", None):  # a random-init model: the class its config builds
+        config.architectures = [causal_lm_class_name(config)]
     config.use_cache = True  # training turned it off; generation wants it on
     config.save_pretrained(str(out_dir))
     path = Path(out_dir) / "config.json"
@@ -161,10 +162,14 @@ def local_tensors(module: Any) -> Any:
 
 
 def drop_tied(names: list[str], hf_config: Any) -> list[str]:
-    """Tied output embeddings are stored once, under the input embedding's name, as in HF checkpoints."""
-    if getattr(hf_config, "tie_word_embeddings", False):
-        return [n for n in names if n != "lm_head.weight"]
-    return names
+    """Tied weights are stored once, under the name of the one they are tied to, as in HF checkpoints.
+    Which names are tied is the model class's own knowledge (`_tied_weights_keys`), for any family."""
+    if not getattr(hf_config, "tie_word_embeddings", False):
+        return names
+    from transformers import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    tied = tied_parameter_names(MODEL_FOR_CAUSAL_LM_MAPPING.get(type(hf_config), None))
+    return [n for n in names if n not in tied]
 
 
 # --------------------------------------------------------------------------------------------
@@ -266,7 +271,7 @@ def export_checkpoint(ckpt: Path, out_dir: Path, *, dtype_name: str | None = Non
     tok_key = "model.tokenizer" if cfg.model.tokenizer else "model.path"
     tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.path, key=tok_key)
     spec = make_model_spec(cfg.model, vocab_size=len(tokenizer), device=torch.device("cpu"), precision="fp32",
-                           finetune=cfg.finetune)
+                           finetune=cfg.finetune, token_ids=token_ids(tokenizer))
     if adapter and not uses_adapters(cfg.finetune):
         raise UsageError(f"--adapter: {ckpt} is of a finetune={cfg.finetune.name} run, which has no adapter")
     if uses_adapters(cfg.finetune):
@@ -302,9 +307,10 @@ def export_checkpoint(ckpt: Path, out_dir: Path, *, dtype_name: str | None = Non
 
 def write_tokenizer_files(cfg: Any, tokenizer: Any, out_dir: Path) -> None:
     """The tokenizer with the training chat template, and the template as YAML, beside the weights."""
-    tokenizer.chat_template = to_jinja(cfg.template, tokenizer)
+    template = with_special_tokens(cfg.template, tokenizer)  # the YAML records the tokens actually used
+    tokenizer.chat_template = to_jinja(template, tokenizer)
     tokenizer.save_pretrained(str(out_dir))
-    (Path(out_dir) / "vicuna_template.yaml").write_text(OmegaConf.to_yaml(cfg.template))
+    (Path(out_dir) / "vicuna_template.yaml").write_text(OmegaConf.to_yaml(template))
 
 
 def main(argv: list[str]) -> int:

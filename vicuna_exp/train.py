@@ -35,7 +35,7 @@ from vicuna_exp.config import config_hash, global_batch_size, grad_accumulation_
 from vicuna_exp.data import batching
 from vicuna_exp.data.batching import StepPlan, plan_steps
 from vicuna_exp.data.prepare import PreparedData, prepare
-from vicuna_exp.data.tokenizer import load_tokenizer, pad_id
+from vicuna_exp.data.tokenizer import load_tokenizer, pad_id, token_ids
 from vicuna_exp.diskspace import DiskFull, free_bytes, is_disk_full, writing
 from vicuna_exp.errors import (
     EXIT_FAILED,
@@ -180,7 +180,7 @@ class Recipe:
     def _setup_model_spec(self, model_cfg: DictConfig) -> ModelSpec:
         """What to build (architecture, weights, attention), not yet built: the backend builds it."""
         spec = make_model_spec(model_cfg, vocab_size=len(self.tokenizer), device=self.device, precision=self.precision,
-                               finetune=self.cfg.finetune)
+                               finetune=self.cfg.finetune, token_ids=token_ids(self.tokenizer))
         spec.check_finetune()  # a target module the model lacks is usage (exit 2), found before any work
         return spec
 

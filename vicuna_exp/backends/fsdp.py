@@ -1,4 +1,5 @@
-"""PyTorch FSDP2 (`fully_shard`): every decoder layer is one shard group, plus the root.
+"""PyTorch FSDP2 (`fully_shard`): every decoder layer is one shard group, plus the root. The decoder
+layer is whatever class the model's own `_no_split_modules` names, so every family shards the same way.
 
 Parameters, gradients and optimizer state are DTensors sharded on dim 0 across the mesh (full
 sharding), or sharded within a node and replicated across nodes (`backend.sharding=hybrid`,
@@ -32,7 +33,7 @@ from vicuna_exp.backends.dcp_state import TorchOptimizerBackend
 from vicuna_exp.choices import ModelInit, Precision
 from vicuna_exp.errors import UsageError
 from vicuna_exp.mesh import mesh_shape
-from vicuna_exp.model import ModelSpec
+from vicuna_exp.model import ModelSpec, decoder_layers
 
 
 class FSDPBackend(TorchOptimizerBackend):
@@ -58,10 +59,7 @@ class FSDPBackend(TorchOptimizerBackend):
             "offload_policy": CPUOffloadPolicy(pin_memory=self.device.type == "cuda") if offload else OffloadPolicy(),
             "reshard_after_forward": bool(self.cfg.backend.reshard_after_forward),
         }
-        layers = [m for m in model.modules() if type(m).__name__ == spec.decoder_layer_class]
-        if not layers:
-            raise UsageError(f"backend=fsdp: the model has no {spec.decoder_layer_class} modules to shard")
-        for layer in layers:
+        for layer in decoder_layers(model, "backend=fsdp"):  # the classes of the model's _no_split_modules
             fully_shard(layer, **kwargs)
         fully_shard(model, **{**kwargs, "reshard_after_forward": False})  # the root is needed again at once
         if spec.init == ModelInit.pretrained:

@@ -18,6 +18,7 @@ from vicuna_exp.data.template import (
     check_template,
     generation_prompt,
     render_spans,
+    with_special_tokens,
 )
 
 if TYPE_CHECKING:
@@ -37,13 +38,17 @@ def _jinja_format(fmt: str, exprs: Mapping[str, str], template: TemplateConfig) 
             out.append("{{ " + _jinja_str(lit) + " }}")
         if name is None:
             continue
-        if name == "bos":
-            out.append("{{ " + _jinja_str(template.bos_token) + " }}")
-        elif name == "eos":
-            out.append("{{ " + _jinja_str(template.eos_token) + " }}")
+        if name in ("bos", "eos"):
+            out.append(_token_expr(template, name))
         else:
             out.append(exprs[name])
     return "".join(out)
+
+
+def _token_expr(template: TemplateConfig, name: str) -> str:
+    """A special token as Jinja: the template's string, or (null) the tokenizer's variable."""
+    token = template.bos_token if name == "bos" else template.eos_token
+    return "{{ " + (f"{name}_token" if token is None else _jinja_str(token)) + " }}"
 
 
 def to_jinja(template: TemplateConfig, tokenizer: PreTrainedTokenizerBase | None = None) -> str:
@@ -56,6 +61,8 @@ def to_jinja(template: TemplateConfig, tokenizer: PreTrainedTokenizerBase | None
     (nothing or one space) makes `apply_chat_template(..., tokenize=True)` give exactly the training ids.
     """
     check_template(template)
+    if tokenizer is not None:
+        template = with_special_tokens(template, tokenizer)
     joiner = "" if tokenizer is None else _bos_joiner(template, tokenizer)
     system_in_user = "{system}" in template.user_format
     sys_part = _jinja_format(template.system_format, {"system": "{{ ns.system }}"}, template)
@@ -75,7 +82,7 @@ def to_jinja(template: TemplateConfig, tokenizer: PreTrainedTokenizerBase | None
     )
     # A leading {bos} in the first user turn is the one BOS the template writes up front.
     user_first = user
-    bos_lit = "{{ " + _jinja_str(template.bos_token) + " }}"
+    bos_lit = _token_expr(template, "bos")
     if user.startswith(bos_lit):
         user_first = user[len(bos_lit):]
     parts = [

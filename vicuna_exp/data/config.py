@@ -71,8 +71,9 @@ class TemplateConfig:
     user_format: str = MISSING  # may contain {system}: the system part goes into the first user turn
     assistant_format: str = MISSING
     generation_prompt: str | None = MISSING  # null: assistant_format up to {content}, trailing spaces removed
-    bos_token: str = MISSING
-    eos_token: str = MISSING
+    # null: the tokenizer's own (`template.with_special_tokens`), so one template serves every vocabulary
+    bos_token: str | None = MISSING
+    eos_token: str | None = MISSING
 
 
 # DataConfig keys that do not change what a preparation contains: left out of its cache key.

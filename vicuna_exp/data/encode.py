@@ -31,7 +31,15 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 
-from vicuna_exp.data.template import ASSISTANT, USER, Turn, check_template, render_spans, to_turns
+from vicuna_exp.data.template import (
+    ASSISTANT,
+    USER,
+    Turn,
+    check_template,
+    render_spans,
+    to_turns,
+    with_special_tokens,
+)
 from vicuna_exp.errors import UsageError
 
 if TYPE_CHECKING:
@@ -88,7 +96,7 @@ class _Text(NamedTuple):
 _BACKENDS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # tokenizer -> {(bos, eos): backend}
 
 
-def _backend(tokenizer: Any, bos: str, eos: str) -> tuple[Any, dict[int, int], bool]:
+def _backend(tokenizer: Any, bos: str | None, eos: str) -> tuple[Any, dict[int, int], bool]:
     """A copy of the tokenizer's backend that knows BOS, EOS and SEP as added tokens, made once per
     tokenizer and template tokens; with where they map and whether special tokens strip whitespace."""
     from tokenizers import AddedToken, Tokenizer
@@ -101,7 +109,9 @@ def _backend(tokenizer: Any, bos: str, eos: str) -> tuple[Any, dict[int, int], b
     backend.no_padding()
     added = {t.content: t for t in tokenizer.added_tokens_decoder.values()}
     to_real = {}
-    for key, token, char in (("template.bos_token", bos, BOS), ("template.eos_token", eos, EOS)):
+    used = [(k, t, c) for k, t, c in (("template.bos_token", bos, BOS), ("template.eos_token", eos, EOS))
+            if t is not None]  # no BOS (Qwen): the template never writes {bos} (with_special_tokens)
+    for key, token, char in used:
         if token not in added:
             raise UsageError(f"{key}: {token!r} is not a special token of the tokenizer "
                              f"{getattr(tokenizer, 'name_or_path', '')!r}")
@@ -111,7 +121,7 @@ def _backend(tokenizer: Any, bos: str, eos: str) -> tuple[Any, dict[int, int], b
         to_real[backend.token_to_id(char)] = tokenizer.convert_tokens_to_ids(token)
     backend.add_tokens([AddedToken(SEP, normalized=False)])
     backend.encode_special_tokens = True  # special-token strings inside messages stay text
-    per_tok[(bos, eos)] = backend, to_real, any(added[t].lstrip or added[t].rstrip for t in (bos, eos))
+    per_tok[(bos, eos)] = backend, to_real, any(added[t].lstrip or added[t].rstrip for _, t, _ in used)
     return per_tok[(bos, eos)]
 
 
@@ -122,6 +132,7 @@ class ConversationEncoder:
         check_template(template)
         if not getattr(tokenizer, "is_fast", False):
             raise UsageError("model.tokenizer: a fast tokenizer (tokenizer.json) is needed for offsets")
+        template = with_special_tokens(template, tokenizer)
         self.template, self.tokenizer = template, tokenizer
         self.backend, to_real, strips = _backend(tokenizer, template.bos_token, template.eos_token)
         self.special = {"bos": BOS, "eos": EOS}

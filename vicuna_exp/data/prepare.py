@@ -70,10 +70,12 @@ def prepare(
     from vicuna_exp.config import as_schema
     from vicuna_exp.data.clean import check_config
     from vicuna_exp.data.load import resolve_path
-    from vicuna_exp.data.template import check_template
+    from vicuna_exp.data.template import check_template, with_special_tokens
 
     data = as_schema(data_cfg, DataConfig, "data")
-    template = as_schema(template_cfg, TemplateConfig, "template")
+    # The tokens as the tokenizer names them, before the cache key: a template whose tokens come
+    # from the tokenizer keys the same preparation as one that spells out the same tokens.
+    template = with_special_tokens(as_schema(template_cfg, TemplateConfig, "template"), tokenizer)
     check_config(data)
     check_template(template)
     if context_length < 8:

@@ -10,6 +10,7 @@ Training, inference prompts (`render_prompt`) and the Hugging Face chat template
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import string
 from collections.abc import Mapping, Sequence
@@ -64,6 +65,28 @@ def check_template(template: TemplateConfig) -> None:
     if not prefix.startswith(gen):
         raise UsageError(f"template.generation_prompt: {gen!r} must be how assistant_format begins "
                          f"({prefix!r}), so a prompt for generation is exactly a prefix of the training text")
+
+
+def with_special_tokens(template: Any, tokenizer: Any) -> Any:
+    """The template with a null `bos_token` / `eos_token` filled in from the tokenizer's own, so a
+    template serves every vocabulary (`<s>`/`</s>` of LLaMA and Mistral, `<|begin_of_text|>` and
+    the tokenizer's EOS of Llama-3). A tokenizer without BOS (Qwen) leaves it null; a template
+    that writes `{bos}` then cannot render. Returns the same kind of object it was given."""
+    bos = template.bos_token if template.bos_token is not None else tokenizer.bos_token
+    eos = template.eos_token if template.eos_token is not None else tokenizer.eos_token
+    name = getattr(tokenizer, "name_or_path", "") or "the tokenizer"
+    if eos is None:
+        raise UsageError(f"template.eos_token: null takes the tokenizer's EOS, and {name} has none; set one")
+    if bos is None and any("{bos}" in getattr(template, k) for k in ("system_format", "user_format",
+                                                                        "assistant_format")):
+        raise UsageError(f"template.bos_token: the template writes {{bos}}, and {name} has no BOS token; set one")
+    if (bos, eos) == (template.bos_token, template.eos_token):
+        return template
+    if dataclasses.is_dataclass(template):
+        return dataclasses.replace(template, bos_token=bos, eos_token=eos)
+    from omegaconf import OmegaConf
+
+    return OmegaConf.merge(template, {"bos_token": bos, "eos_token": eos})
 
 
 def render_spans(template: TemplateConfig, system: str | None, turns: Sequence[Turn], *,

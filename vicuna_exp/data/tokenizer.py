@@ -7,7 +7,7 @@ masking and batched encoding across cores, and both exist only there.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 from vicuna_exp.errors import UsageError
 
@@ -15,14 +15,36 @@ if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerFast
 
 PACKAGED_TOKENIZER_DIR = Path(__file__).resolve().parent.parent / "assets" / "tokenizer"
+VOCABULARY_PREFIX = "vocabulary:"  # `vocabulary:llama3`: a real vocabulary built from its pinned package
+
+
+def tokenizer_dir(path: str | None, *, key: str = "model.tokenizer") -> Path:
+    """The directory a tokenizer setting names: a path, the packaged tiny tokenizer (None), or
+    `vocabulary:NAME`, written once under the cache from its pinned package (vocabularies.py)."""
+    if path is None:
+        return PACKAGED_TOKENIZER_DIR
+    if not str(path).startswith(VOCABULARY_PREFIX):
+        return Path(path).expanduser()
+    from vicuna_exp.data import vocabularies
+    from vicuna_exp.data.cache import cache_root
+
+    name = str(path).removeprefix(VOCABULARY_PREFIX)
+    if name not in vocabularies.VOCABULARIES:
+        raise UsageError(f"{key}={path}: unknown vocabulary; choose one of "
+                         f"{', '.join(VOCABULARY_PREFIX + v for v in vocabularies.VOCABULARIES)}")
+    reason = vocabularies.missing(name)
+    if reason:
+        raise UsageError(f"{key}={path}: {reason}")
+    return vocabularies.build(name, cache_root(None) / "vocabularies")
 
 
 def load_tokenizer(path: str | None, *, key: str = "model.tokenizer") -> PreTrainedTokenizerFast:
-    """`AutoTokenizer.from_pretrained(path)` (local files only); None means the packaged tiny tokenizer.
+    """`AutoTokenizer.from_pretrained(path)` (local files only); None means the packaged tiny tokenizer,
+    `vocabulary:NAME` a real vocabulary from a pinned package (`tokenizer_dir`).
 
     Raises UsageError naming `key` and the path when it is missing or cannot be loaded.
     """
-    directory = PACKAGED_TOKENIZER_DIR if path is None else Path(path).expanduser()
+    directory = tokenizer_dir(path, key=key)
     if not directory.is_dir():
         raise UsageError(f"{key}: tokenizer directory not found: {directory}")
 
@@ -46,3 +68,19 @@ def pad_id(tokenizer: PreTrainedTokenizerFast) -> int:
         if candidate is not None:
             return int(candidate)
     return 0
+
+
+class TokenIds(NamedTuple):
+    """The special-token ids a model's config records (generation stops on `eos`)."""
+
+    bos: int | None
+    eos: int
+    pad: int
+
+
+LLAMA_TOKEN_IDS = TokenIds(bos=1, eos=2, pad=0)  # the LLaMA SentencePiece vocabulary's, and the packaged one's
+
+
+def token_ids(tokenizer: PreTrainedTokenizerFast) -> TokenIds:
+    """The tokenizer's own BOS (None when it has none, as Qwen's), EOS and padding ids."""
+    return TokenIds(bos=tokenizer.bos_token_id, eos=int(tokenizer.eos_token_id), pad=pad_id(tokenizer))

@@ -229,7 +229,7 @@ def main(cfg: DictConfig) -> int:
     # an adapter's answers are not its base's: filed under the run's name (RUN_DIR/final_adapter)
     mid = model_id(cfg) if adapter is None or cfg.eval.model_id else f"{adapter.parent.name}-{adapter.name}"
     template, template_source = training_template(cfg)
-    from vicuna_exp.data.template import check_template
+    from vicuna_exp.data.template import check_template, with_special_tokens
 
     check_template(template)
     tokenizer_dir = adapter if adapter is not None else _tokenizer_dir(cfg, src)
@@ -248,6 +248,7 @@ def main(cfg: DictConfig) -> int:
 
         torch.manual_seed(ev.seed)
         model, tokenizer, device = load_model(src, tokenizer_dir, ev.device, ev.dtype, adapter)
+        template = with_special_tokens(template, tokenizer)
         write_json_atomic(paths.generation_record, {
             "model_id": mid, "model_path": str(src), "adapter": str(adapter) if adapter else None, "questions": str(paths.questions), "bench": paths.bench,
             "template": OmegaConf.to_container(template, resolve=True), "max_new_tokens": ev.max_new_tokens,

