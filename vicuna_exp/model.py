@@ -254,4 +254,5 @@ def model_facts_of(spec: ModelSpec, model_cfg: DictConfig) -> object:
         num_key_value_heads=getattr(c, "num_key_value_heads", None) or c.num_attention_heads,
         tie_word_embeddings=bool(getattr(c, "tie_word_embeddings", False)),
         **family_biases(getattr(c, "model_type", None), c.to_dict()),
+        sliding_window=(getattr(c, "sliding_window", None) if getattr(c, "use_sliding_window", True) else None),
         attn_implementation=c._attn_implementation or "sdpa", gradient_checkpointing=spec.gradient_checkpointing)

@@ -1,7 +1,9 @@
-"""The planner's per-rank bytes against the tensors a real LLaMA really holds, on the CPU.
+"""The planner's per-rank bytes against the tensors a real model really holds, on the CPU.
 
 `single` backend: parameters, gradients and AdamW state after one optimizer step, and the
-activations autograd saves in a forward pass (counted with saved-tensor hooks). The shapes
+activations autograd saves in a forward pass (counted with saved-tensor hooks), for LLaMA and
+for each other family (Llama-3, Mistral with its sliding window, Qwen2 with its q/k/v bias and
+tied embeddings), each built by the trainer's own path from its tiny option. The shapes
 differ from the ones the activation coefficients were fitted on, so this checks the model,
 not the fit. FSDP2/DeepSpeed ranks are compared by the backend tests via
 `vicuna_exp.plan.predicted_state_bytes`; the gradients FSDP2 holds between micro-batches, with
@@ -27,25 +29,26 @@ SHAPE = dict(model__vocab_size=300, model__hidden_size=96, model__intermediate_s
 SEQ = 160
 
 
-def _model(cfg, dtype):
-    from transformers import LlamaConfig, LlamaForCausalLM
+FAMILIES = ["tiny", "tiny-llama3", "tiny-mistral", "tiny-qwen2"]
 
-    m = cfg.model
-    hf = LlamaConfig(vocab_size=m.vocab_size, hidden_size=m.hidden_size, intermediate_size=m.intermediate_size,
-                     num_hidden_layers=m.num_hidden_layers, num_attention_heads=m.num_attention_heads,
-                     num_key_value_heads=m.num_key_value_heads, max_position_embeddings=SEQ,
-                     tie_word_embeddings=m.tie_word_embeddings, attn_implementation="sdpa")
+
+def _model(cfg, dtype):
+    """The model the trainer would build for this config (its family's class), on the CPU."""
+    from vicuna_exp.model import make_model_spec
+
+    spec = make_model_spec(cfg.model, vocab_size=cfg.model.vocab_size, device=torch.device("cpu"), precision="fp32")
     torch.manual_seed(0)
-    return LlamaForCausalLM(hf).to(dtype)
+    return spec.build("cpu").to(dtype)
 
 
 def _bytes(tensors) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
+@pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("precision,dtype,tied", [("fp32", torch.float32, False), ("bf16", torch.bfloat16, True)])
-def test_single_state_bytes_match_tensors_after_one_adamw_step(precision, dtype, tied):
-    cfg = make_cfg("tiny", "cpu", trainer__precision=precision, model__tie_word_embeddings=tied,
+def test_single_state_bytes_match_tensors_after_one_adamw_step(precision, dtype, tied, family):
+    cfg = make_cfg(family, "cpu", trainer__precision=precision, model__tie_word_embeddings=tied,
                    context__length=SEQ, **SHAPE)
     model = _model(cfg, dtype)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
@@ -61,6 +64,7 @@ def test_single_state_bytes_match_tensors_after_one_adamw_step(precision, dtype,
     predicted = predicted_state_bytes(cfg)
     for key in held:
         assert predicted[key] == pytest.approx(held[key], rel=0.05), key
+    assert setup_from_config(cfg).model.total_params == sum(p.numel() for p in params)  # biases, GQA, ties
 
 
 def _saved_activation_bytes(model, seq: int, autocast: bool) -> int:
@@ -81,10 +85,11 @@ def _saved_activation_bytes(model, seq: int, autocast: bool) -> int:
     return sum(seen.values())
 
 
+@pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("precision,dtype,autocast", [
     ("fp32", torch.float32, False), ("bf16", torch.bfloat16, False), ("bf16_mixed", torch.float32, True)])
-def test_activation_bytes_match_saved_tensors(precision, dtype, autocast):
-    cfg = make_cfg("tiny", "cpu", trainer__precision=precision, context__length=SEQ, trainer__micro_batch_size=1,
+def test_activation_bytes_match_saved_tensors(precision, dtype, autocast, family):
+    cfg = make_cfg(family, "cpu", trainer__precision=precision, context__length=SEQ, trainer__micro_batch_size=1,
                    trainer__global_batch_size=1, model__gradient_checkpointing=False, **SHAPE)
     model = _model(cfg, dtype)
     model.train()

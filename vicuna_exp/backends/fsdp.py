@@ -31,7 +31,6 @@ import torch
 from vicuna_exp.backends.base import OptimizerSpec, storage_bytes
 from vicuna_exp.backends.dcp_state import TorchOptimizerBackend
 from vicuna_exp.choices import ModelInit, Precision
-from vicuna_exp.errors import UsageError
 from vicuna_exp.mesh import mesh_shape
 from vicuna_exp.model import ModelSpec, decoder_layers
 

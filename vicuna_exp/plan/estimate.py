@@ -11,10 +11,11 @@ Memory model (bytes per rank, N parameters, G ranks sharing the shards):
                 grads: ZeRO-2 keeps bf16 + fp32 partitions (6N/G), ZeRO-3 an fp32 partition (4N/G).
                 This is DeepSpeed's own accounting (2N + 18N/G for ZeRO-2, 18N/G for ZeRO-3).
   Offload moves the offloaded part to host RAM, checked against the node's `cpu_memory_gb`.
-- Activations per micro-batch, measured on HF's LlamaDecoderLayer with saved-tensor hooks
-  (see tests/plan/test_plan_measured.py): per token per layer 32h+16i+8kv (fp32),
+- Activations per micro-batch, measured on HF's LlamaDecoderLayer with saved-tensor hooks and
+  checked on Mistral's and Qwen2's (see tests/plan/test_plan_measured.py): per token per layer 32h+16i+8kv (fp32),
   20h+8i+4kv (bf16 weights), 30h+8i+4kv (fp32 weights under autocast), plus 4 bytes per head;
-  eager attention adds heads x seq x 4-6 bytes. With checkpointing each layer keeps only its
+  eager attention adds heads x seq x 4-6 bytes; a sliding window shorter than the row (sdpa) adds
+  its mask row and the grouped K/V heads repeated to all heads, (seq + 2(h - kv)) x 2-4 bytes. With checkpointing each layer keeps only its
   input (h x 2-4 bytes) and one layer is recomputed at a time.
 - Buffers: gathered FSDP units (current + prefetched layer, the root's embedding/lm_head, one
   layer's unsharded grads), ZeRO-3's largest module and prefetch bucket, ZeRO-2/DDP
@@ -291,6 +292,10 @@ def activation_bytes(s: Setup, checkpointing: bool) -> float:
     outside = h * (8 + act) + 8 * m.head_dim + 16  # final norm, lm_head input, rotary tables, ids
     if s.adapters is not None:  # a frozen base saves less, the adapters and their dropout more
         per_layer, outside = activation_terms(m, s.adapters, s.precision, autocast)
+    if m.sliding_window is not None and m.sliding_window < seq and m.attn_implementation == AttnImpl.sdpa:
+        # A window shorter than the row needs an explicit mask (a row of it per token, per layer),
+        # and with a mask HF's sdpa path repeats the grouped K/V heads to all heads before the kernel.
+        per_layer += act * (seq + 2 * (h - kv))
     if m.attn_implementation == AttnImpl.eager:
         per_layer += heads * seq * (4 if s.precision == Precision.fp32 else 6) + act * h
     tokens = s.micro_batch * seq

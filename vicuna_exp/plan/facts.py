@@ -42,6 +42,7 @@ class ModelFacts:
     qkv_bias: bool = False  # bias on the q, k and v projections (Qwen2; LLaMA's attention_bias)
     o_bias: bool = False  # bias on the output projection (LLaMA's attention_bias)
     mlp_bias: bool = False  # bias on gate, up and down (LLaMA's mlp_bias)
+    sliding_window: int | None = None  # attention sees only the last N tokens (Mistral v0.1)
     attn_implementation: AttnImpl = AttnImpl.sdpa
     gradient_checkpointing: bool = False
     source: str = "the model config"  # where the architecture facts came from, for the plan to say
@@ -142,7 +143,7 @@ def model_facts(model_cfg: Any, *, on_cuda: bool = False) -> ModelFacts:
     built from the preset's facts. Raises UsageError naming whatever is still missing.
     """
     hf = _hf_config(model_cfg.path) if str(getattr(model_cfg.init, "value", model_cfg.init)) == "pretrained" else {}
-    keys = REQUIRED + ("num_key_value_heads", "tie_word_embeddings")
+    keys = REQUIRED + ("num_key_value_heads", "tie_word_embeddings", "sliding_window")
     values: dict[str, Any] = {}
     for key in keys:
         preset = model_cfg[key] if key in model_cfg else None
@@ -174,6 +175,7 @@ def model_facts(model_cfg: Any, *, on_cuda: bool = False) -> ModelFacts:
     attn = AttnImpl(model_cfg.attn_implementation)
     arch = model_cfg.architecture if "architecture" in model_cfg else None
     biases = family_biases(hf.get("model_type") or model_type_of(arch), hf)
+    window = values["sliding_window"] if hf.get("use_sliding_window", True) else None  # Qwen2 switches it off
     return ModelFacts(
         name=str(model_cfg.name),
         vocab_size=int(values["vocab_size"]),
@@ -184,6 +186,7 @@ def model_facts(model_cfg: Any, *, on_cuda: bool = False) -> ModelFacts:
         num_key_value_heads=kv,
         tie_word_embeddings=bool(values["tie_word_embeddings"]),
         **biases,
+        sliding_window=int(window) if window else None,
         attn_implementation=resolve_attention(attn, on_cuda=on_cuda) if attn == AttnImpl.auto else attn,
         gradient_checkpointing=bool(model_cfg.gradient_checkpointing),
         source=source,
