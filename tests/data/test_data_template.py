@@ -11,11 +11,12 @@ from vicuna_exp.data import encode_conversation
 from vicuna_exp.data.chat_template import to_jinja
 from vicuna_exp.data.config import TemplateConfig
 from vicuna_exp.data.encode import BOS, EOS, SEP, ConversationEncoder, EncodeError
-from vicuna_exp.data.template import render, render_prompt
+from vicuna_exp.data.template import render, render_prompt, with_special_tokens
 from vicuna_exp.data.tokenizer import load_tokenizer
 from vicuna_exp.errors import UsageError
 
-VICUNA = load_option("template", "vicuna_v1.1")
+# Text rendering needs the special tokens spelt out: the packaged tokenizer's, as training fills them in.
+VICUNA = with_special_tokens(load_option("template", "vicuna_v1.1"), load_tokenizer(None))
 
 VICUNA_V1_1_SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. "
                       "The assistant gives helpful, detailed, and polite answers to the user's questions.")
@@ -27,7 +28,7 @@ def tok():
 
 
 def _template(name: str) -> TemplateConfig:
-    return load_option("template", name)
+    return with_special_tokens(load_option("template", name), load_tokenizer(None))
 
 
 def _runs(ids: list[int], labels: list[int]) -> list[list[int]]:

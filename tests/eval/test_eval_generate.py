@@ -12,7 +12,7 @@ from omegaconf import OmegaConf
 from vicuna_exp.config import load_option
 from vicuna_exp.data.config import TemplateConfig
 from vicuna_exp.data.encode import encode_conversation
-from vicuna_exp.data.template import render_prompt
+from vicuna_exp.data.template import render_prompt, with_special_tokens
 from vicuna_exp.data.tokenizer import load_tokenizer
 from vicuna_exp.errors import UsageError
 from vicuna_exp.eval import generate as gen_mod
@@ -105,7 +105,8 @@ def test_generate_writes_fastchat_answers(tiny_run: Path, tmp_path: Path, monkey
     by_id = {a["question_id"]: a["choices"][0]["turns"] for a in answers}
     want = render_prompt([
         {"role": "user", "content": "What is 3 + 4?"}, {"role": "assistant", "content": by_id[12][0]},
-        {"role": "user", "content": "And times two?"}], _recorded_template(tiny_run))
+        {"role": "user", "content": "And times two?"}], with_special_tokens(_recorded_template(tiny_run),
+                                                            load_tokenizer(None)))
     assert any(want in prompts for _, prompts in spy.calls)
     # ... and the run's recorded template wins over the config's
     assert all(p.startswith(RECORDED_SYSTEM) for _, prompts in spy.calls for p in prompts)
@@ -187,7 +188,7 @@ def test_bad_inputs_fail_before_the_model_loads(tiny_run: Path, tmp_path: Path, 
 def test_generation_prompt_is_a_prefix_of_the_training_tokens(conversation: list[tuple[str, str]]) -> None:
     """The ids generation feeds the model are exactly the training ids up to each reply."""
     tok = load_tokenizer(None)
-    template = OmegaConf.structured(load_option("template", "vicuna_v1.1"))
+    template = with_special_tokens(OmegaConf.structured(load_option("template", "vicuna_v1.1")), tok)
     messages = [{"role": r, "content": c} for r, c in conversation]
     train_ids, labels = encode_conversation(messages, tok, template)
     for k, m in enumerate(messages):

@@ -97,7 +97,13 @@ def render_spans(template: TemplateConfig, system: str | None, turns: Sequence[T
     `system=None` means the template's default prompt. `special` gives the characters written for
     `{bos}` and `{eos}` (default: the template's token strings). A `{bos}` of the user or assistant
     format at the very start is left out: the tokenizer adds BOS there, as it does at inference."""
-    special = special or {"bos": template.bos_token, "eos": template.eos_token}
+    if special is None:
+        special = {"bos": template.bos_token, "eos": template.eos_token}
+        for name, token in special.items():
+            if token is None and any(f"{{{name}}}" in f for f in (template.system_format, template.user_format,
+                                                                 template.assistant_format)):
+                raise UsageError(f"template.{name}_token: null means the tokenizer's; fill it in from the "
+                                 "tokenizer (template.with_special_tokens) before rendering text")
     system_text = template.system if system is None else system
     system_in_user = "{system}" in template.user_format
     parts: list[str] = []
