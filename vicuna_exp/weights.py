@@ -95,7 +95,7 @@ def _check_names(model_names: list[str], src: SafetensorsModel) -> None:
     if missing:
         shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
         raise UsageError(f"model.path={src.path}: the checkpoint lacks {shown} "
-                         "(is it a Hugging Face LLaMA checkpoint of this architecture?)")
+                         "(is it a Hugging Face checkpoint of this architecture?)")
 
 
 def _check_shape(name: str, want: tuple[int, ...], src: SafetensorsModel) -> None:
