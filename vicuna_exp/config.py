@@ -344,13 +344,6 @@ def typed_config(resolved: Any) -> DictConfig:
     and nothing ever read them for that option."""
     raw = OmegaConf.to_container(OmegaConf.create(resolved), resolve=False)
     assert isinstance(raw, dict)
-    for dotted, neutral in HASH_NEUTRAL.items():  # a run dir from before the key: its neutral value
-        *parents, leaf = dotted.split(".")
-        node: Any = raw
-        for p in parents:
-            node = node.get(p) if isinstance(node, dict) else None
-        if isinstance(node, dict):
-            node.setdefault(leaf, neutral)
     cfg = OmegaConf.structured(VicunaConfig)
     for section, schemas in OPTION_SCHEMAS.items():
         node = raw.pop(section, SECTION_BEFORE_GROUP.get(section))
@@ -444,8 +437,9 @@ V1_LAYOUT: dict[str, dict[str, Any]] = {
 # Keys added after hashes were first written, each with the value that reproduces the behaviour
 # from before it existed. While a key holds that value it stays out of the hash, so adding a
 # feature never sets aside existing checkpoints or reruns completed sweep jobs; a run dir written
-# before the key existed reads it at that value (`typed_config`). An issue that adds
+# before the key existed reads it at that value (`_fill_later_keys`). An issue that adds
 # a key to a hashed section registers it here; tests/test_config.py pins the shipped presets' hashes.
+
 # Values that replaced an earlier spelling of the same behaviour, hashed as that spelling. The
 # template's special tokens used to be spelt `<s>` / `</s>`, which every tokenizer the project knew
 # then named as its own BOS and EOS; null (the tokenizer's own) hashes as they did.
