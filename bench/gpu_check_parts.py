@@ -257,8 +257,6 @@ def part_correctness(ctx: Context) -> None:
     dtype, through the recipe's collate and loss."""
     import torch
 
-    from vicuna_exp.data import batching
-    from vicuna_exp.data.tokenizer import pad_id
 
     r, on_cuda = ctx.report, torch.cuda.is_available()
     kernels = [k for k in attention_kernels(on_cuda) if _runs_here(r, k)]
@@ -274,8 +272,7 @@ def part_correctness(ctx: Context) -> None:
         try:
             rows = [row for row in recipe.epoch_rows(0) if len(row) > 1][:ctx.sizes.correctness_rows]
             examples = [[i] for row in rows for i in row]
-            unpacked = batching.collate(recipe.data.train, examples, pad_id(recipe.tokenizer))
-            unpacked = {key: t.to(recipe.device) for key, t in unpacked.items()}
+            unpacked = recipe.collate(examples)  # one example a row: padded, not packed
             for k in wanted:
                 try:
                     _compare_packed(r, recipe, k, dtype, rows, unpacked)
