@@ -243,12 +243,15 @@ def test_a_lora_checkpoint_is_set_aside_by_finetune_full_saying_why(runs, common
 # ---- the CPU demo ----------------------------------------------------------------------------------
 @pytest.mark.multiprocess
 def test_lora_on_the_tiny_default_learns_at_the_demo_lr(workdir: Path) -> None:
-    """`vicuna-exp train finetune=lora` at the demo's LoRA lr, optim.lr_by_method.lora=3e-2, over the
-    first 12 of the demo's 36 steps. Adapters on a frozen random-init base with a frozen random LM
-    head plateau near 0.92x of the first loss at every lr tried (1e-2 to 3e-1), so this asks 0.95x."""
-    job = run_job(workdir / "demo", ["finetune=lora", "logger=none", "trainer.max_steps=12",
-                                     "trainer.eval_every_steps=null", "trainer.save_final=false"], cwd=workdir)
+    """`vicuna-exp train finetune=lora` at the demo's LoRA lr, optim.lr_by_method.lora=3e-2, for 20
+    of the demo's 36 steps, with the LM head adapted too. The random-init head is frozen, and with
+    adapters on the decoder alone its logits stay near uniform: the loss plateaus at 0.92x of the
+    first at every lr from 1e-2 to 3e-1. A rank-16 adapter on the head lifts that bound."""
+    targets = "[q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj,lm_head]"
+    job = run_job(workdir / "demo", ["finetune=lora", f"finetune.target_modules={targets}", "logger=none",
+                                     "trainer.max_steps=20", "trainer.eval_every_steps=null",
+                                     "trainer.save_final=false"], cwd=workdir)
     assert job.rc == 0, job.stderr[-3000:]
     assert job.summary["derived"]["lr"] == 3e-2
     losses = dict(all_losses(job.run_dir))
-    assert sum(losses[k] for k in (10, 11, 12)) / 3 < 0.95 * losses[1], losses
+    assert sum(losses[k] for k in (18, 19, 20)) / 3 < 0.9 * losses[1], losses
