@@ -24,7 +24,9 @@ hang or a CUDA fault stays inside it and this process never creates a CUDA conte
 
 Each part has its own timeout (`--timeout PART=SECONDS`) inside one budget for the whole check
 (`--budget-s`, 300 by default): a part that would start with less than 10 s left is not run. The
-dry run's limits (600 s a part, 1800 s in all) only catch a hang on a busy CI machine.
+dry run's limits (600 s a part, 1800 s in all) only catch a hang on a busy CI machine. On a GPU the
+parts run one at a time, since they time kernels on the one device; the dry run's have nothing to
+time and run two at a time (`--jobs`), which halves its wall time on two cores.
 `gpu_check.json` and `gpu_check.md` in `--out` are rewritten after every part, so a run cut short
 still reports. Exit 0 when every part passed, 1 when any failed or was not run, 2 for bad usage
 (no GPU without `--dry-run`, an unknown part).
@@ -53,13 +55,14 @@ and run there:
 from __future__ import annotations
 
 import argparse
+import concurrent.futures as cf
 import datetime as dt
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -92,6 +95,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--budget-s", type=float, default=None,
                    help=f"the whole check's time limit (default {DEFAULT_BUDGET_S:.0f}; {DRY_RUN_BUDGET_S:.0f} dry)")
     p.add_argument("--timeout", action="append", default=[], metavar="PART=SECONDS", help="one part's time limit")
+    p.add_argument("--jobs", type=int, default=None,
+                   help="parts run at once (default: 1 on a GPU, whose parts time kernels; 2 in the dry run)")
     return p.parse_args(argv)
 
 
@@ -166,16 +171,10 @@ def run_part(name: str, out: Path, dry_run: bool, timeout: float, env: dict[str,
     cmd = [sys.executable, str(PARTS_SCRIPT), name, "--out", str(out), "--result", str(result)]
     if dry_run:
         cmd.append("--dry-run")
-    t0, cpu0 = time.monotonic(), _children_cpu_s()
-    timed_out = False
+    t0 = time.monotonic()
     with log.open("wb") as sink:
         proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True)
-        try:
-            rc = proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            timed_out = True
-            os.killpg(proc.pid, 9)  # the part and whatever it started (torchrun, its ranks)
-            rc = proc.wait()
+        rc, cpu_s, timed_out = _wait(proc, t0 + timeout)
     seconds = round(time.monotonic() - t0, 1)
     try:
         report = json.loads(result.read_text())
@@ -185,7 +184,7 @@ def run_part(name: str, out: Path, dry_run: bool, timeout: float, env: dict[str,
         report["error"] = f"timed out after {seconds:.0f} s (limit {timeout:.0f} s); what it found so far is kept"
     elif rc != 0 and not report.get("error"):
         report["error"] = f"the part's process exited {rc}"
-    report.update(seconds=seconds, cpu_s=round(_children_cpu_s() - cpu0, 1), timeout_s=round(timeout, 1),
+    report.update(seconds=seconds, cpu_s=round(cpu_s, 1), timeout_s=round(timeout, 1),
                   status=status_of(report))
     if report["status"] == "failed":
         report["log_tail"] = log.read_text(errors="replace")[-3000:]
@@ -193,10 +192,23 @@ def run_part(name: str, out: Path, dry_run: bool, timeout: float, env: dict[str,
     return report
 
 
-def _children_cpu_s() -> float:
-    """CPU seconds of the processes this one has waited for (the parts and whatever they waited for)."""
-    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return usage.ru_utime + usage.ru_stime
+def _wait(proc: subprocess.Popen, deadline: float) -> tuple[int, float, bool]:
+    """Wait for a part to its end or the deadline (then kill its process group): its exit code, the
+    CPU seconds of the part and of every process it waited for (wait4's own count, so parts that
+    run at once are told apart), and whether it timed out."""
+    timed_out = False
+    while True:
+        pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+        if pid:
+            break
+        if time.monotonic() >= deadline:
+            timed_out = True
+            os.killpg(proc.pid, 9)  # the part and whatever it started (torchrun, its ranks)
+            pid, status, usage = os.wait4(proc.pid, 0)
+            break
+        time.sleep(0.1)
+    proc.returncode = os.waitstatus_to_exitcode(status)  # reaped here, so Popen must not wait again
+    return proc.returncode, usage.ru_utime + usage.ru_stime, timed_out
 
 
 def status_of(report: dict[str, Any]) -> str:
@@ -273,6 +285,29 @@ def _ratio(x: float | None) -> str:
     return "n/a" if x is None else f"{x:.2f}"
 
 
+def run_parts(parts: list[str], jobs: int, budget_s: float, limits: dict[str, float], out: Path, dry_run: bool,
+              env: dict[str, str], t0: float) -> Iterator[tuple[int, dict[str, Any]]]:
+    """Each part's (index, report) as it finishes, `jobs` parts at a time, in order of value; a
+    part that would start with less than MIN_START_S of the budget left is not run."""
+    pending, running = list(parts), {}
+    with cf.ThreadPoolExecutor(max_workers=jobs) as pool:
+        while pending or running:
+            while pending and len(running) < jobs:
+                name = pending.pop(0)
+                left = budget_s - (time.monotonic() - t0)
+                if left < MIN_START_S:
+                    yield PARTS.index(name) + 1, {
+                        "part": name, "checks": [], "skipped": [], "results": {}, "status": "not run",
+                        "error": f"not run: {max(left, 0):.0f} s of the {budget_s:.0f} s budget left (--budget-s)"}
+                    continue
+                running[pool.submit(run_part, name, out, dry_run, min(limits[name], left), env)] = name
+            if not running:
+                continue
+            done, _ = cf.wait(running, return_when=cf.FIRST_COMPLETED)
+            for future in done:
+                yield PARTS.index(running.pop(future)) + 1, future.result()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     try:
@@ -281,6 +316,8 @@ def main(argv: list[str] | None = None) -> int:
             args.budget_s = DRY_RUN_BUDGET_S if args.dry_run else DEFAULT_BUDGET_S
         if args.budget_s <= 0:
             raise Usage(f"--budget-s {args.budget_s:g}: must be > 0")
+        if args.jobs is not None and args.jobs < 1:
+            raise Usage(f"--jobs {args.jobs}: must be >= 1")
         if not args.dry_run and gpu_count() == 0:
             raise Usage("no GPU is visible here (nvidia-smi and torch find none); run with --dry-run to check on the CPU")
     except Usage as e:
@@ -293,17 +330,12 @@ def main(argv: list[str] | None = None) -> int:
     state: dict[str, Any] = {"dry_run": args.dry_run, "started_at": dt.datetime.now(dt.timezone.utc).isoformat(
         timespec="seconds"), "argv": sys.argv[1:] if argv is None else argv, "budget_s": args.budget_s,
         "elapsed_s": 0.0, "passed": None, "parts": []}
-    for name in parts:
-        index, left = PARTS.index(name) + 1, args.budget_s - (time.monotonic() - t0)
-        if left < MIN_START_S:
-            report = {"part": name, "checks": [], "skipped": [], "results": {}, "status": "not run",
-                      "error": f"not run: {max(left, 0):.0f} s of the {args.budget_s:.0f} s budget left (--budget-s)"}
-        else:
-            report = run_part(name, out, args.dry_run, min(limits[name], left), env)
-        state["parts"].append({"index": index, **report})
+    jobs = args.jobs or (2 if args.dry_run else 1)
+    for index, report in run_parts(parts, jobs, args.budget_s, limits, out, args.dry_run, env, t0):
+        state["parts"] = sorted([*state["parts"], {"index": index, **report}], key=lambda p: p["index"])
         state["elapsed_s"] = round(time.monotonic() - t0, 1)
         write_reports(out, state)
-        print(f"[{index}/{len(PARTS)}] {name}: {report['status']} ({report.get('seconds', 0):.1f} s, "
+        print(f"[{index}/{len(PARTS)}] {report['part']}: {report['status']} ({report.get('seconds', 0):.1f} s, "
               f"{report.get('cpu_s', 0):.1f} CPU s)"
               + (f": {report['error']}" if report.get("error") else ""), flush=True)
     state["passed"] = all(p["status"] in ("passed", "skipped") for p in state["parts"])
