@@ -86,6 +86,22 @@ def test_only_the_adapters_get_gradients_and_optimizer_state() -> None:
     assert len(opt.state) == len(with_grad)
 
 
+@pytest.mark.parametrize("switch", ["use_dora", "use_rslora", "train_lm_head", "train_embeddings"])
+def test_each_lora_switch_reaches_peft_and_trains_what_it_names(switch: str) -> None:
+    """DoRA adds a trained magnitude per output feature; rsLoRA scales by alpha/sqrt(r) instead of
+    alpha/r; the embedding switches train those modules in full beside the adapters."""
+    ft = compose(["finetune=lora", "finetune.r=4", "finetune.lora_alpha=16", f"finetune.{switch}=true"]).finetune
+    model = add_adapters(_tiny_llama(), ft)
+    trained = {n for n, p in model.named_parameters() if p.requires_grad}
+    q_proj = model.base_model.model.model.layers[0].self_attn.q_proj
+    magnitudes = {n for n in trained if "lora_magnitude_vector" in n}
+    assert bool(magnitudes) == (switch == "use_dora")
+    assert q_proj.scaling["default"] == pytest.approx(16 / 2 if switch == "use_rslora" else 16 / 4)
+    full_modules = {n for n in trained if ".lora_" not in n}
+    wanted = {"train_lm_head": "lm_head", "train_embeddings": "embed_tokens"}.get(switch)
+    assert bool(full_modules) == (wanted is not None) and all(wanted in n for n in full_modules)
+
+
 def test_target_modules_that_match_nothing_exit_2_listing_the_linear_layers(capsys: pytest.CaptureFixture,
                                                                              tmp_path: Path) -> None:
     assert main(["train", "finetune=lora", "finetune.target_modules=[q_proj,qkv]", "logger=none",

@@ -56,3 +56,15 @@ def test_planner_state_and_activation_bytes_match_the_tensors(precision, dtype, 
     measured = _saved_activation_bytes(model, SEQ, autocast)
     expected = activation_bytes(s, checkpointing=False) + (2 * s.adapters.adapter_params if autocast else 0)
     assert expected == pytest.approx(measured, rel=0.05)
+
+
+@pytest.mark.parametrize("switches", [{}, {"finetune__use_dora": True}, {"finetune__train_lm_head": True},
+                                      {"finetune__train_embeddings": True, "finetune__r": 8}])
+def test_planner_counts_the_trainable_parameters_of_each_switch(switches: dict) -> None:
+    """DoRA's magnitudes and the embeddings trained in full are counted as peft creates them."""
+    cfg = make_cfg("tiny", "cpu", model__vocab_size=300, model__hidden_size=64, model__intermediate_size=160,
+                   model__num_hidden_layers=2, model__num_attention_heads=4, model__num_key_value_heads=2,
+                   model__tie_word_embeddings=False, finetune="lora", **switches)
+    model = add_adapters(_tiny_llama(torch.float32), cfg.finetune)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert setup_from_config(cfg).adapters.trainable_params == trainable
