@@ -30,7 +30,7 @@ def _grid(root: Path) -> Path:
 
 def _rows(root: Path) -> dict[str, dict]:
     table = build_table(load_sweep(root))
-    return {r["job"]: r for r in table.rows}
+    return {r["name"]: r for r in table.rows}
 
 
 def test_table_has_a_row_per_job_with_axes_and_values(tmp_path: Path) -> None:
@@ -39,13 +39,14 @@ def test_table_has_a_row_per_job_with_axes_and_values(tmp_path: Path) -> None:
     assert sweep.constant_overrides == FIXED
     table = build_table(sweep)
     titles = [c.title for c in table.columns]
-    assert titles[:3] == ["job", "context", "backend"]
+    assert titles[:2] == ["job", "status"]  # a job is labelled by the swept axes alone
     for want in ("status", "final eval_loss", "best eval_loss", "tokens/s", "wall time"):
         assert want in titles
     assert "MFU" not in titles  # optional columns appear only when some job logged them
-    rows = {r["job"]: r for r in table.rows}
+    rows = {r["name"]: r for r in table.rows}
     assert len(rows) == 4
     r = rows["1_context=512,backend=deepspeed_zero3"]
+    assert r["job"] == "context=512, backend=deepspeed_zero3"
     assert (r["axis:context"], r["axis:backend"], r["status"]) == ("512", "deepspeed_zero3", "completed")
     assert r["final_eval_loss"] == pytest.approx(3.2 * 0.6)
     assert r["best_eval_loss"] == pytest.approx(3.2 * 0.6)
@@ -62,10 +63,11 @@ def test_main_writes_markdown_html_and_plots(tmp_path: Path, capsys: pytest.Capt
     root = _grid(tmp_path / "sweep")
     assert main([str(root)]) == 0
     out = capsys.readouterr().out
-    assert "context=512,backend=fsdp" in out and "completed" in out
+    assert "context=512, backend=fsdp" in out and "completed" in out
+    assert "0_context=512" not in out  # the dir names, which repeat the shared overrides, are not labels
     md = (root / "report.md").read_text()
-    assert "| job | context | backend | status |" in md
-    assert re.search(r"\| 2_context=2048,backend=fsdp \| 2048 \| fsdp \| completed \| 4 \| [0-9.]+ \| 1\.6800 \|", md)
+    assert "| job | status |" in md
+    assert re.search(r"\| context=2048, backend=fsdp \| completed \| 4 \| [0-9.]+ \| 1\.6800 \|", md)
     assert "trainer.tokens_per_step=4096" in md
     assert "trainer.tokens_per_step = 4096" in md
     assert "context.length differs (512 vs 2048)" in md
@@ -119,7 +121,7 @@ def test_jobs_with_different_metrics_give_blanks(tmp_path: Path) -> None:
     table = build_table(load_sweep(tmp_path))
     titles = [col.title for col in table.columns]
     assert "MFU" in titles and "peak mem" in titles
-    rows = {r["job"]: dict(zip(titles, table.cells(r), strict=True)) for r in table.rows}
+    rows = {r["name"]: dict(zip(titles, table.cells(r), strict=True)) for r in table.rows}
     assert rows["a"]["MFU"] == "31.0%" and rows["a"]["peak mem"] == "2.50 GB"
     assert rows["b"]["MFU"] == "" and rows["b"]["best eval_loss"] == "" and rows["b"]["final eval_loss"] == ""
     assert rows["b"]["wall time"] == "2.0 s"  # null in summary.json: taken from metrics.jsonl
@@ -142,7 +144,7 @@ def test_failed_job_and_sweep_json_listing(tmp_path: Path) -> None:
         "axes": {"backend": ["fsdp"], "context": ["512", "2048"]}, "group": "context_length-abc", "jobs": listing}))
     sweep = load_sweep(tmp_path)
     assert sweep.axes[:2] == ["backend", "context"]  # sweep.json's axis order wins
-    rows = {r["job"]: r for r in build_table(sweep).rows}
+    rows = {r["name"]: r for r in build_table(sweep).rows}
     assert rows["4_failed"]["status"] == "failed"
     assert rows["4_failed"]["note"].startswith("UsageError: optim.lr: must be > 0")
     assert rows["9_never_started"]["status"] == "failed"
@@ -187,7 +189,7 @@ def test_eval_summaries_become_columns(tmp_path: Path, monkeypatch: pytest.Monke
     md = (tmp_path / "report.md").read_text()
     header = next(line for line in md.splitlines() if line.startswith("| job |"))
     assert "| mt_bench_score | judge |" in header
-    row = next(line for line in md.splitlines() if line.startswith("| 0_context=512,backend=fsdp |"))
+    row = next(line for line in md.splitlines() if line.startswith("| context=512, backend=fsdp |"))
     assert "| 6.25 | gpt-4 |" in row
 
     monkeypatch.setitem(sys.modules, "vicuna_exp.eval.report", None)  # the module is absent
@@ -200,3 +202,27 @@ def test_bad_paths_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) ->
     assert "not a directory" in capsys.readouterr().err
     assert main([str(tmp_path)]) == 2
     assert "no job dirs found" in capsys.readouterr().err
+
+
+def test_labels_tables_and_plots_read_at_a_glance(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The 2x2 `context=512,2048 data.packing=true,false` as a new user runs it: each job is labelled
+    by its axes alone, shared overrides are listed once, the console table keeps to 120 columns,
+    and the loss plot turns logarithmic in x when the unpacked arms see far fewer tokens."""
+    from vicuna_exp.report.plots import wants_log_x
+    from vicuna_exp.report.render import CONSOLE_WIDTH
+
+    shared = ["logger=none", "trainer.max_steps=8"]
+    for i, (ctx, packing) in enumerate([("512", "True"), ("512", "False"), ("2048", "True"), ("2048", "False")]):
+        write_job(tmp_path, f"{i}_context={ctx},data.packing={packing},{','.join(shared)}",
+                  [f"context={ctx}", f"data.packing={packing}", *shared],
+                  tokens_per_step=1000 if packing == "True" else 100)
+    sweep = load_sweep(tmp_path)
+    rows = {r["name"].split("_", 1)[0]: r for r in build_table(sweep).rows}
+    assert rows["1"]["job"] == "context=512, packing=false"
+    assert main([str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert max(len(line) for line in out.splitlines()) <= CONSOLE_WIDTH
+    assert "context=2048, packing=true" in out and "trainer.max_steps=8" in out.split("held constant")[1]
+    assert out.count("trainer.max_steps=8") == 1  # once, under held constant: not in rows, nor in caveats
+    assert wants_log_x([[(100.0, 1.0), (800.0, 0.9)], [(10.0, 1.0), (80.0, 0.9)]])
+    assert not wants_log_x([[(100.0, 1.0), (800.0, 0.9)], [(100.0, 1.0), (400.0, 0.9)]])

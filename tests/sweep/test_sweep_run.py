@@ -56,7 +56,7 @@ def test_2x2_sweep_completes_and_reports_four_jobs(sweep_dir: Path) -> None:
 
     assert report_main([str(sweep_dir)]) == 0
     table = build_table(load_sweep(sweep_dir))
-    rows = {r["job"]: r for r in table.rows}
+    rows = {r["name"]: r for r in table.rows}
     assert sorted(rows) == sorted(NAMES)
     assert all(r["status"] == "completed" and r["final_eval_loss"] is not None for r in rows.values())
     assert rows["context=2048,optim.lr=0.002"]["axis:context"] == "2048"
@@ -90,12 +90,12 @@ def test_failing_arm_is_recorded_and_the_others_complete_under_joblib(sweep_dir:
         assert by_name[name]["exit_code"] == 2
         assert "optim.lr" in by_name[name]["error"] and "> 0" in by_name[name]["error"]
 
-    rows = {r["job"]: r for r in build_table(load_sweep(sweep_dir)).rows}
+    rows = {r["name"]: r for r in build_table(load_sweep(sweep_dir)).rows}
     assert rows["context=512,optim.lr=-1"]["status"] == "failed"
     assert "optim.lr" in rows["context=512,optim.lr=-1"]["note"]
     assert [rows[n]["status"] for n in NAMES] == ["completed"] * 4
 
     (sweep_dir / "sweep.json").unlink()  # the job dirs alone still tell why a job failed
-    rows = {r["job"]: r for r in build_table(load_sweep(sweep_dir)).rows}
+    rows = {r["name"]: r for r in build_table(load_sweep(sweep_dir)).rows}
     assert rows["context=2048,optim.lr=-1"]["status"] == "failed"
     assert "optim.lr" in rows["context=2048,optim.lr=-1"]["note"]

@@ -64,6 +64,23 @@ class Sweep:
     warnings: list[str] = field(default_factory=list)
 
 
+def job_label(sweep: Sweep, job: Job) -> str:
+    """A job by its swept axes alone (`context=512, packing=true`), else by its dir name.
+
+    Each axis goes by its last key component unless two axes share it; booleans read as YAML
+    writes them. What every job shares is listed once, as the sweep's held-constant overrides.
+    """
+    m = job.override_map
+    short = {a: a.rsplit(".", 1)[-1] for a in sweep.axes}
+    names = {a: short[a] if list(short.values()).count(short[a]) == 1 else a for a in sweep.axes}
+    parts = [f"{names[a]}={_yaml_word(m[a])}" for a in sweep.axes if a in m]
+    return ", ".join(parts) if parts else job.name
+
+
+def _yaml_word(value: str) -> str:
+    return value.lower() if value in ("True", "False") else value
+
+
 def parse_override(text: str) -> tuple[str, str]:
     """`+trainer.x=1` -> (`trainer.x`, `1`); a deletion `~key` -> (`key`, `<deleted>`)."""
     key, sep, value = text.partition("=")

@@ -11,7 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from vicuna_exp.report.collect import Job, Sweep, max_metric, median_metric
+from vicuna_exp.report.collect import Job, Sweep, job_label, max_metric, median_metric
 
 
 @dataclass(frozen=True)
@@ -56,9 +56,12 @@ class Table:
 
 
 def build_table(sweep: Sweep) -> Table:
-    """A row per job: name, the swept axes, the fixed metrics, then eval columns if any."""
-    columns = [Column("job", "job", "text", lambda j: j.name)]
-    columns += [Column(f"axis:{a}", a, "text", _axis_getter(a)) for a in sweep.axes]
+    """A row per job: its label by the swept axes, the fixed metrics, then eval columns if any.
+
+    Each row also carries, outside the columns, the job's dir name (`name`) and its raw axis values
+    (`axis:<key>`), for callers that look a job up rather than show it.
+    """
+    columns = [Column("job", "job", "text", lambda j: job_label(sweep, j))]
     columns += _FIXED_COLUMNS
     taken = {c.title for c in columns}
     eval_keys: list[str] = []
@@ -70,7 +73,9 @@ def build_table(sweep: Sweep) -> Table:
         columns.append(Column(f"eval:{k}", title, kind, _eval_getter(k)))
     columns.append(Column("note", "note", "text", _note))
 
-    rows = [{c.key: _safe(c.get, j) for c in columns} for j in sweep.jobs]
+    hidden = [Column("name", "name", "text", lambda j: j.name)]
+    hidden += [Column(f"axis:{a}", a, "text", _axis_getter(a)) for a in sweep.axes]
+    rows = [{c.key: _safe(c.get, j) for c in [*columns, *hidden]} for j in sweep.jobs]
     columns = [c for c in columns if not c.optional or any(r.get(c.key) is not None for r in rows)]
     return Table(columns=columns, rows=rows)
 
@@ -194,7 +199,7 @@ def assess_fairness(sweep: Sweep) -> Fairness:
             out.varied.append(f"{key}: " + " | ".join(_short(v) for v in distinct))
     _eval_split(values, out)
 
-    _token_budget(jobs, out)
+    _token_budget(sweep, jobs, out)
     _config_caveats(with_cfg, values, out)
     for j in jobs:
         stats = j.summary.get("data_stats")
@@ -231,8 +236,8 @@ def _distinct(vals: list[Any]) -> list[Any]:
     return out
 
 
-def _token_budget(jobs: list[Job], out: Fairness) -> None:
-    seen = [(j.name, j.stat("tokens_seen")) for j in jobs if j.status == "completed"]
+def _token_budget(sweep: Sweep, jobs: list[Job], out: Fairness) -> None:
+    seen = [(job_label(sweep, j), j.stat("tokens_seen")) for j in jobs if j.status == "completed"]
     seen = [(n, float(t)) for n, t in seen if _is_num(t)]
     if len(seen) < 2:
         return

@@ -1,7 +1,9 @@
 """PNG plots of a sweep: loss and eval_loss against tokens seen (one line per arm), throughput bars.
 
 Tokens seen, not steps, on the x axis: arms with different tokens per step are only comparable
-at equal data. matplotlib's Agg backend, so plots render on machines without a display.
+at equal data. When the arms' token counts differ by LOG_X_RATIO or more (packed against unpacked
+rows see ~10x fewer tokens), the axis is logarithmic, so the short arms are not squeezed against
+it. matplotlib's Agg backend, so plots render on machines without a display.
 """
 
 from __future__ import annotations
@@ -9,7 +11,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from vicuna_exp.report.collect import Job, Sweep, eval_points, train_points
+from vicuna_exp.report.collect import Job, Sweep, eval_points, job_label, train_points
+
+LOG_X_RATIO = 4.0  # the largest arm's last x over the smallest's, from which the x axis is logarithmic
 
 
 @dataclass
@@ -21,10 +25,8 @@ class Plot:
 
 
 def arm_label(sweep: Sweep, job: Job) -> str:
-    """The arm's axis values (`context=512, backend=fsdp`), or its job name when nothing varies."""
-    m = job.override_map
-    parts = [f"{a}={m[a]}" for a in sweep.axes if a in m]
-    label = ", ".join(parts) if parts else job.name
+    """The arm's axis values (`context=512, backend=fsdp`), with its status unless it completed."""
+    label = job_label(sweep, job)
     return label if job.status == "completed" else f"{label} ({job.status})"
 
 
@@ -56,7 +58,10 @@ def _lines(plt, sweep: Sweep, jobs: list[Job], path: Path, name: str, title: str
             xs, ys = zip(*pts, strict=True)
             ax.plot(xs, ys, marker="o" if len(pts) < 30 else None, markersize=3, label=label)
         ax.set_title(title)
-        ax.set_xlabel("tokens seen")
+        log_x = wants_log_x([pts for _, pts in series])
+        if log_x:
+            ax.set_xscale("log")
+        ax.set_xlabel("tokens seen (log scale)" if log_x else "tokens seen")
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
         ax.legend(fontsize="small")
@@ -65,6 +70,13 @@ def _lines(plt, sweep: Sweep, jobs: list[Job], path: Path, name: str, title: str
     finally:
         plt.close(fig)
     return Plot(name, title, path)
+
+
+def wants_log_x(series: list[list[tuple[float, float]]]) -> bool:
+    """True when the arms end LOG_X_RATIO or more apart in x (all x > 0, as tokens seen are)."""
+    ends = [pts[-1][0] for pts in series if pts]
+    return bool(ends) and min(ends) > 0 and max(ends) / min(ends) >= LOG_X_RATIO and all(
+        x > 0 for pts in series for x, _ in pts)
 
 
 def _bars(plt, sweep: Sweep, jobs: list[Job], path: Path) -> Plot:

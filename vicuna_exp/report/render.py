@@ -15,7 +15,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from vicuna_exp.report.collect import Sweep, median_metric
+from vicuna_exp.report.collect import Sweep, job_label, median_metric
 from vicuna_exp.report.compare import Fairness, Table, fmt
 from vicuna_exp.report.plots import Plot
 
@@ -107,7 +107,8 @@ def _data_stats(sweep: Sweep, fairness: Fairness) -> tuple[str | None, Block | N
     if not varying and len(per_job) > 1:
         return line, None
     cols = varying if len(per_job) > 1 else keys
-    rows = [[name] + [fmt(_kind(k), stats.get(k)) for k in cols] for name, stats in per_job.items()]
+    labels = {j.name: job_label(sweep, j) for j in sweep.jobs}
+    rows = [[labels.get(name, name)] + [fmt(_kind(k), stats.get(k)) for k in cols] for name, stats in per_job.items()]
     return line, Block("table", header=["job", *cols], rows=rows)
 
 
@@ -247,24 +248,57 @@ def _html_table(b: Block, results: bool) -> str:
 # ---------------------------------------------------------------- console
 
 
+CONSOLE_WIDTH = 120  # the console table's budget: columns that do not fit go to a second table
+
+
+_NOTE_WIDTH = 60
+_CELL_PAD = 3  # rich's padding and rule per column
+
+
+def column_groups(table: Table, cells: list[list[str]], width: int) -> list[list[int]]:
+    """Column indices per console table: the job column in every one, then the others in order,
+    as many as fit `width` at their widest cell; a column too wide even alone gets a table of its
+    own (rich folds it)."""
+    def widest(i: int) -> int:
+        w = max([len(table.columns[i].title), *(len(row[i]) for row in cells)])
+        return min(w, _NOTE_WIDTH) if table.columns[i].key == "note" else w
+
+    first = widest(0) + _CELL_PAD + 1
+    groups: list[list[int]] = [[0]]
+    used = first
+    for i in range(1, len(table.columns)):
+        need = widest(i) + _CELL_PAD
+        if used + need > width and len(groups[-1]) > 1:
+            groups.append([0])
+            used = first
+        groups[-1].append(i)
+        used += need
+    return groups
+
+
 def print_console(sweep: Sweep, table: Table, fairness: Fairness, outputs: list[Path]) -> None:
     from rich.console import Console
     from rich.markup import escape
     from rich.table import Table as RichTable
 
-    console = Console(width=None if Console().is_terminal else 200)
+    terminal = Console()
+    width = min(CONSOLE_WIDTH, terminal.width) if terminal.is_terminal else CONSOLE_WIDTH
+    console = Console(width=width)
     name = sweep.meta.get("name") or sweep.root.resolve().name
-    rt = RichTable(title=f"sweep {name}: {len(sweep.jobs)} jobs", show_lines=False)
-    longest_name = max((len(str(r.get("job") or "")) for r in table.rows), default=10)
-    for c in table.columns:
-        numeric = c.kind not in ("text",)
-        rt.add_column(c.title, justify="right" if numeric else "left", overflow="fold",
-                      max_width=60 if c.key == "note" else None,
-                      min_width=min(longest_name, 40) if c.key == "job" else None)
+    cells = [table.cells(r) for r in table.rows]
     colours = {"completed": "green", "failed": "red", "unreadable": "red", "interrupted": "yellow"}
-    for r in table.rows:
-        rt.add_row(*table.cells(r), style=None if r.get("status") == "completed" else colours.get(str(r.get("status"))))
-    console.print(rt)
+    groups = column_groups(table, cells, width)
+    for n, group in enumerate(groups):
+        title = f"sweep {name}: {len(sweep.jobs)} jobs" + (f" ({n + 1}/{len(groups)})" if len(groups) > 1 else "")
+        rt = RichTable(title=title, show_lines=False)
+        for i in group:
+            c = table.columns[i]
+            rt.add_column(c.title, justify="left" if c.kind == "text" else "right", overflow="fold",
+                          max_width=_NOTE_WIDTH if c.key == "note" else None)
+        for r, row_cells in zip(table.rows, cells, strict=True):
+            style = None if r.get("status") == "completed" else colours.get(str(r.get("status")))
+            rt.add_row(*(row_cells[i] for i in group), style=style)
+        console.print(rt)
     if sweep.constant_overrides:
         console.print("[bold]held constant (overrides):[/bold] " + escape(", ".join(sweep.constant_overrides)),
                       highlight=False)
