@@ -646,12 +646,19 @@ def validate_finetune(ft: DictConfig) -> None:
         raise UsageError("finetune.target_modules: name at least one module (all-linear: every linear layer)")
 
 
-# Backends that train adapters; the sharded ones (fsdp, deepspeed) are not wired for them yet.
-ADAPTER_BACKENDS = (BackendName.single, BackendName.ddp)
+# Backends that shard the model: an adapter's state there is partitioned too.
+SHARDING_BACKENDS = (BackendName.fsdp, BackendName.deepspeed)
 
 
 def check_method_backend(cfg: DictConfig) -> None:
-    """Training refuses a method its backend does not run (the planner still plans it)."""
-    if cfg.finetune.name != FinetuneMethod.full and cfg.backend.name not in ADAPTER_BACKENDS:
-        raise UsageError(f"finetune={cfg.finetune.name} runs on backend={' or '.join(map(str, ADAPTER_BACKENDS))}; "
-                         f"backend.name={cfg.backend.name} trains finetune=full only")
+    """Training refuses a method its backend cannot run, before any worker starts (the planner
+    still plans it). DoRA's magnitude vector is computed by peft from the whole base weight when the
+    adapter is created, and its merge needs the whole weight's column norms: under sharding the base
+    is on the meta device then, so the magnitudes would be garbage."""
+    ft = cfg.finetune
+    if ft.name == FinetuneMethod.full:
+        return
+    if ft.name == FinetuneMethod.lora and ft.use_dora and cfg.backend.name in SHARDING_BACKENDS:
+        raise UsageError(f"finetune.use_dora=true with backend.name={cfg.backend.name}: DoRA's magnitudes need the "
+                         f"whole base weight, which a sharded backend never holds; use backend=single or ddp, "
+                         f"or finetune.use_dora=false")

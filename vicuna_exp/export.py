@@ -46,6 +46,7 @@ from vicuna_exp.data.chat_template import to_jinja
 from vicuna_exp.data.template import with_special_tokens
 from vicuna_exp.data.tokenizer import load_tokenizer, token_ids
 from vicuna_exp.errors import EXIT_OK, UsageError
+from vicuna_exp.finetune import is_peft_model, merged_names, merged_tensors
 from vicuna_exp.model import causal_lm_class_name, make_model_spec, tied_parameter_names
 from vicuna_exp.rundir import RESOLVED_CONFIG, load_resolved_config
 
@@ -144,12 +145,21 @@ def write_hf_config(hf_config: Any, out_dir: Path, dtype_name: str) -> None:
 
 
 def export_module(module: Any, tensors: Any, out_dir: Path, dtype: Any, cfg: Any, *, is_writer: bool,
-                  max_shard_bytes: int | None = None, dtype_name: str | None = None) -> Any:
+                  max_shard_bytes: int | None = None, dtype_name: str | None = None, gather: Any = None) -> Any:
     """The export every backend shares: each parameter once (a tied lm_head is dropped), shard files
     with their index, and config.json. `tensors(names)` yields (name, full tensor) one at a time,
-    with None on ranks that do not write; returns the writer (None on those ranks)."""
-    names = set(drop_tied([n for n, _ in module.named_parameters()], module.config))
-    writer = write_tensors(tensors(names), out_dir, dtype, is_writer=is_writer,
+    with None on ranks that do not write; returns the writer (None on those ranks).
+
+    A sharded adapter model passes `gather(param)` (one parameter whole, a collective) instead: it
+    is merged layer by layer as it is written (`finetune.merged_tensors`), so no rank holds more
+    than one layer's weights and adapters at once."""
+    if gather is not None and is_peft_model(module):
+        names = set(drop_tied(merged_names(module), module.config))
+        items = merged_tensors(module, names, gather)
+    else:
+        names = set(drop_tied([n for n, _ in module.named_parameters()], module.config))
+        items = tensors(names)
+    writer = write_tensors(items, out_dir, dtype, is_writer=is_writer,
                            max_shard_bytes=max_shard_bytes or export_shard_bytes(cfg))
     if writer is not None:
         write_hf_config(module.config, out_dir, dtype_name or str(cfg.trainer.export_dtype))
@@ -247,11 +257,16 @@ def adapter_model_from_checkpoint(ckpt: Path, cfg: Any, spec: Any) -> Any:
     trained adapters loaded, on the CPU in fp32."""
     from vicuna_exp.finetune import load_trainable
 
-    if not (ckpt / DCP_SUBDIR / ".metadata").is_file():
-        raise UsageError(f"CHECKPOINT_DIR={ckpt}: no {DCP_SUBDIR}/ (torch.distributed.checkpoint) directory inside")
+    if (ckpt / DCP_SUBDIR / ".metadata").is_file():
+        tensors = dcp_model_tensors(ckpt / DCP_SUBDIR)
+    elif (ckpt / DEEPSPEED_SUBDIR).is_dir():  # the trainable fp32 masters alone (frozen ones are not saved)
+        tensors = deepspeed_model_tensors(ckpt, DEEPSPEED_SUBDIR)
+    else:
+        raise UsageError(f"CHECKPOINT_DIR={ckpt}: neither a {DCP_SUBDIR}/ (torch.distributed.checkpoint) "
+                         f"nor a {DEEPSPEED_SUBDIR}/ (DeepSpeed) directory inside")
     torch.manual_seed(int(cfg.trainer.seed))  # a random-init base is rebuilt as the run built it (on the CPU)
     module = spec.build("cpu")
-    n = load_trainable(module, dcp_model_tensors(ckpt / DCP_SUBDIR))
+    n = load_trainable(module, tensors)
     trainable = sum(1 for p in module.parameters() if p.requires_grad)
     if n != trainable:
         raise UsageError(f"CHECKPOINT_DIR={ckpt}: holds {n} of the {trainable} trainable tensors of the "
@@ -271,7 +286,7 @@ def export_checkpoint(ckpt: Path, out_dir: Path, *, dtype_name: str | None = Non
     tok_key = "model.tokenizer" if cfg.model.tokenizer else "model.path"
     tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.path, key=tok_key)
     spec = make_model_spec(cfg.model, vocab_size=len(tokenizer), device=torch.device("cpu"), precision="fp32",
-                           finetune=cfg.finetune, token_ids=token_ids(tokenizer))
+                           finetune=cfg.finetune, token_ids=token_ids(tokenizer), seed=int(cfg.trainer.seed))
     if adapter and not uses_adapters(cfg.finetune):
         raise UsageError(f"--adapter: {ckpt} is of a finetune={cfg.finetune.name} run, which has no adapter")
     if uses_adapters(cfg.finetune):

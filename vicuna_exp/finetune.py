@@ -5,12 +5,23 @@ A LoRA model is the base (frozen, `requires_grad=False`) with peft's adapter lay
 optimizer, gradient clipping and the checkpoints, which all take the parameters that require a
 gradient, hold the adapters only. The frozen base is rebuilt from `model.path` (or from the seed,
 for a random-init base) whenever it is needed: on resume, and when exporting from a checkpoint.
+
+The adapters' initial values come from their own generator seeded by `trainer.seed`, drawn on the
+CPU at full size exactly as peft's `reset_lora_parameters` draws them (A: kaiming-uniform, B: zero),
+so a backend that creates them on the meta device and shards them (fsdp, deepspeed) fills its
+shards with the values `single` starts from. peft renames what it wraps (`X.base_layer.weight`,
+`X.original_module.weight`, `X.modules_to_save.default.weight`); `base_name` maps a parameter back
+to the name it has in the base model's checkpoint, and `merged_tensors` folds each adapted layer
+into its base weight one layer at a time, for an export under sharding.
 """
 
 from __future__ import annotations
 
 import json
+import math
+import re
 import warnings
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +33,10 @@ from vicuna_exp.errors import UsageError
 
 ALL_LINEAR = "all-linear"  # peft's name for every linear layer of the decoder blocks (not the LM head)
 ADAPTER_CONFIG = "adapter_config.json"  # what peft's save_pretrained writes beside the adapter weights
+ADAPTER_NAME = "default"  # peft's name for the one adapter a run trains
+PEFT_PREFIX = "base_model.model."  # where PeftModel puts the wrapped model's own names
+# peft's wrapper levels inside a name: the wrapped layer, and a module trained in full beside the adapters
+_WRAPPERS = re.compile(rf"\.(base_layer|original_module|modules_to_save\.{ADAPTER_NAME})(?=\.)")
 
 
 def uses_adapters(finetune: Any) -> bool:
@@ -73,17 +88,89 @@ def lora_config(model: torch.nn.Module, finetune: DictConfig) -> Any:
                       use_rslora=bool(finetune.use_rslora), bias="none")
 
 
-def add_adapters(model: torch.nn.Module, finetune: DictConfig | None) -> torch.nn.Module:
+def add_adapters(model: torch.nn.Module, finetune: DictConfig | None, seed: int = 0) -> torch.nn.Module:
     """The model to train: itself for `full`, else a peft model whose base is frozen. Adapter
-    weights are kept in fp32 whatever the base's dtype (peft's autocast_adapter_dtype)."""
+    weights are kept in fp32 whatever the base's dtype (peft's autocast_adapter_dtype) and start
+    from `initial_adapters(.., seed)`; on the meta device they are placeholders that the backend
+    fills after materialising its shards. The global RNG is left as it was."""
     if not uses_adapters(finetune):
         return model
     from peft import get_peft_model
 
     check_targets(model, finetune)
-    with warnings.catch_warnings():  # peft asks transformers' deprecated is_gradient_checkpointing
+    with warnings.catch_warnings(), torch.random.fork_rng(devices=[]):
+        # peft asks transformers' deprecated is_gradient_checkpointing
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
-        return get_peft_model(model, lora_config(model, finetune), autocast_adapter_dtype=True)
+        peft_model = get_peft_model(model, lora_config(model, finetune), autocast_adapter_dtype=True)
+    params = dict(peft_model.named_parameters())
+    with torch.no_grad():
+        for name, value in initial_adapters(peft_model, seed).items():
+            if params[name].device.type != "meta":
+                params[name].copy_(value.to(params[name].device, params[name].dtype))
+    return peft_model
+
+
+def is_adapter_parameter(name: str) -> bool:
+    """A LoRA matrix (A or B) or a DoRA magnitude: what the base checkpoint does not hold."""
+    return ".lora_" in name
+
+
+def initial_adapters(model: torch.nn.Module, seed: int) -> dict[str, torch.Tensor]:
+    """Every LoRA matrix's initial value, full size, fp32 on the CPU, by parameter name: A drawn
+    kaiming-uniform (a=sqrt(5)) and B zero, as peft's `reset_lora_parameters` does with
+    `init_lora_weights=True`, from one generator seeded by `seed`, in parameter order. The same on
+    every backend and every rank, whatever the device or the sharding of the parameters."""
+    g = torch.Generator().manual_seed(int(seed))
+    out: dict[str, torch.Tensor] = {}
+    for name, p in model.named_parameters():
+        if ".lora_A." in name or ".lora_B." in name:
+            shape = tuple(getattr(p, "ds_shape", p.shape))  # ZeRO-3 keeps the real shape aside
+            value = torch.zeros(shape, dtype=torch.float32)
+            if ".lora_A." in name and name.endswith(".weight"):
+                torch.nn.init.kaiming_uniform_(value, a=math.sqrt(5), generator=g)
+            out[name] = value
+    return out
+
+
+def base_name(name: str) -> str:
+    """The name a parameter of a (peft) model has in the base model's Hugging Face checkpoint."""
+    return _WRAPPERS.sub("", name.removeprefix(PEFT_PREFIX))
+
+
+def merged_names(module: torch.nn.Module) -> list[str]:
+    """The parameter names of the merged model (`merge_and_unload`'s), in the module's order."""
+    if not is_peft_model(module):
+        return [n for n, _ in module.named_parameters()]
+    return [base_name(n) for n, _ in module.named_parameters()
+            if not is_adapter_parameter(n) and ".original_module." not in n]
+
+
+def merged_tensors(module: torch.nn.Module, names: set[str],
+                   gather: Callable[[torch.nn.Parameter], torch.Tensor | None]) -> Iterator[tuple[str, Any]]:
+    """(merged name, full tensor) for each name in `names`, one layer at a time: an adapted weight
+    is W + scaling * B @ A, added in W's dtype as peft's safe merge adds it. `gather(param)` returns
+    the whole tensor (None on ranks that do not write) and may be a collective: every rank calls it
+    for the same parameters in the same order."""
+    from peft.tuners.lora import LoraLayer
+
+    layers = {name: m for name, m in module.named_modules() if isinstance(m, LoraLayer)}
+    for name, p in module.named_parameters():
+        if is_adapter_parameter(name) or ".original_module." in name or base_name(name) not in names:
+            continue
+        owner = name.rsplit(".base_layer.", 1)[0] if ".base_layer." in name else None
+        layer = layers.get(owner) if owner is not None else None
+        weight = gather(p)
+        if layer is not None and name.endswith(".base_layer.weight") and ADAPTER_NAME in layer.lora_A:
+            if getattr(layer, "use_dora", {}).get(ADAPTER_NAME):
+                raise NotImplementedError("merging a DoRA adapter under sharding")
+            a, b = gather(layer.lora_A[ADAPTER_NAME].weight), gather(layer.lora_B[ADAPTER_NAME].weight)
+            if weight is not None:
+                delta = (b.float() @ a.float()) * layer.scaling[ADAPTER_NAME]
+                if layer.fan_in_fan_out:
+                    delta = delta.T
+                weight = weight.clone()
+                weight += delta
+        yield base_name(name), weight
 
 
 def is_peft_model(module: Any) -> bool:
@@ -92,10 +179,13 @@ def is_peft_model(module: Any) -> bool:
     return isinstance(module, PeftModel)
 
 
-def save_adapter(module: Any, out_dir: Path, base_path: str | None) -> None:
+def save_adapter(module: Any, out_dir: Path, base_path: str | None,
+                 state: dict[str, torch.Tensor] | None = None) -> None:
     """`final_adapter/`: adapter_config.json plus the adapter's safetensors, loadable with
-    `PeftModel.from_pretrained(base, out_dir)`. The config names the base it was trained on."""
-    module.save_pretrained(str(out_dir), safe_serialization=True)
+    `PeftModel.from_pretrained(base, out_dir)`. The config names the base it was trained on.
+    `state`: the trainable tensors gathered whole, for a sharded module (default: its own)."""
+    extra = {"state_dict": state} if state is not None else {}
+    module.save_pretrained(str(out_dir), safe_serialization=True, **extra)
     path = Path(out_dir) / ADAPTER_CONFIG
     data = json.loads(path.read_text())
     data["base_model_name_or_path"] = str(Path(base_path).expanduser().resolve()) if base_path else None

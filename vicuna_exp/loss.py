@@ -85,7 +85,10 @@ def chunked_loss_sum(model: torch.nn.Module, head: torch.nn.Module, batch: dict[
         h = flat.index_select(0, positions[start:start + size])
         t = targets[start:start + size]
         if torch.is_grad_enabled():
-            total = total + checkpoint(_chunk_loss, head, h, t, use_reentrant=False)
+            # No metadata check of the recomputed tensors: ZeRO-3 releases a frozen head's weight
+            # (a LoRA base) right after its recomputed forward and gathers it again for its backward,
+            # so the check would see the released placeholder; the values are the same.
+            total = total + checkpoint(_chunk_loss, head, h, t, use_reentrant=False, determinism_check="none")
         else:
             total = total + _chunk_loss(head, h, t)
     return total

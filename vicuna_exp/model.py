@@ -59,6 +59,7 @@ class ModelSpec:
     gradient_checkpointing: bool
     param_dtype: torch.dtype  # dtype the weights are stored in during training (a frozen base: its own)
     finetune: Any = None  # the `finetune` section: which parameters train (None: all)
+    seed: int = 0  # the adapters' initial values are drawn from it (`finetune.initial_adapters`)
 
     def build(self, device: torch.device | str) -> torch.nn.Module:
         """A ready model on `device`, adapters added; pretrained weights are read straight from model.path."""
@@ -75,7 +76,7 @@ class ModelSpec:
 
     def adapt(self, model: torch.nn.Module) -> torch.nn.Module:
         """The model to train, from the base with its weights in place: adapters for LoRA."""
-        return add_adapters(model, self.finetune)
+        return add_adapters(model, self.finetune, self.seed)
 
     def check_finetune(self) -> None:
         """The method fits this architecture (target modules exist), checked on the meta device."""
@@ -203,7 +204,8 @@ def check_attention(attn: AttnImpl, hf_config: Any) -> None:
 
 
 def make_model_spec(model_cfg: DictConfig, *, vocab_size: int, device: torch.device, precision: str,
-                    finetune: DictConfig | None = None, token_ids: TokenIds = LLAMA_TOKEN_IDS) -> ModelSpec:
+                    finetune: DictConfig | None = None, token_ids: TokenIds = LLAMA_TOKEN_IDS,
+                    seed: int = 0) -> ModelSpec:
     """What to build: a pretrained model's own config.json, or a random-init one from the option's
     facts (`token_ids`: the tokenizer's BOS, EOS and padding ids, recorded in the config). Under
     bf16_mixed a frozen base is stored in bf16 (it needs no fp32 master copy: nothing updates it);
@@ -228,14 +230,15 @@ def make_model_spec(model_cfg: DictConfig, *, vocab_size: int, device: torch.dev
                              f"has an embedding for {model_vocab}")
         check_attention(attn, hf_config)
         return ModelSpec(hf_config, ModelInit.pretrained, path, bool(model_cfg.gradient_checkpointing), param_dtype,
-                         finetune)
+                         finetune, seed)
     hf_config = random_init_config(model_cfg, vocab_size=vocab_size, attn=attn, token_ids=token_ids)
     model_vocab = hf_config.vocab_size
     if model_vocab < vocab_size:
         raise UsageError(f"model.vocab_size: the tokenizer has {vocab_size} tokens but model={model_cfg.name} "
                          f"has an embedding for {model_vocab}")
     check_attention(attn, hf_config)
-    return ModelSpec(hf_config, ModelInit.random, None, bool(model_cfg.gradient_checkpointing), param_dtype, finetune)
+    return ModelSpec(hf_config, ModelInit.random, None, bool(model_cfg.gradient_checkpointing), param_dtype, finetune,
+                     seed)
 
 
 def count_parameters(model: torch.nn.Module) -> int:

@@ -180,7 +180,8 @@ class Recipe:
     def _setup_model_spec(self, model_cfg: DictConfig) -> ModelSpec:
         """What to build (architecture, weights, attention), not yet built: the backend builds it."""
         spec = make_model_spec(model_cfg, vocab_size=len(self.tokenizer), device=self.device, precision=self.precision,
-                               finetune=self.cfg.finetune, token_ids=token_ids(self.tokenizer))
+                               finetune=self.cfg.finetune, token_ids=token_ids(self.tokenizer),
+                               seed=int(self.cfg.trainer.seed))
         spec.check_finetune()  # a target module the model lacks is usage (exit 2), found before any work
         return spec
 

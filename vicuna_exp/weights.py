@@ -4,6 +4,10 @@ Each rank reads only the rows it owns (`safe_open(...).get_slice`), so eight ran
 13B model never make eight full copies in host memory, and no rank ever holds the whole model.
 Three layouts are covered: FSDP2 (DTensor shards), DeepSpeed ZeRO-3 (flat `ds_tensor`
 partitions) and whole tensors (single, DDP, ZeRO-2), which are filled one tensor at a time.
+
+An adapter model (peft) is loaded the same way: its base parameters are read under the names they
+have in the base checkpoint (`finetune.base_name` undoes peft's `base_layer` renaming), and its
+adapters, which no checkpoint holds, are filled from the in-memory initial values given as `extra`.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from typing import Any
 import torch
 
 from vicuna_exp.errors import UsageError
+from vicuna_exp.finetune import base_name
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -90,22 +95,54 @@ class SafetensorsModel:
         self.close()
 
 
-def _check_names(model_names: list[str], src: SafetensorsModel) -> None:
-    missing = [n for n in model_names if n not in src]
+class ModelWeights:
+    """The tensors a model's parameters are filled from, by the model's own parameter names: the
+    checkpoint's (a peft model's names mapped to the base's), or `extra` (adapters' initial values)."""
+
+    def __init__(self, src: SafetensorsModel, extra: dict[str, torch.Tensor] | None = None) -> None:
+        self.src, self.path, self.extra, self._name = src, src.path, extra or {}, base_name
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.extra or self._name(name) in self.src
+
+    def checkpoint_name(self, name: str) -> str:
+        return self._name(name)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self.extra[name].shape) if name in self.extra else self.src.shape(self._name(name))
+
+    def read(self, name: str, index: tuple[slice, ...] | None = None) -> torch.Tensor:
+        if name in self.extra:
+            return self.extra[name] if index is None else self.extra[name][index]
+        return self.src.read(self._name(name), index)
+
+    def read_flat(self, name: str, start: int, end: int) -> torch.Tensor:
+        if name in self.extra:
+            return self.extra[name].reshape(-1)[start:end]
+        return self.src.read_flat(self._name(name), start, end)
+
+    @property
+    def elements_read(self) -> int:
+        return self.src.elements_read
+
+
+def _check_names(model_names: list[str], src: ModelWeights) -> None:
+    missing = [src.checkpoint_name(n) for n in model_names if n not in src]
     if missing:
         shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
         raise UsageError(f"model.path={src.path}: the checkpoint lacks {shown} "
                          "(is it a Hugging Face checkpoint of this architecture?)")
 
 
-def _check_shape(name: str, want: tuple[int, ...], src: SafetensorsModel) -> None:
+def _check_shape(name: str, want: tuple[int, ...], src: ModelWeights) -> None:
     have = src.shape(name)
     if tuple(want) != have:
-        raise UsageError(f"model.path={src.path}: {name} has shape {list(have)} but the model expects {list(want)}")
+        raise UsageError(f"model.path={src.path}: {src.checkpoint_name(name)} has shape {list(have)} but the model "
+                         f"expects {list(want)}")
 
 
 @torch.no_grad()
-def load_dtensor_shards(model: torch.nn.Module, path: Path | str) -> int:
+def load_dtensor_shards(model: torch.nn.Module, path: Path | str, extra: dict[str, torch.Tensor] | None = None) -> int:
     """FSDP2: copy into every DTensor parameter the block of the checkpoint its local shard covers.
 
     Returns the number of elements this rank read.
@@ -114,7 +151,8 @@ def load_dtensor_shards(model: torch.nn.Module, path: Path | str) -> int:
     from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
     params = list(model.named_parameters())  # a tied weight appears once
-    with SafetensorsModel(path) as src:
+    with SafetensorsModel(path) as checkpoint:
+        src = ModelWeights(checkpoint, extra)
         _check_names([n for n, _ in params], src)
         for name, p in params:
             _check_shape(name, tuple(p.shape), src)
@@ -132,7 +170,8 @@ def load_dtensor_shards(model: torch.nn.Module, path: Path | str) -> int:
 
 @torch.no_grad()
 def load_zero3_partitions(model: torch.nn.Module, path: Path | str, rank: int,
-                          assign: Callable[[torch.nn.Parameter, torch.Tensor], None]) -> int:
+                          assign: Callable[[torch.nn.Parameter, torch.Tensor], None],
+                          extra: dict[str, torch.Tensor] | None = None) -> int:
     """DeepSpeed ZeRO-3: each parameter is a flat, padded partition (`ds_tensor`) of `ds_numel` elements.
 
     Rank r owns flat elements [r * n, (r + 1) * n) with n = ds_tensor.numel(); only the rows holding
@@ -140,7 +179,8 @@ def load_zero3_partitions(model: torch.nn.Module, path: Path | str, rank: int,
     where the caller wants (the partition, the fp32 master copy). Returns the elements this rank read.
     """
     params = list(model.named_parameters())
-    with SafetensorsModel(path) as src:
+    with SafetensorsModel(path) as checkpoint:
+        src = ModelWeights(checkpoint, extra)
         _check_names([n for n, _ in params], src)
         for name, p in params:
             _check_shape(name, tuple(p.ds_shape), src)
@@ -155,10 +195,12 @@ def load_zero3_partitions(model: torch.nn.Module, path: Path | str, rank: int,
 
 @torch.no_grad()
 def load_full_tensors_each(model: torch.nn.Module, path: Path | str,
-                           assign: Callable[[str, torch.nn.Parameter, torch.Tensor], None]) -> int:
+                           assign: Callable[[str, torch.nn.Parameter, torch.Tensor], None],
+                           extra: dict[str, torch.Tensor] | None = None) -> int:
     """Whole tensors one at a time (ZeRO-2 keeps whole parameters plus a sharded fp32 master copy)."""
     params = list(model.named_parameters())
-    with SafetensorsModel(path) as src:
+    with SafetensorsModel(path) as checkpoint:
+        src = ModelWeights(checkpoint, extra)
         _check_names([n for n, _ in params], src)
         for name, p in params:
             _check_shape(name, tuple(p.shape), src)
@@ -167,10 +209,11 @@ def load_full_tensors_each(model: torch.nn.Module, path: Path | str,
 
 
 @torch.no_grad()
-def load_full_tensors(model: torch.nn.Module, path: Path | str) -> int:
+def load_full_tensors(model: torch.nn.Module, path: Path | str, extra: dict[str, torch.Tensor] | None = None) -> int:
     """Whole parameters (single, DDP, ZeRO-2), filled one tensor at a time straight into their device memory."""
     params = list(model.named_parameters())  # a tied weight appears once
-    with SafetensorsModel(path) as src:
+    with SafetensorsModel(path) as checkpoint:
+        src = ModelWeights(checkpoint, extra)
         _check_names([n for n, _ in params], src)
         for name, p in params:
             _check_shape(name, tuple(p.shape), src)

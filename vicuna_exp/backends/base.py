@@ -49,13 +49,16 @@ class OptimizerSpec:
     lr_lambda: Callable[[int], float]
 
     def param_groups(self, model: torch.nn.Module) -> list[dict]:
-        """No weight decay on norms and biases (1-D tensors); matters only when weight_decay > 0."""
+        """No weight decay on norms and biases (1-D tensors); matters only when weight_decay > 0.
+        A group left empty (adapters alone: all matrices) is not made."""
         decay, no_decay = [], []
         for p in model.parameters():
             if p.requires_grad:
                 # ZeRO-3 partitions are flat: ds_shape keeps the parameter's real shape
                 (decay if len(getattr(p, "ds_shape", p.shape)) >= 2 else no_decay).append(p)
-        return [{"params": decay, "weight_decay": self.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        groups = [{"params": decay, "weight_decay": self.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        # LoRA trains matrices alone: ZeRO drops an empty group, and the schedule must see the same groups
+        return [g for g in groups if g["params"]]
 
     def build_adamw(self, model: torch.nn.Module) -> torch.optim.Optimizer:
         kwargs = {"fused": True} if self.fused else {}

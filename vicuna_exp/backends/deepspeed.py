@@ -11,6 +11,12 @@ mode when the optimizer state is offloaded), and the LR schedule is ours, steppe
   master weights and optimizer state, gradients communicated in fp32; bf16 = bf16 master
   weights and optimizer state as well.
 
+An adapter method (`finetune=lora`) adds peft's adapters to the base as DeepSpeed holds it (ZeRO-3:
+partitioned as built; ZeRO-2: on the meta device until allocated), fills them with their initial
+values (`finetune.initial_adapters`) beside the pretrained base, and gives the optimizer the
+adapters alone: frozen parameters get no fp32 master copy, and checkpoints leave them out
+(`exclude_frozen_parameters`); the base is rebuilt from model.path on resume.
+
 Checkpoints are DeepSpeed's own (`<ckpt>/deepspeed/`). Resuming on a different number of
 ranks converts the checkpoint once to DeepSpeed's universal format (`<ckpt>/deepspeed_universal_from_<N>/`)
 and loads that, since ZeRO's partitions depend on the world size.
@@ -36,6 +42,7 @@ from vicuna_exp.choices import ModelInit, Precision
 from vicuna_exp.config import rows_per_rank, world_size
 from vicuna_exp.distributed import free_port
 from vicuna_exp.errors import UsageError
+from vicuna_exp.finetune import initial_adapters, is_peft_model, save_adapter
 from vicuna_exp.model import ModelSpec
 
 log = logging.getLogger(__name__)
@@ -121,8 +128,9 @@ class DeepSpeedBackend(Backend):
         self.engine = engine
         self.module = engine.module
         self.model = engine
+        self.adapters = is_peft_model(self.module)
         if spec.init == ModelInit.pretrained:
-            self.elements_loaded = self._load_pretrained(spec.path)
+            self.elements_loaded = self._load_pretrained(spec.path, initial_adapters(self.module, spec.seed))
         return engine
 
     def _init_comm(self) -> None:
@@ -154,8 +162,9 @@ class DeepSpeedBackend(Backend):
             # padding row indexes into a partition that may be empty).
             with no_init_weights(), deepspeed.zero.Init(config_dict_or_path=self.ds_config, remote_device=device):
                 model = AutoModelForCausalLM.from_config(spec.hf_config, dtype=spec.param_dtype)
-            return spec.finish(model)
-        model = spec.build_meta()  # ZeRO-2 keeps whole parameters: allocate, then fill tensor by tensor
+            # Adapters built outside zero.Init (small, whole); initialize partitions them like the rest.
+            return spec.adapt(spec.finish(model))
+        model = spec.adapt(spec.build_meta())  # ZeRO-2 keeps whole parameters: allocate, then fill one by one
         model.to_empty(device=self.device)
         rebuild_buffers(model)
         return model
@@ -169,8 +178,9 @@ class DeepSpeedBackend(Backend):
                                 adamw_mode=True)
 
     @torch.no_grad()
-    def _load_pretrained(self, path: Path | None) -> int:
-        """Fill both the compute weights and the fp32 master copy from the checkpoint, exactly.
+    def _load_pretrained(self, path: Path | None, adapters: dict[str, torch.Tensor]) -> int:
+        """Fill both the compute weights and the fp32 master copy from the checkpoint (the adapters
+        from their initial values), exactly; a frozen parameter has no master copy.
 
         After `initialize` the optimizer owns a separate (fp32) master copy; loading before it
         would round the master weights through bf16 when precision is bf16_mixed.
@@ -183,15 +193,17 @@ class DeepSpeedBackend(Backend):
         if self.stage == 3:
             def assign3(p: torch.nn.Parameter, values: torch.Tensor) -> None:
                 p.ds_tensor.copy_(values.to(p.ds_tensor.device, p.ds_tensor.dtype))
-                safe_set_local_fp32_param(p, values.to(self.device))
+                if p.requires_grad:
+                    safe_set_local_fp32_param(p, values.to(self.device))
 
-            return load_zero3_partitions(self.module, path, self.dist.rank, assign3)
+            return load_zero3_partitions(self.module, path, self.dist.rank, assign3, adapters)
 
         def assign2(name: str, p: torch.nn.Parameter, full: torch.Tensor) -> None:
             p.copy_(full.to(p.device, p.dtype))
-            safe_set_full_fp32_param(p, full.to(self.device, torch.float32))
+            if p.requires_grad:
+                safe_set_full_fp32_param(p, full.to(self.device, torch.float32))
 
-        return load_full_tensors_each(self.module, path, assign2)
+        return load_full_tensors_each(self.module, path, assign2, adapters)
 
     def autocast(self) -> contextlib.AbstractContextManager:
         return contextlib.nullcontext()  # the engine holds bf16 weights itself when precision asks for them
@@ -222,7 +234,8 @@ class DeepSpeedBackend(Backend):
     # ---- checkpoints -------------------------------------------------------------------------
     def save(self, ckpt_dir: Path) -> None:
         client = {"scheduler": self.scheduler.state_dict(), "world_size": self.dist.world_size}
-        self.engine.save_checkpoint(str(ckpt_dir), tag=DEEPSPEED_SUBDIR, client_state=client, save_latest=False)
+        self.engine.save_checkpoint(str(ckpt_dir), tag=DEEPSPEED_SUBDIR, client_state=client, save_latest=False,
+                                    exclude_frozen_parameters=self.adapters)  # the base is rebuilt from model.path
 
     def load(self, ckpt_dir: Path) -> None:
         if not (ckpt_dir / DEEPSPEED_SUBDIR).is_dir() and (ckpt_dir / DCP_SUBDIR).is_dir():
@@ -238,7 +251,8 @@ class DeepSpeedBackend(Backend):
         self.engine._config.load_universal_checkpoint = universal  # read at load time only
         try:
             path, client = self.engine.load_checkpoint(str(ckpt_dir), tag=tag, load_optimizer_states=True,
-                                                       load_lr_scheduler_states=False, load_module_strict=True)
+                                                       load_lr_scheduler_states=False,
+                                                       load_module_strict=not self.adapters)  # no frozen base saved
         finally:
             self.engine._config.load_universal_checkpoint = False
         if path is None or not client or "scheduler" not in client:
@@ -292,7 +306,8 @@ class DeepSpeedBackend(Backend):
     def export(self, out_dir: Path, dtype: torch.dtype) -> None:
         from vicuna_exp.export import export_module
 
-        writer = export_module(self.module, self._gathered, out_dir, dtype, self.cfg, is_writer=self.dist.is_main)
+        writer = export_module(self.module, self._gathered, out_dir, dtype, self.cfg, is_writer=self.dist.is_main,
+                               gather=self._full)
         self.export_peak_bytes = writer.peak_bytes if writer is not None else 0
         self.log_facts(writer)
 
@@ -311,16 +326,32 @@ class DeepSpeedBackend(Backend):
         zero = self.engine.optimizer
         return zero.optimizer if hasattr(zero, "optimizer") else zero
 
-    def _gathered(self, names: set[str]) -> Iterator[tuple[str, torch.Tensor | None]]:
-        """The fp32 master value of one parameter at a time (a collective: every rank joins)."""
+    def export_adapter(self, out_dir: Path) -> None:
+        """The adapters' fp32 masters gathered whole (small), written by rank 0; every rank joins."""
+        state = {n: self._full(p) for n, p in self.module.named_parameters() if p.requires_grad}
+        if self.dist.is_main:
+            save_adapter(self.module, out_dir, self.cfg.model.path, state)
+
+    def _full(self, p: torch.nn.Parameter) -> torch.Tensor | None:
+        """One parameter whole on rank 0 (None elsewhere), a collective every rank joins: the fp32
+        master of a trainable one, the module's own value of a frozen one (it has no master)."""
+        import deepspeed
         from deepspeed.utils import safe_get_full_fp32_param
 
-        for name, p in self.module.named_parameters():
-            if name not in names:
-                continue
+        if p.requires_grad:
             full = safe_get_full_fp32_param(p)
-            yield name, (full.detach().cpu() if self.dist.is_main else None)
-            del full
+        elif hasattr(p, "ds_id"):  # ZeRO-3: gather the partitions for a moment
+            with deepspeed.zero.GatheredParameters([p]):
+                full = p.detach().clone()
+        else:
+            full = p.detach()
+        return full.detach().cpu() if self.dist.is_main else None
+
+    def _gathered(self, names: set[str]) -> Iterator[tuple[str, torch.Tensor | None]]:
+        """The fp32 master value of one parameter at a time (a collective: every rank joins)."""
+        for name, p in self.module.named_parameters():
+            if name in names:
+                yield name, self._full(p)
 
     def state_bytes(self) -> dict[str, int]:
         params = [getattr(p, "ds_tensor", p) for p in self.module.parameters()]

@@ -18,6 +18,13 @@ and holds the whole model's unsharded gradients between micro-batches.
 (the optimizer steps there). Pretrained weights are loaded after sharding, each rank reading
 only its own rows of the safetensors files, so no rank ever holds the whole model; the export
 gathers one tensor at a time.
+
+An adapter method (`finetune=lora`) adds peft's adapters on the meta device before sharding: a
+decoder layer's unit then holds its frozen base weights and its adapters together (FSDP2 reduces
+gradients only for those that require them). After `to_empty` the base is read from model.path
+and the adapters take their initial values (`finetune.initial_adapters`), the ones `single` draws.
+The checkpoints hold the adapters' shards alone; the merged export folds each layer's adapters
+into its gathered weights one layer at a time.
 """
 
 from __future__ import annotations
@@ -31,6 +38,7 @@ import torch
 from vicuna_exp.backends.base import OptimizerSpec, storage_bytes
 from vicuna_exp.backends.dcp_state import TorchOptimizerBackend
 from vicuna_exp.choices import ModelInit, Precision
+from vicuna_exp.finetune import initial_adapters, is_peft_model, save_adapter
 from vicuna_exp.mesh import mesh_shape
 from vicuna_exp.model import ModelSpec, decoder_layers
 
@@ -47,14 +55,14 @@ class FSDPBackend(TorchOptimizerBackend):
         offload = bool(self.cfg.backend.cpu_offload)
         home = torch.device("cpu") if offload else self.device
         if spec.init == ModelInit.pretrained:
-            model = spec.build_meta()
+            model = spec.adapt(spec.build_meta())  # adapters, if any, are placeholders until filled below
         else:
             # Random init materialises the (small) model once, so it starts from exactly the
             # weights `single` draws from the same seed; fully_shard then keeps only the shard.
             model = spec.build(home)
         kwargs = {
             "mesh": self._mesh(),
-            "mp_policy": self._mp_policy(),
+            "mp_policy": self._mp_policy(is_peft_model(model)),
             "offload_policy": CPUOffloadPolicy(pin_memory=self.device.type == "cuda") if offload else OffloadPolicy(),
             "reshard_after_forward": bool(self.cfg.backend.reshard_after_forward),
         }
@@ -64,7 +72,7 @@ class FSDPBackend(TorchOptimizerBackend):
         if spec.init == ModelInit.pretrained:
             model.to_empty(device=home)
             rebuild_buffers(model)
-            self.elements_loaded = load_dtensor_shards(model, spec.path)
+            self.elements_loaded = load_dtensor_shards(model, spec.path, initial_adapters(model, spec.seed))
         self.model = self.module = model
         self.optimizer = optim.build_adamw(model)
         self.scheduler = optim.build_scheduler(self.optimizer)
@@ -77,10 +85,13 @@ class FSDPBackend(TorchOptimizerBackend):
         names = ("shard",) if len(shape) == 1 else ("replicate", "shard")
         return init_device_mesh(self.device.type, shape, mesh_dim_names=names)
 
-    def _mp_policy(self) -> object:
+    def _mp_policy(self, adapters: bool) -> object:
         from torch.distributed.fsdp import MixedPrecisionPolicy
 
         if self.precision == Precision.bf16_mixed:
+            return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        if self.precision == Precision.bf16 and adapters:
+            # fp32 adapters beside a bf16 base: one unit gathers one dtype, so compute in bf16
             return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
         return MixedPrecisionPolicy()  # fp32, or bf16 weights that are already bf16
 
@@ -123,7 +134,8 @@ class FSDPBackend(TorchOptimizerBackend):
     def export(self, out_dir: Path, dtype: torch.dtype) -> None:
         from vicuna_exp.export import export_module
 
-        writer = export_module(self.model, self._gathered, out_dir, dtype, self.cfg, is_writer=self.dist.is_main)
+        writer = export_module(self.model, self._gathered, out_dir, dtype, self.cfg, is_writer=self.dist.is_main,
+                               gather=self._full)
         self.export_peak_bytes = writer.peak_bytes if writer is not None else 0
         self.log_facts(writer)
 
@@ -137,11 +149,19 @@ class FSDPBackend(TorchOptimizerBackend):
                   elements_loaded=getattr(self, "elements_loaded", None),
                   export_peak_bytes=getattr(writer, "peak_bytes", None), export_bytes=getattr(writer, "total_bytes", None))
 
+    def export_adapter(self, out_dir: Path) -> None:
+        """The adapters gathered whole (small), written by rank 0; every rank joins the gathers."""
+        state = {n: self._full(p) for n, p in self.model.named_parameters() if p.requires_grad}
+        if self.dist.is_main:
+            save_adapter(self.model, out_dir, self.cfg.model.path, state)
+
+    def _full(self, p: torch.nn.Parameter) -> torch.Tensor | None:
+        """One parameter whole on rank 0 (None elsewhere); an all-gather every rank joins."""
+        full = p.full_tensor() if hasattr(p, "full_tensor") else p.detach()
+        return full.detach() if self.dist.is_main else None
+
     def _gathered(self, names: set[str]) -> Iterator[tuple[str, torch.Tensor | None]]:
         """One full tensor at a time; every rank joins each all-gather, rank 0 keeps the result."""
         for name, p in self.model.named_parameters():
-            if name not in names:
-                continue
-            full = p.full_tensor() if hasattr(p, "full_tensor") else p.detach()
-            yield name, (full if self.dist.is_main else None)
-            del full
+            if name in names:
+                yield name, self._full(p)
