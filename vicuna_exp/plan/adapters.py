@@ -4,7 +4,8 @@ which activations autograd saves once the base is frozen.
 State: the frozen base is held in its storage dtype (bf16 under bf16 and bf16_mixed, fp32 under
 fp32; nothing updates it, so it needs no fp32 master), with no gradient and no AdamW state. The
 adapters (and any module trained in full beside them) are fp32, with fp32 gradients and two fp32
-moments: 16 bytes per trainable parameter, as in full fine-tuning.
+moments: 16 bytes per trainable parameter, as in full fine-tuning. FSDP shards all of it over its
+shard group; DeepSpeed holds it by its own accounting (`adapter_state_bytes`).
 
 Activations per token per decoder layer with LoRA on every linear layer, measured with the same
 saved-tensor hooks as full fine-tuning (tests/plan/test_plan_measured.py) on HF's LLaMA with
@@ -67,11 +68,23 @@ def base_bytes_per_param(precision: Precision) -> float:
     return 4.0 if precision == Precision.fp32 else 2.0
 
 
-def adapter_state_bytes(m: ModelFacts, a: AdapterFacts, precision: Precision, shard_group: int) -> dict[str, float]:
-    """Bytes per rank of params (frozen base + fp32 trainable), grads and AdamW state (trainable only)."""
-    t, g = float(a.trainable_params), float(shard_group)
-    return {"params": (base_bytes_per_param(precision) * m.total_params + 4.0 * t) / g,
-            "grads": 4.0 * t / g, "optim": 8.0 * t / g}
+def adapter_state_bytes(m: ModelFacts, a: AdapterFacts, precision: Precision, shard_group: int,
+                        zero_stage: int = 0) -> dict[str, float]:
+    """Bytes per rank of params (frozen base + trainable), grads and AdamW state (trainable only).
+
+    single, ddp and fsdp (`zero_stage` 0): the base in its storage dtype and fp32 adapters, all
+    divided over the shard group (FSDP2 shards both alike). DeepSpeed (`zero_stage` 2 or 3) casts
+    the whole module, adapters too, to the compute dtype, keeps it whole under ZeRO-2 and
+    partitioned under ZeRO-3, and holds an fp32 master copy of the trainable part beside the two
+    moments (12 bytes per trainable parameter, partitioned); gradients as for full fine-tuning,
+    counted for the trainable part alone."""
+    t, g, n = float(a.trainable_params), float(shard_group), float(m.total_params)
+    if zero_stage:
+        c = 4.0 if precision == Precision.fp32 else 2.0
+        params = c * (n + t) / (g if zero_stage == 3 else 1.0)
+        grads = (4.0 if zero_stage == 3 else c + (4.0 if c != 4.0 else 0.0)) * t / g
+        return {"params": params, "grads": grads, "optim": 12.0 * t / g}
+    return {"params": (base_bytes_per_param(precision) * n + 4.0 * t) / g, "grads": 4.0 * t / g, "optim": 8.0 * t / g}
 
 
 def activation_terms(m: ModelFacts, a: AdapterFacts, precision: Precision, autocast: bool) -> tuple[float, float]:

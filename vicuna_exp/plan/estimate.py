@@ -230,8 +230,13 @@ def _state_bytes(s: Setup) -> tuple[dict[str, float], dict[str, float]]:
     """(on device, in host RAM) bytes per rank of params, grads and optimizer state."""
     n, g = float(s.model.total_params), float(s.shard_group)
     if s.adapters is not None:  # a frozen base: no gradient, no optimizer state (see plan/adapters.py)
-        dev = adapter_state_bytes(s.model, s.adapters, s.precision, s.shard_group)
+        dev = adapter_state_bytes(s.model, s.adapters, s.precision, s.shard_group, s.zero_stage)
         host = {"params": 0.0, "grads": 0.0, "optim": 0.0}
+        if s.backend == BackendName.deepspeed and s.offload_optimizer:
+            host["optim"], dev["optim"], host["grads"], dev["grads"] = dev["optim"], 0.0, dev["grads"], 0.0
+        if s.backend == BackendName.deepspeed and s.offload_params:
+            host["params"], dev["params"] = dev["params"], 0.0
+            return dev, host
         return (host, dev) if s.offload_params else (dev, host)
     if s.backend == BackendName.deepspeed:
         c = 4.0 if s.precision == Precision.fp32 else 2.0  # DeepSpeed keeps module weights in the compute dtype
@@ -323,15 +328,18 @@ def memory(s: Setup, hw: Any, plan_cfg: Any) -> Memory:
         layer = float(m.layer_params)
         root = float(m.total_params - m.num_hidden_layers * m.layer_params)  # embedding, lm_head, final norm
         reduce_extra = 4.0 if s.precision == Precision.bf16_mixed else 0.0  # fp32 reduce-scatter copy
+        # one layer's unsharded gradients: a frozen base has none, only its adapters
+        grad_layer = s.adapters.adapter_params / m.num_hidden_layers if s.adapters else layer
         if s.reshard_after_forward:
-            gathered = root * c + 2 * layer * c + layer * (c + reduce_extra)
+            gathered = root * c + 2 * layer * c + grad_layer * (c + reduce_extra)
         else:
-            gathered = float(m.total_params) * c + layer * (c + reduce_extra)
+            gathered = float(m.total_params) * c + grad_layer * (c + reduce_extra)
         if s.shard_group == 1 and s.precision != Precision.bf16_mixed:
             gathered = 0.0  # one rank, no dtype change: the "unsharded" params are the params
     elif s.backend == BackendName.deepspeed:
         if s.zero_stage == 3:
-            gathered = 2 * c * m.largest_module_params  # DeepSpeed: the largest module's params + grads
+            # DeepSpeed: the largest module's params + grads (a frozen base: its params alone)
+            gathered = (1 if s.adapters else 2) * c * m.largest_module_params
             comm = min(s.bucket_bytes, c * m.total_params)  # prefetch bucket
         else:
             comm = 2 * min(s.bucket_bytes, c * m.total_params)  # reduce + all-gather buckets
@@ -399,9 +407,6 @@ class Plan:
 def adapter_notes(s: Setup) -> list[str]:
     """What the plan of an adapter method assumes, and what training will refuse."""
     notes = []
-    if s.backend not in REPLICATED:
-        notes.append(f"finetune={s.adapters.method} trains on backend=single or ddp only for now: "
-                     f"backend={s.backend} is planned, but `train` refuses it")
     if not s.adapters.all_linear:
         notes.append("activations are modelled with every linear layer adapted (an upper bound for fewer targets)")
     notes.append("time assumes 6N FLOPs per token; a frozen base needs no weight gradients (about 4N)")
