@@ -53,13 +53,6 @@ def test_lora_keys_belong_to_the_lora_schema(capsys: pytest.CaptureFixture) -> N
     assert "unknown key 'finetune.r'" in capsys.readouterr().err
 
 
-def test_sharded_backends_refuse_lora_naming_the_supported_ones(capsys: pytest.CaptureFixture,
-                                                                 tmp_path: Path) -> None:
-    assert main(["train", "finetune=lora", "backend=fsdp", f"hydra.run.dir={tmp_path}"]) == 2
-    err = capsys.readouterr().err
-    assert "finetune=lora runs on backend=single or ddp" in err and "fsdp" in err
-
-
 # ---- the model: what trains ---------------------------------------------------------------------
 def _tiny_llama(dtype: torch.dtype = torch.float32, **shape: int):
     from transformers import LlamaConfig, LlamaForCausalLM
