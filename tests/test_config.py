@@ -275,7 +275,7 @@ def test_logger_none_has_no_wandb_keys(capsys: pytest.CaptureFixture) -> None:
     ("logger.mode=sometimes", "[auto, online, offline, disabled]"),
     ("model.init=zeros", "[pretrained, random]"),
     ("launcher.dist_backend=mpi", "[auto, nccl, gloo]"),
-    ("model.attn_implementation=flash", "[auto, sdpa, eager, flash_attention_2]"),
+    ("model.attn_implementation=flash", "[auto, sdpa, eager, flash_attention_2, varlen, flex_attention]"),
 ])
 def test_a_value_outside_its_enum_exits_2_listing_the_valid_values(override: str, valid: str,
                                                                    capsys: pytest.CaptureFixture) -> None:

@@ -45,6 +45,7 @@ def test_summary_is_complete(default_run: Path) -> None:
     assert s["best_eval_loss"] <= s["final_eval_loss"]
     assert list(s) == [k for k in SUMMARY_KEYS if k not in OPTIONAL_KEYS]  # the keys held by test_rundir
     assert s["tflops_per_device"] > 0 and 0 < s["mfu"] < 1
+    assert (s["derived"]["attn_implementation"], s["derived"]["attn_reason"]) == ("sdpa", "auto: on the CPU")
 
 
 def test_loss_falls_clearly(default_run: Path) -> None:
@@ -273,6 +274,26 @@ def test_bad_paths_exit_2_naming_key_and_path(override: str, needle: str, tmp_pa
     err = capsys.readouterr().err
     assert needle in err and "Traceback" not in err
     assert ("model.tokenizer" if "tokenizer" in override else "model.path") in err
+
+
+@pytest.mark.parametrize(("attn", "why"), [
+    ("varlen", "torch's varlen attention is CUDA-only"),
+    ("flex_attention", "no backward on the CPU"),
+    ("flash_attention_2", "no CUDA device"),
+])
+def test_a_kernel_that_cannot_run_here_exits_2_before_any_worker(attn: str, why: str, tmp_path: Path,
+                                                                 capsys: pytest.CaptureFixture,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    import vicuna_exp.job
+
+    monkeypatch.setattr(vicuna_exp.job, "launch", lambda *a: pytest.fail("a worker was started"))
+    monkeypatch.setattr(vicuna_exp.job, "run", lambda *a: pytest.fail("the recipe was started"))
+    code = main(["train", *SMALL, f"model.attn_implementation={attn}", "trainer.device=cpu",
+                 "launcher.nproc_per_node=2", "backend=ddp", f"hydra.run.dir={tmp_path}"])
+    err = capsys.readouterr().err
+    assert code == 2 and why in err and "auto would pick sdpa (on the CPU)" in err and "Traceback" not in err
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["exit_code"] == 2 and why in summary["error"]
 
 
 def test_a_directory_that_is_not_a_model(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

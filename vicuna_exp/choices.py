@@ -21,10 +21,12 @@ from enum import Enum, StrEnum
 class AttnImpl(StrEnum):
     """`model.attn_implementation`."""
 
-    auto = "auto"  # flash_attention_2 when importable on CUDA, else sdpa
+    auto = "auto"  # by device, packages and precision: `hardware.choose_attention`
     sdpa = "sdpa"
     eager = "eager"
-    flash_attention_2 = "flash_attention_2"
+    flash_attention_2 = "flash_attention_2"  # the flash-attn package
+    varlen = "varlen"  # torch's own flash-attention-2 (`torch.nn.attention.varlen`), CUDA and bf16/fp16 only
+    flex_attention = "flex_attention"  # torch's flex attention with a document mask
 
 
 class Precision(StrEnum):

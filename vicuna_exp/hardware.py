@@ -8,6 +8,10 @@ device found gives a warning and the device wins, unless `hardware.strict=true` 
 The device is probed without creating a CUDA context in this process (nvidia-smi, which asks NVML),
 so the parent job of a multi-GPU run does not hold GPU 0's memory while its workers train. Planning
 on a machine without a GPU uses the preset's reference profile (`hardware.reference`).
+
+Precision and the attention kernel are resolved here as well, by one rule each for the planner,
+the parent job and the ranks: `resolve_attention` takes `AttentionFacts` (the device, the compute
+dtype, what is installed), so tests fake them and the planner asks no GPU.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from vicuna_exp.choices import BF16_PRECISIONS, AttnImpl, DeviceType, Precision
+from vicuna_exp.choices import BF16_PRECISIONS, AttnImpl, Device, DeviceType, Precision, choice_str
 from vicuna_exp.errors import UsageError
 
 log = logging.getLogger(__name__)
@@ -232,12 +236,115 @@ def resolve_precision(requested: str, *, on_cuda: bool, bf16_supported: bool = T
     return Precision(requested)
 
 
-def resolve_attention(requested: str, *, on_cuda: bool) -> AttnImpl:
-    """`auto` = flash_attention_2 when it can run (a GPU and the flash-attn package), else sdpa."""
-    flash_ok = on_cuda and importlib.util.find_spec("flash_attn") is not None
+@dataclass(frozen=True)
+class AttentionFacts:
+    """What decides which attention kernels can run: the device, the compute dtype, and what is
+    installed. Probed by `probe_attention`; tests build them by hand."""
+
+    on_cuda: bool
+    half: bool  # computes in bf16 or fp16 (fp32 weights under autocast count as bf16)
+    flash_attn: bool  # the flash-attn package is importable
+    torch_varlen: bool  # this torch ships torch.nn.attention.varlen
+    torch_flex: bool  # this torch ships torch.nn.attention.flex_attention
+
+
+def _torch_ships(relative: str) -> bool:
+    """Whether the installed torch has the file `relative`, found without importing torch (the planner
+    and the parent job pay nothing for the question)."""
+    spec = importlib.util.find_spec("torch")
+    if spec is None or spec.origin is None:
+        return False
+    return (Path(spec.origin).parent / relative).is_file()
+
+
+def probe_attention(*, on_cuda: bool, precision: str) -> AttentionFacts:
+    """The attention facts of this machine for a run on CUDA or not, at its resolved precision."""
+    return AttentionFacts(on_cuda=on_cuda, half=Precision(precision) in BF16_PRECISIONS,
+                          flash_attn=importlib.util.find_spec("flash_attn") is not None,
+                          torch_varlen=_torch_ships("nn/attention/varlen.py"),
+                          torch_flex=_torch_ships("nn/attention/flex_attention.py"))
+
+
+def choose_attention(facts: AttentionFacts) -> tuple[AttnImpl, str]:
+    """What `auto` picks, and why. On CUDA in bf16/fp16: flash-attn when installed, else torch's varlen,
+    else flex, else sdpa; in fp32 on CUDA: flex, else sdpa (the varlen kernels are half-precision
+    only); on the CPU: sdpa (flex has no backward there)."""
+    if not facts.on_cuda:
+        return AttnImpl.sdpa, "on the CPU"
+    where = f"on CUDA in {'bf16' if facts.half else 'fp32'}"
+    if facts.half and facts.flash_attn:
+        return AttnImpl.flash_attention_2, f"{where}, flash-attn installed"
+    if facts.half and facts.torch_varlen:
+        return AttnImpl.varlen, f"{where}, flash-attn not installed, torch has varlen attention"
+    if facts.torch_flex:
+        return AttnImpl.flex_attention, f"{where}" + (", neither flash-attn nor torch varlen" if facts.half else "")
+    return AttnImpl.sdpa, f"{where}, this torch has neither varlen nor flex attention"
+
+
+def attention_refusal(requested: AttnImpl, facts: AttentionFacts) -> str | None:
+    """Why `requested` cannot run with these facts, or None when it can."""
+    if requested == AttnImpl.flash_attention_2:
+        if not facts.on_cuda:
+            return "no CUDA device"
+        if not facts.flash_attn:
+            return "the flash-attn package is not installed (pip install '.[gpu]', or varlen: torch's own)"
+    if requested == AttnImpl.varlen:
+        if not facts.torch_varlen:
+            return "this torch has no torch.nn.attention.varlen (torch >= 2.10 has it)"
+        if not facts.on_cuda:
+            return "torch's varlen attention is CUDA-only"
+        if not facts.half:
+            return "torch's varlen attention computes in bf16/fp16 only, and this run is fp32"
+    if requested == AttnImpl.flex_attention:
+        if not facts.torch_flex:
+            return "this torch has no torch.nn.attention.flex_attention"
+        if not facts.on_cuda:
+            return "torch's flex attention has no backward on the CPU, so it cannot train there"
+    return None
+
+
+@dataclass(frozen=True)
+class AttentionChoice:
+    """The kernel a run trains with, and why (recorded in summary.json and shown in the plan)."""
+
+    impl: AttnImpl
+    reason: str
+
+
+def resolve_attention(requested: str, facts: AttentionFacts) -> AttentionChoice:
+    """The kernel a run trains with: `auto` by `choose_attention` (logged), or the requested one when
+    it can run here, else UsageError naming why and what `auto` would pick. The planner and the
+    trainer both call this."""
+    chosen, why = choose_attention(facts)
     if requested == AttnImpl.auto:
-        return AttnImpl.flash_attention_2 if flash_ok else AttnImpl.sdpa
-    if requested == AttnImpl.flash_attention_2 and not flash_ok:
-        where = "no CUDA device" if not on_cuda else "the flash-attn package is not installed (pip install '.[gpu]')"
-        raise UsageError(f"model.attn_implementation=flash_attention_2 cannot run here: {where}; use auto or sdpa")
-    return AttnImpl(requested)
+        log.info("model.attn_implementation=auto: %s (%s)", chosen, why)
+        return AttentionChoice(chosen, f"auto: {why}")
+    impl = AttnImpl(requested)
+    refusal = attention_refusal(impl, facts)
+    if refusal is not None:
+        raise UsageError(f"model.attn_implementation={impl} cannot run here: {refusal}; "
+                         f"auto would pick {chosen} ({why})")
+    return AttentionChoice(impl, "named by model.attn_implementation")
+
+
+def _torch_built_with_cuda() -> bool:
+    import torch  # only the parent job asks, and it has imported torch already
+
+    return torch.version.cuda is not None
+
+
+def attention_before_launch(cfg: DictConfig) -> AttentionChoice | None:
+    """The attention a `vicuna-exp train` job will train with, decided in the parent job before any
+    worker starts, so a kernel that cannot run here exits 2 at once. The device comes from the driver
+    (no CUDA context here); None when that cannot tell (`trainer.device=auto`, a CUDA build of torch
+    and no nvidia-smi, as in some containers): each rank then decides on its own device, by the
+    same rule, and still exits 2 before training."""
+    device = choice_str(cfg.trainer.device)
+    gpu = probe_gpus() if device != Device.cpu else None
+    if device == Device.auto and gpu is None and shutil.which("nvidia-smi") is None and _torch_built_with_cuda():
+        return None
+    on_cuda = device == Device.cuda or (device == Device.auto and gpu is not None)
+    precision = resolve_precision(choice_str(cfg.trainer.precision), on_cuda=on_cuda,
+                                  bf16_supported=gpu.bf16 if gpu is not None else True)
+    return resolve_attention(choice_str(cfg.model.attn_implementation),
+                             probe_attention(on_cuda=on_cuda, precision=precision))

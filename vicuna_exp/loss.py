@@ -48,8 +48,14 @@ def output_head(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def _forward_kwargs(batch: dict[str, Any]) -> dict[str, Any]:
-    return {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"],
-            "attention_mask": batch.get("attention_mask"), "use_cache": False}
+    """The model's inputs; a flattened batch's example boundaries go to every attention layer under
+    the names transformers' varlen paths read (the lengths as host ints: no layer syncs on them)."""
+    kwargs = {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"],
+              "attention_mask": batch.get("attention_mask"), "use_cache": False}
+    if "cu_seqlens" in batch:
+        kwargs.update(cu_seq_lens_q=batch["cu_seqlens"], cu_seq_lens_k=batch["cu_seqlens"],
+                      max_length_q=batch["max_seqlen"], max_length_k=batch["max_seqlen"])
+    return kwargs
 
 
 def full_loss_sum(model: torch.nn.Module, batch: dict[str, Any]) -> torch.Tensor:

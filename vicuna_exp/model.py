@@ -19,16 +19,18 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from vicuna_exp import hardware
+from vicuna_exp.attention import check_varlen, register_varlen
 from vicuna_exp.choices import AttnImpl, ModelInit, Precision
 from vicuna_exp.data.tokenizer import LLAMA_TOKEN_IDS, TokenIds
 from vicuna_exp.errors import UsageError
 from vicuna_exp.finetune import add_adapters, check_targets, uses_adapters
-from vicuna_exp.hardware import resolve_attention
+from vicuna_exp.hardware import AttentionChoice, probe_attention, resolve_attention
 
 
-def resolve_attn_implementation(requested: str, device: torch.device) -> AttnImpl:
-    """`auto` = flash_attention_2 when it can run, else sdpa: transformers raises instead of falling back."""
-    return resolve_attention(requested, on_cuda=device.type == "cuda")
+def resolve_attn_implementation(requested: str, device: torch.device, precision: str) -> AttentionChoice:
+    """The planner's rule (`hardware.resolve_attention`) with this rank's device: transformers raises
+    instead of falling back, so a kernel that cannot run here is refused before anything is built."""
+    return resolve_attention(requested, probe_attention(on_cuda=device.type == "cuda", precision=precision))
 
 
 def resolve_precision(requested: str, device: torch.device) -> Precision:
@@ -60,6 +62,7 @@ class ModelSpec:
     param_dtype: torch.dtype  # dtype the weights are stored in during training (a frozen base: its own)
     finetune: Any = None  # the `finetune` section: which parameters train (None: all)
     seed: int = 0  # the adapters' initial values are drawn from it (`finetune.initial_adapters`)
+    attn_reason: str = "named by model.attn_implementation"  # or why `auto` picked hf_config's kernel
 
     def build(self, device: torch.device | str) -> torch.nn.Module:
         """A ready model on `device`, adapters added; pretrained weights are read straight from model.path."""
@@ -192,6 +195,8 @@ def check_attention(attn: AttnImpl, hf_config: Any) -> None:
     window = getattr(hf_config, "sliding_window", None)
     uses_window = window is not None and "sliding_attention" in (getattr(hf_config, "layer_types", None)
                                                                  or ["sliding_attention"])
+    if attn == AttnImpl.varlen:
+        check_varlen(hf_config, window if uses_window else None)
     if attn == AttnImpl.flash_attention_2 and uses_window:
         import inspect
 
@@ -212,7 +217,10 @@ def make_model_spec(model_cfg: DictConfig, *, vocab_size: int, device: torch.dev
     the adapters stay fp32."""
     from transformers import AutoConfig
 
-    attn = resolve_attn_implementation(model_cfg.attn_implementation, device)
+    choice = resolve_attn_implementation(model_cfg.attn_implementation, device, precision)
+    attn = choice.impl
+    if attn == AttnImpl.varlen:
+        register_varlen()
     bf16_base = precision == Precision.bf16 or (precision == Precision.bf16_mixed and uses_adapters(finetune))
     param_dtype = torch.bfloat16 if bf16_base else torch.float32
     if model_cfg.init == ModelInit.pretrained:
@@ -230,7 +238,7 @@ def make_model_spec(model_cfg: DictConfig, *, vocab_size: int, device: torch.dev
                              f"has an embedding for {model_vocab}")
         check_attention(attn, hf_config)
         return ModelSpec(hf_config, ModelInit.pretrained, path, bool(model_cfg.gradient_checkpointing), param_dtype,
-                         finetune, seed)
+                         finetune, seed, choice.reason)
     hf_config = random_init_config(model_cfg, vocab_size=vocab_size, attn=attn, token_ids=token_ids)
     model_vocab = hf_config.vocab_size
     if model_vocab < vocab_size:
@@ -238,7 +246,7 @@ def make_model_spec(model_cfg: DictConfig, *, vocab_size: int, device: torch.dev
                          f"has an embedding for {model_vocab}")
     check_attention(attn, hf_config)
     return ModelSpec(hf_config, ModelInit.random, None, bool(model_cfg.gradient_checkpointing), param_dtype, finetune,
-                     seed)
+                     seed, choice.reason)
 
 
 def count_parameters(model: torch.nn.Module) -> int:
@@ -258,4 +266,5 @@ def model_facts_of(spec: ModelSpec, model_cfg: DictConfig) -> object:
         tie_word_embeddings=bool(getattr(c, "tie_word_embeddings", False)),
         **family_biases(getattr(c, "model_type", None), c.to_dict()),
         sliding_window=(getattr(c, "sliding_window", None) if getattr(c, "use_sliding_window", True) else None),
-        attn_implementation=c._attn_implementation or "sdpa", gradient_checkpointing=spec.gradient_checkpointing)
+        attn_implementation=c._attn_implementation or "sdpa", attn_reason=spec.attn_reason,
+        gradient_checkpointing=spec.gradient_checkpointing)

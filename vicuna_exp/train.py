@@ -235,6 +235,7 @@ class Recipe:
         return {"n_params": self.facts.total_params, "world_size": self.dist.world_size,
                 "global_batch_size": gbs, "grad_accumulation": grad_accumulation_steps(cfg),
                 "tokens_per_step": gbs * cfg.context.length, "precision": self.precision,
+                "attn_implementation": self.spec.hf_config._attn_implementation, "attn_reason": self.spec.attn_reason,
                 "total_steps": self.plan.total, "device": str(self.device),
                 "finetune": choice_str(cfg.finetune.name), "trainable_params": self.n_trainable,
                 "lr": cfg.optim.lr, "lr_source": cfg.optim.lr_source,
@@ -348,13 +349,14 @@ class Recipe:
     def collate(self, rows: list[list[int]], dataset: Any = None) -> dict[str, Any]:
         """Tensors on the device, plus the real (unpadded) token count and model FLOPs of these rows."""
         dataset = self.data.train if dataset is None else dataset
-        # flash-attention's varlen path sees example boundaries only in a single flattened row
-        flatten = self.cfg.data.packing and self.spec.hf_config._attn_implementation == "flash_attention_2"
-        batch = batching.collate(dataset, rows, pad_id=pad_id(self.tokenizer), flatten=flatten)
+        layout = batching.layout_for(self.spec.hf_config._attn_implementation, packing=self.cfg.data.packing,
+                                     context_length=self.cfg.context.length)
+        batch = batching.collate(dataset, rows, pad_id=pad_id(self.tokenizer), flatten=layout.flatten,
+                                 pad_to=layout.pad_to)
         n_supervised = len(batch["loss_targets"])  # on the host, before the copy
         pin = self.device.type == "cuda"  # copies from pinned memory overlap with compute
         out: dict[str, Any] = {k: (v.pin_memory() if pin else v).to(self.device, non_blocking=True)
-                               for k, v in batch.items()}
+                               if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
         seq_lens = self.lengths(dataset)[[i for row in rows for i in row]]
         out["num_supervised"] = n_supervised
         out["num_tokens"] = int(seq_lens.sum())

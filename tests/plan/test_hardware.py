@@ -114,3 +114,71 @@ def test_a_gpu_rank_without_nvidia_smi_asks_torch(monkeypatch: pytest.MonkeyPatc
     monkeypatch.setattr(H, "device_from_torch", lambda: H200)
     assert H.resolve(hw("auto"), on_gpu=True).facts["name"] == "h200"
     assert H.resolve(hw("auto"), on_gpu=None).facts["name"] == "cpu"  # the planner never asks torch
+
+
+# ---- attention: what `auto` picks, and what cannot run here ----------------------------------------
+def facts(on_cuda: bool = True, half: bool = True, flash_attn: bool = False, torch_varlen: bool = True,
+          torch_flex: bool = True) -> H.AttentionFacts:
+    return H.AttentionFacts(on_cuda=on_cuda, half=half, flash_attn=flash_attn, torch_varlen=torch_varlen,
+                            torch_flex=torch_flex)
+
+
+@pytest.mark.parametrize(("given", "picked"), [
+    (facts(flash_attn=True), "flash_attention_2"),
+    (facts(), "varlen"),
+    (facts(torch_varlen=False), "flex_attention"),
+    (facts(torch_varlen=False, torch_flex=False), "sdpa"),
+    (facts(half=False, flash_attn=True), "flex_attention"),  # fp32 on CUDA: the varlen kernels are half only
+    (facts(half=False, torch_flex=False), "sdpa"),
+    (facts(on_cuda=False, flash_attn=True), "sdpa"),
+    (facts(on_cuda=False, half=False), "sdpa"),
+])
+def test_auto_picks_by_device_packages_and_precision(given: H.AttentionFacts, picked: str) -> None:
+    choice = H.resolve_attention("auto", given)
+    assert choice.impl == picked and choice.reason.startswith("auto: ")
+
+
+@pytest.mark.parametrize(("requested", "given", "why", "auto"), [
+    ("varlen", facts(on_cuda=False, half=False), "CUDA-only", "sdpa"),
+    ("varlen", facts(half=False), "bf16/fp16 only, and this run is fp32", "flex_attention"),
+    ("varlen", facts(torch_varlen=False), "no torch.nn.attention.varlen", "flex_attention"),
+    ("flex_attention", facts(torch_flex=False, torch_varlen=False), "no torch.nn.attention.flex_attention", "sdpa"),
+    ("flex_attention", facts(on_cuda=False), "no backward on the CPU", "sdpa"),
+    ("flash_attention_2", facts(), "the flash-attn package is not installed", "varlen"),
+    ("flash_attention_2", facts(on_cuda=False, flash_attn=True), "no CUDA device", "sdpa"),
+])
+def test_a_kernel_that_cannot_run_here_is_refused_with_what_auto_would_pick(requested: str, given: H.AttentionFacts,
+                                                                            why: str, auto: str) -> None:
+    with pytest.raises(UsageError) as e:
+        H.resolve_attention(requested, given)
+    assert f"model.attn_implementation={requested} cannot run here" in str(e.value)
+    assert why in str(e.value) and f"auto would pick {auto} (" in str(e.value)
+
+
+@pytest.mark.parametrize(("requested", "given"), [
+    ("varlen", facts()), ("flex_attention", facts(half=False)), ("flash_attention_2", facts(flash_attn=True)),
+    ("sdpa", facts(on_cuda=False)), ("eager", facts(on_cuda=False, torch_flex=False, torch_varlen=False)),
+])
+def test_a_kernel_that_can_run_is_kept_as_named(requested: str, given: H.AttentionFacts) -> None:
+    assert H.resolve_attention(requested, given) == H.AttentionChoice(requested, "named by model.attn_implementation")
+
+
+def test_the_probe_reads_precision_and_this_torch() -> None:
+    probed = H.probe_attention(on_cuda=True, precision="bf16_mixed")
+    assert probed.half and probed.torch_varlen and probed.torch_flex  # torch 2.13 ships both
+    assert not H.probe_attention(on_cuda=True, precision="fp32").half
+
+
+def test_the_job_decides_from_the_driver_before_any_worker(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(H, "probe_gpus", lambda: H.DeviceFacts("NVIDIA H200", 140.0, 8, 9.0))
+    monkeypatch.setattr(H, "probe_attention", lambda **k: facts(on_cuda=k["on_cuda"], half=k["precision"] != "fp32"))
+    cfg = OmegaConf.create({"trainer": {"device": "auto", "precision": "auto"},
+                            "model": {"attn_implementation": "auto"}})
+    assert H.attention_before_launch(cfg).impl == "varlen"  # auto precision on a bf16 GPU: bf16_mixed
+    cfg.trainer.precision = "fp32"
+    cfg.model.attn_implementation = "varlen"
+    with pytest.raises(UsageError, match="this run is fp32; auto would pick flex_attention"):
+        H.attention_before_launch(cfg)
+    cfg.trainer.device = "cpu"
+    with pytest.raises(UsageError, match="CUDA-only; auto would pick sdpa"):
+        H.attention_before_launch(cfg)

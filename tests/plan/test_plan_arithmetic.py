@@ -299,3 +299,25 @@ def test_the_vicuna_13b_verdict_counts_the_held_gradients(capsys):
     assert main(["plan", "experiment=vicuna-13b", "backend.reduce_every_micro_batch=false"]) == 0
     out = capsys.readouterr().out
     assert "gradients (unsharded until the last micro-batch)" in out and "Verdict: does not fit" in out
+
+
+def test_the_plan_shows_the_attention_auto_picks_and_why(monkeypatch):
+    """The planner resolves `auto` by the trainer's rule, for the profile's device and the precision."""
+    from vicuna_exp import hardware
+    from vicuna_exp.plan import facts
+
+    seen = []
+
+    def probe(**given):
+        seen.append(given)
+        return hardware.AttentionFacts(on_cuda=given["on_cuda"], half=given["precision"] != "fp32", flash_attn=False,
+                                       torch_varlen=True, torch_flex=True)
+
+    monkeypatch.setattr(facts, "probe_attention", probe)
+    text = render(make_plan(make_cfg("llama-7b", trainer__precision="bf16_mixed")))
+    assert seen[-1] == {"on_cuda": True, "precision": "bf16_mixed"}
+    assert "attention varlen (auto: on CUDA in bf16, flash-attn not installed, torch has varlen attention)" in text
+    fp32 = make_plan(make_cfg("llama-7b", trainer__precision="fp32"))
+    assert fp32.setup.model.attn_implementation == "flex_attention"
+    named = render(make_plan(make_cfg("llama-7b", model__attn_implementation="eager")))
+    assert "attention eager (named by model.attn_implementation)" in named

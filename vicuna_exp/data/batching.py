@@ -4,7 +4,9 @@ Packing is padding-free: a packed row concatenates whole examples, `position_ids
 for each, and no token attends across examples. transformers derives a block-diagonal causal mask
 from restarting `position_ids` (`masking_utils.find_packed_sequence_indices`, sdpa and eager) when
 the forward gets `attention_mask=None` and no cache; flash-attention 2 takes the same signal as
-varlen boundaries but only for a batch of one row (`flatten=True`). The forward of a packed batch
+varlen boundaries but only for a batch of one row (`flatten=True`), and torch's varlen kernel reads
+the boundaries collate lists for that row (`cu_seqlens`, `max_seqlen`). `layout_for` says which
+layout each kernel needs. The forward of a packed batch
 must therefore pass `use_cache=False` (with a cache object, transformers skips the packed-sequence
 detection and tokens see the previous example) and no attention mask.
 """
@@ -12,6 +14,7 @@ detection and tokens see the previous example) and no attention mask.
 from __future__ import annotations
 
 import bisect
+import itertools
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -19,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from vicuna_exp.choices import AttnImpl
 from vicuna_exp.data.encode import IGNORE
 from vicuna_exp.errors import UsageError
 
@@ -153,22 +157,44 @@ def packing_efficiency(lengths: np.ndarray, rows: Sequence[Sequence[int]], conte
     return real / (len(rows) * context_length)
 
 
+@dataclass(frozen=True)
+class Layout:
+    """How an attention kernel wants a batch's rows laid out (`collate`'s keywords)."""
+
+    flatten: bool = False  # every example in one row, with `cu_seqlens` and `max_seqlen`
+    pad_to: int | None = None  # a fixed row width (else the batch's longest)
+
+
+def layout_for(attn: str, *, packing: bool, context_length: int) -> Layout:
+    """flash_attention_2 reads packed boundaries only from a single flattened row; torch's varlen
+    reads nothing else (it gets no mask, so unpacked rows are flattened too); flex attention
+    recompiles for every new row width, so its rows are padded to the context length."""
+    if attn == AttnImpl.varlen or (packing and attn == AttnImpl.flash_attention_2):
+        return Layout(flatten=True)
+    if attn == AttnImpl.flex_attention:
+        return Layout(pad_to=context_length)
+    return Layout()
+
+
 def collate(
     dataset: Any,
     rows: Sequence[Sequence[int]],
     pad_id: int,
     *,
     flatten: bool = False,
-) -> dict[str, torch.Tensor]:
+    pad_to: int | None = None,
+) -> dict[str, Any]:
     """Tensors for a batch of rows.
 
     Packed (a row holds several examples, or `flatten=True`): `input_ids`, `labels`, `position_ids`,
-    no `attention_mask`. Rows are padded to the longest row of the batch with a padding segment
-    of its own (restarting positions, labels -100); `flatten=True` puts all rows into one row with
-    no padding at all (what flash-attention 2 varlen needs). Unpacked: padded to the longest example
-    of the batch, with `attention_mask`. Labels are unshifted (the model shifts them) and are -100
-    on every example's first token, so no position predicts across an example boundary.
-    `loss_positions` and `loss_targets` list the supervised positions (`supervised_positions`).
+    no `attention_mask`. Rows are padded to the longest row of the batch (or to `pad_to`) with a
+    padding segment of its own (restarting positions, labels -100); `flatten=True` puts all rows into
+    one row with no padding at all, and adds the example boundaries varlen kernels read:
+    `cu_seqlens` (int32, the cumulative example lengths from 0) and `max_seqlen` (a host int).
+    Unpacked: padded to the longest example of the batch (or to `pad_to`), with `attention_mask`.
+    Labels are unshifted (the model shifts them) and are -100 on every example's first token, so no
+    position predicts across an example boundary. `loss_positions` and `loss_targets` list the
+    supervised positions (`supervised_positions`).
     """
     import torch
 
@@ -193,6 +219,10 @@ def collate(
             pos.extend(range(len(x)))
         seqs.append((ids, labels, pos))
     width = max(len(s[0]) for s in seqs)
+    if pad_to is not None and not flatten:
+        if width > pad_to:
+            raise ValueError(f"a row of {width} tokens does not fit pad_to={pad_to}")
+        width = pad_to
     n = len(seqs)
     input_ids = torch.full((n, width), int(pad_id), dtype=torch.long)
     label_t = torch.full((n, width), IGNORE, dtype=torch.long)
@@ -211,9 +241,13 @@ def collate(
             position_ids[r, k:] = torch.arange(width - k, dtype=torch.long)
         else:
             attention_mask[r, :k] = 1
-    batch = {"input_ids": input_ids, "labels": label_t, "position_ids": position_ids}
+    batch: dict[str, Any] = {"input_ids": input_ids, "labels": label_t, "position_ids": position_ids}
     if not packed:
         batch["attention_mask"] = attention_mask
+    if flatten:
+        lengths = [len(by_index[i][0]) for i in flat]
+        batch["cu_seqlens"] = torch.tensor(list(itertools.accumulate(lengths, initial=0)), dtype=torch.int32)
+        batch["max_seqlen"] = max(lengths)
     batch["loss_positions"], batch["loss_targets"] = supervised_positions(label_t)
     return batch
 

@@ -164,7 +164,7 @@ def setup_from_config(cfg: Any) -> Setup:
         offload_params = offload_optimizer = False
     hybrid = name == BackendName.fsdp and b.sharding == Sharding.hybrid
     shard_group = 1 if name in REPLICATED else (nproc if hybrid else world)
-    facts = model_facts(cfg.model, on_cuda=hw.device == DeviceType.cuda)
+    facts = model_facts(cfg.model, on_cuda=hw.device == DeviceType.cuda, precision=precision)
     return Setup(
         model=facts,
         adapters=adapter_facts(facts, cfg.finetune if "finetune" in cfg else None),

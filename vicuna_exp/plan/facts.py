@@ -15,9 +15,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from vicuna_exp.choices import AttnImpl
+from vicuna_exp.choices import AttnImpl, Precision
 from vicuna_exp.errors import UsageError
-from vicuna_exp.hardware import resolve_attention
+from vicuna_exp.hardware import AttentionChoice, probe_attention, resolve_attention
 
 # model_type of the families whose attention layer has a q/k/v bias whatever the config says.
 QKV_BIAS_FAMILIES = frozenset({"qwen2"})
@@ -44,6 +44,7 @@ class ModelFacts:
     mlp_bias: bool = False  # bias on gate, up and down (LLaMA's mlp_bias)
     sliding_window: int | None = None  # attention sees only the last N tokens (Mistral v0.1)
     attn_implementation: AttnImpl = AttnImpl.sdpa
+    attn_reason: str = "named by model.attn_implementation"  # or why `auto` picked it, for the plan to say
     gradient_checkpointing: bool = False
     source: str = "the model config"  # where the architecture facts came from, for the plan to say
 
@@ -134,7 +135,7 @@ def _tokenizer_vocab(model_cfg: Any) -> int | None:
     return None
 
 
-def model_facts(model_cfg: Any, *, on_cuda: bool = False) -> ModelFacts:
+def model_facts(model_cfg: Any, *, on_cuda: bool = False, precision: str = Precision.fp32) -> ModelFacts:
     """Facts of the model a run will train, from the files it will load where they exist.
 
     A pretrained model is built from `model.path`'s config.json, so its facts come from there
@@ -173,6 +174,10 @@ def model_facts(model_cfg: Any, *, on_cuda: bool = False) -> ModelFacts:
     if heads % kv:
         raise UsageError(f"model.num_key_value_heads: {kv} does not divide model.num_attention_heads={heads}")
     attn = AttnImpl(model_cfg.attn_implementation)
+    # auto as the trainer resolves it; a named kernel is planned as named (the plan may be for another
+    # machine: the job's own check asks that machine's packages)
+    choice = (resolve_attention(attn, probe_attention(on_cuda=on_cuda, precision=precision)) if attn == AttnImpl.auto
+              else AttentionChoice(attn, "named by model.attn_implementation"))
     arch = model_cfg.architecture if "architecture" in model_cfg else None
     biases = family_biases(hf.get("model_type") or model_type_of(arch), hf)
     window = values["sliding_window"] if hf.get("use_sliding_window", True) else None  # Qwen2 switches it off
@@ -187,7 +192,8 @@ def model_facts(model_cfg: Any, *, on_cuda: bool = False) -> ModelFacts:
         tie_word_embeddings=bool(values["tie_word_embeddings"]),
         **biases,
         sliding_window=int(window) if window else None,
-        attn_implementation=resolve_attention(attn, on_cuda=on_cuda) if attn == AttnImpl.auto else attn,
+        attn_implementation=choice.impl,
+        attn_reason=choice.reason,
         gradient_checkpointing=bool(model_cfg.gradient_checkpointing),
         source=source,
     )

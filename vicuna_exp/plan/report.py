@@ -109,7 +109,7 @@ def render(plan: Plan) -> str:
         f"Plan: {m.name} ({_num(m.total_params)} params; {m.source}) | context {s.seq_len:,} | "
         f"{describe(s.micro_batches)}, x {s.world} GPU{'s' if s.world > 1 else ''} = {s.global_batch} rows per step",
         f"      {s.strategy}, precision {s.precision}, gradient checkpointing {ckpt}, attention "
-        f"{m.attn_implementation}, on {s.world} x {plan.hardware_name} ({nodes})",
+        f"{m.attn_implementation} ({m.attn_reason}), on {s.world} x {plan.hardware_name} ({nodes})",
         f"      hardware: {plan.hardware_source}",
         f"      {_method_line(s)}",
         "",
