@@ -312,12 +312,11 @@ class AttentionChoice:
 
 
 def resolve_attention(requested: str, facts: AttentionFacts) -> AttentionChoice:
-    """The kernel a run trains with: `auto` by `choose_attention` (logged), or the requested one when
-    it can run here, else UsageError naming why and what `auto` would pick. The planner and the
-    trainer both call this."""
+    """The kernel a run trains with: `auto` by `choose_attention`, or the requested one when it can
+    run here, else UsageError naming why and what `auto` would pick. The planner, the job and the
+    trainer all call this."""
     chosen, why = choose_attention(facts)
     if requested == AttnImpl.auto:
-        log.info("model.attn_implementation=auto: %s (%s)", chosen, why)
         return AttentionChoice(chosen, f"auto: {why}")
     impl = AttnImpl(requested)
     refusal = attention_refusal(impl, facts)

@@ -11,6 +11,7 @@ class to shard, the tied weights, the class to export as) is read from the model
 from __future__ import annotations
 
 import dataclasses
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,8 @@ from vicuna_exp.data.tokenizer import LLAMA_TOKEN_IDS, TokenIds
 from vicuna_exp.errors import UsageError
 from vicuna_exp.finetune import add_adapters, check_targets, uses_adapters
 from vicuna_exp.hardware import AttentionChoice, probe_attention, resolve_attention
+
+log = logging.getLogger(__name__)
 
 
 def resolve_attn_implementation(requested: str, device: torch.device, precision: str) -> AttentionChoice:
@@ -218,6 +221,7 @@ def make_model_spec(model_cfg: DictConfig, *, vocab_size: int, device: torch.dev
     from transformers import AutoConfig
 
     choice = resolve_attn_implementation(model_cfg.attn_implementation, device, precision)
+    log.info("attention: %s (%s)", choice.impl, choice.reason)
     attn = choice.impl
     if attn == AttnImpl.varlen:
         register_varlen()
