@@ -146,8 +146,6 @@ def attention_kernels(on_cuda: bool) -> list[Kernel]:
                 why = "torch's varlen attention is CUDA-only"
             elif importlib.util.find_spec("torch.nn.attention.varlen") is None:
                 why = "this torch has no torch.nn.attention.varlen"
-            elif name not in set(AttnImpl):
-                why = "model.attn_implementation has no varlen choice in this tree (issue 21 adds it)"
         elif name == "flex_attention":
             if importlib.util.find_spec("torch.nn.attention.flex_attention") is None:
                 why = "this torch has no torch.nn.attention.flex_attention"
@@ -285,13 +283,14 @@ def part_correctness(ctx: Context) -> None:
 def _compare_packed(r: Report, recipe: Any, k: Kernel, dtype: str, rows: list[list[int]],
                     unpacked: dict[str, Any]) -> None:
     """One kernel: the packed rows' loss and gradients against the unpacked batch's, in one check."""
-    recipe.model.set_attn_implementation(k.name)
-    recipe.spec.hf_config._attn_implementation = k.name  # the recipe's collate flattens for flash-attn
+    _use_kernel(recipe, k.name)
     packed = recipe.collate(rows)
     grads = k.backward is None
     if not grads:
         r.skip(f"{k.name} {dtype} gradients", k.backward or "")
     lp, gp = _loss_and_grads(recipe, packed, grads)
+    # varlen flattens every batch (it takes no padding mask): its unpacked reference is sdpa's padded rows
+    _use_kernel(recipe, "sdpa" if k.name == "varlen" else k.name)
     lu, gu = _loss_and_grads(recipe, unpacked, grads)
     same_tokens = packed["num_supervised"] == int((unpacked["labels"][:, 1:] != -100).sum())
     loss_tol, grad_tol = TOLERANCE[dtype]
@@ -308,6 +307,15 @@ def _compare_packed(r: Report, recipe: Any, k: Kernel, dtype: str, rows: list[li
             f"loss {loss_err:.2e} (tol {loss_tol:g})"
             + (f", grad {entry['grad_rel_err']:.2e} (tol {grad_tol:g})" if grads else ", forward only")
             + ("" if same_tokens else "; the two batches supervise different token counts"))
+
+
+def _use_kernel(recipe: Any, name: str) -> None:
+    """Switch the built model's attention; the recipe's collate lays batches out for it."""
+    from vicuna_exp.attention import register_varlen
+
+    register_varlen()
+    recipe.model.set_attn_implementation(name)
+    recipe.spec.hf_config._attn_implementation = name
 
 
 def _runs_here(r: Report, k: Kernel) -> bool:
