@@ -303,12 +303,15 @@ def attention_refusal(requested: AttnImpl, facts: AttentionFacts) -> str | None:
     return None
 
 
+NAMED_ATTENTION = "named by model.attn_implementation"  # the reason of a kernel the config names
+
+
 @dataclass(frozen=True)
 class AttentionChoice:
     """The kernel a run trains with, and why (recorded in summary.json and shown in the plan)."""
 
     impl: AttnImpl
-    reason: str
+    reason: str = NAMED_ATTENTION
 
 
 def resolve_attention(requested: str, facts: AttentionFacts) -> AttentionChoice:
@@ -323,7 +326,7 @@ def resolve_attention(requested: str, facts: AttentionFacts) -> AttentionChoice:
     if refusal is not None:
         raise UsageError(f"model.attn_implementation={impl} cannot run here: {refusal}; "
                          f"auto would pick {chosen} ({why})")
-    return AttentionChoice(impl, "named by model.attn_implementation")
+    return AttentionChoice(impl)
 
 
 def _torch_built_with_cuda() -> bool:

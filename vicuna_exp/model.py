@@ -65,7 +65,7 @@ class ModelSpec:
     param_dtype: torch.dtype  # dtype the weights are stored in during training (a frozen base: its own)
     finetune: Any = None  # the `finetune` section: which parameters train (None: all)
     seed: int = 0  # the adapters' initial values are drawn from it (`finetune.initial_adapters`)
-    attn_reason: str = "named by model.attn_implementation"  # or why `auto` picked hf_config's kernel
+    attn_reason: str = hardware.NAMED_ATTENTION  # or why `auto` picked hf_config's kernel
 
     def build(self, device: torch.device | str) -> torch.nn.Module:
         """A ready model on `device`, adapters added; pretrained weights are read straight from model.path."""

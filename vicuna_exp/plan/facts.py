@@ -17,7 +17,7 @@ from typing import Any
 
 from vicuna_exp.choices import AttnImpl, Precision
 from vicuna_exp.errors import UsageError
-from vicuna_exp.hardware import AttentionChoice, probe_attention, resolve_attention
+from vicuna_exp.hardware import NAMED_ATTENTION, AttentionChoice, probe_attention, resolve_attention
 
 # model_type of the families whose attention layer has a q/k/v bias whatever the config says.
 QKV_BIAS_FAMILIES = frozenset({"qwen2"})
@@ -44,7 +44,7 @@ class ModelFacts:
     mlp_bias: bool = False  # bias on gate, up and down (LLaMA's mlp_bias)
     sliding_window: int | None = None  # attention sees only the last N tokens (Mistral v0.1)
     attn_implementation: AttnImpl = AttnImpl.sdpa
-    attn_reason: str = "named by model.attn_implementation"  # or why `auto` picked it, for the plan to say
+    attn_reason: str = NAMED_ATTENTION  # or why `auto` picked it, for the plan to say
     gradient_checkpointing: bool = False
     source: str = "the model config"  # where the architecture facts came from, for the plan to say
 
@@ -177,7 +177,7 @@ def model_facts(model_cfg: Any, *, on_cuda: bool = False, precision: str = Preci
     # auto as the trainer resolves it; a named kernel is planned as named (the plan may be for another
     # machine: the job's own check asks that machine's packages)
     choice = (resolve_attention(attn, probe_attention(on_cuda=on_cuda, precision=precision)) if attn == AttnImpl.auto
-              else AttentionChoice(attn, "named by model.attn_implementation"))
+              else AttentionChoice(attn))
     arch = model_cfg.architecture if "architecture" in model_cfg else None
     biases = family_biases(hf.get("model_type") or model_type_of(arch), hf)
     window = values["sliding_window"] if hf.get("use_sliding_window", True) else None  # Qwen2 switches it off
