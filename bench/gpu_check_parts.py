@@ -255,8 +255,10 @@ def part_correctness(ctx: Context) -> None:
     dtype, through the recipe's collate and loss."""
     import torch
 
-
     r, on_cuda = ctx.report, torch.cuda.is_available()
+    r.put("torch_compile", "off (TORCHDYNAMO_DISABLE=1): flex attention runs unfused"
+          if os.environ.get("TORCHDYNAMO_DISABLE") == "1"
+          else "on: flex attention and its block mask are compiled")
     kernels = [k for k in attention_kernels(on_cuda) if _runs_here(r, k)]
     for k in kernels:
         if not k.fp32:

@@ -55,6 +55,7 @@ def test_the_dry_run_reports_the_figures(dry_run: tuple[subprocess.CompletedProc
     _, report = dry_run
     parts = {p["part"]: p for p in report["parts"]}
     cases = parts["correctness"]["results"]["cases"]
+    assert parts["correctness"]["results"]["torch_compile"].startswith("off")  # the dry run traces nothing
     assert {(c["kernel"], c["dtype"]) for c in cases} >= {("sdpa", "bf16"), ("sdpa", "fp32"), ("eager", "fp32")}
     runs = parts["throughput"]["results"]["runs"]
     assert {r["config"] for r in runs} >= {"sdpa, checkpointing off", "sdpa, checkpointing on"}
