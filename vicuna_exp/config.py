@@ -462,6 +462,7 @@ HASH_NEUTRAL: dict[str, Any] = {
     "model.architecture": "LlamaConfig",
     "model.rope_scaling": None,
     "model.sliding_window": None,
+    "template.special_tokens": [],  # Vicuna and Llama-2 chat write only {bos} / {eos}
 }
 
 

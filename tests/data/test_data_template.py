@@ -157,7 +157,7 @@ def test_unalignable_text_is_reported_not_masked(tok):
 def test_bad_templates_name_the_key(tok):
     with pytest.raises(UsageError, match="template.user_format: unknown placeholder {question}"):
         encode_conversation(CONV[:2], tok, replace(VICUNA, user_format="{question} "))
-    with pytest.raises(UsageError, match="template.eos_token: '<eot>' is not a special token"):
+    with pytest.raises(UsageError, match="template.eos_token: '<eot>': not a special token"):
         encode_conversation(CONV[:2], tok, replace(VICUNA, eos_token="<eot>"))
     with pytest.raises(UsageError, match="template.generation_prompt"):
         encode_conversation(CONV[:2], tok, replace(VICUNA, generation_prompt="BOT:"))

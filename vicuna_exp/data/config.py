@@ -58,9 +58,11 @@ class TemplateConfig:
     """A conversation template as format strings (every key from the `conf/template/` option).
 
     Placeholders: `{system}`, `{role}`, `{content}`, and `{bos}` / `{eos}` for the tokenizer's
-    special tokens (structural: real special tokens, never text). The assistant's supervised part
-    is what follows the generation prompt: the reply's content and the rest of `assistant_format`
-    (for Vicuna: ` {reply}</s>`). A `{bos}` at the very start of a conversation is left to the
+    special tokens (structural: real special tokens, never text). Other special tokens a format
+    writes literally (Llama-3's `<|start_header_id|>`, ChatML's `<|im_start|>`) are listed in
+    `special_tokens`: in the template's text they are those tokens, in a message they stay text.
+    The assistant's supervised part is what follows the generation prompt: the reply's content and
+    the rest of `assistant_format` (for Vicuna: ` {reply}</s>`). A `{bos}` at the very start of a conversation is left to the
     tokenizer, which adds BOS itself, exactly as at inference.
     """
 
@@ -74,6 +76,9 @@ class TemplateConfig:
     # null: the tokenizer's own (`template.with_special_tokens`), so one template serves every vocabulary
     bos_token: str | None = MISSING
     eos_token: str | None = MISSING
+    # special tokens the format strings write literally; the tokenizer must have each (added after
+    # Vicuna and Llama-2 chat, which need none: at [] it stays out of the hashes)
+    special_tokens: list[str] = field(default_factory=list)
 
 
 # DataConfig keys that do not change what a preparation contains: left out of its cache key.

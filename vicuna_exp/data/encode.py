@@ -16,8 +16,9 @@ Whole text, the fallback (no word cuts, as in byte-level BPE; a message's edge t
 tokenized with offsets, a token is supervised when its characters lie inside a reply.
 `segments=False` sends everything this way: the reference of the tests and `bench_data --verify`.
 
-{bos} and {eos} are written as private-use characters that a copy of the tokenizer knows as added
-tokens, while the real special-token strings stay text: so does `</s>` inside a message.
+{bos}, {eos} and the template's literal `special_tokens` are written as private-use characters that a
+copy of the tokenizer knows as added tokens, while the real special-token strings stay text: so does
+`</s>` inside a message.
 """
 
 from __future__ import annotations
@@ -51,6 +52,7 @@ IGNORE = -100
 _PRIVATE = 0xF0000  # Supplementary Private Use Area-A: never in real text (checked anyway)
 BOS, EOS, SEP = chr(_PRIVATE), chr(_PRIVATE + 1), chr(_PRIVATE + 2)  # written for {bos}, {eos}, at a cut
 _SLOTS = tuple(chr(_PRIVATE + 0x100 + i) for i in range(4))  # the messages of a two-pair skeleton
+_LITERALS = tuple(chr(_PRIVATE + 0x10 + i) for i in range(0xF0))  # written for a template's special_tokens
 
 
 class EncodeError(ValueError):
@@ -93,36 +95,40 @@ class _Text(NamedTuple):
     pair_chars: tuple[int, ...] = ()  # whole text: where each pair starts
 
 
-_BACKENDS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # tokenizer -> {(bos, eos): backend}
+_BACKENDS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # tokenizer -> {template tokens: backend}
 
 
-def _backend(tokenizer: Any, bos: str | None, eos: str) -> tuple[Any, dict[int, int], bool]:
-    """A copy of the tokenizer's backend that knows BOS, EOS and SEP as added tokens, made once per
-    tokenizer and template tokens; with where they map and whether special tokens strip whitespace."""
+def _backend(tokenizer: Any, template: TemplateConfig) -> tuple[Any, dict[int, int], bool]:
+    """A copy of the tokenizer's backend that knows BOS, EOS, the template's literal special tokens
+    and SEP as added tokens, made once per tokenizer and template tokens; with where they map and
+    whether special tokens strip whitespace."""
     from tokenizers import AddedToken, Tokenizer
 
+    bos, eos, literals = template.bos_token, template.eos_token, tuple(template.special_tokens or ())
     per_tok = _BACKENDS.setdefault(tokenizer, {})
-    if (bos, eos) in per_tok:
-        return per_tok[(bos, eos)]
+    if (bos, eos, literals) in per_tok:
+        return per_tok[(bos, eos, literals)]
+    added = {t.content: t for t in tokenizer.added_tokens_decoder.values()}
+    used = [(k, t, c) for k, t, c in (("template.bos_token", bos, BOS), ("template.eos_token", eos, EOS))
+            if t is not None]  # no BOS (Qwen): the template never writes {bos} (with_special_tokens)
+    used += [("template.special_tokens", t, c) for t, c in zip(literals, _LITERALS, strict=False)]
+    lacking = [f"{key}: {token!r}" for key, token, _ in used if token not in added]
+    if lacking:
+        raise UsageError(f"{'; '.join(lacking)}: not a special token of the tokenizer "
+                         f"{getattr(tokenizer, 'name_or_path', '')!r} (template {template.name!r})")
     backend = Tokenizer.from_str(tokenizer.backend_tokenizer.to_str())
     backend.no_truncation()
     backend.no_padding()
-    added = {t.content: t for t in tokenizer.added_tokens_decoder.values()}
     to_real = {}
-    used = [(k, t, c) for k, t, c in (("template.bos_token", bos, BOS), ("template.eos_token", eos, EOS))
-            if t is not None]  # no BOS (Qwen): the template never writes {bos} (with_special_tokens)
-    for key, token, char in used:
-        if token not in added:
-            raise UsageError(f"{key}: {token!r} is not a special token of the tokenizer "
-                             f"{getattr(tokenizer, 'name_or_path', '')!r}")
+    for _key, token, char in used:
         p = added[token]  # the sentinel splits the text exactly as the special token does
         backend.add_tokens([AddedToken(char, single_word=p.single_word, lstrip=p.lstrip, rstrip=p.rstrip,
                                        normalized=False)])
         to_real[backend.token_to_id(char)] = tokenizer.convert_tokens_to_ids(token)
     backend.add_tokens([AddedToken(SEP, normalized=False)])
     backend.encode_special_tokens = True  # special-token strings inside messages stay text
-    per_tok[(bos, eos)] = backend, to_real, any(added[t].lstrip or added[t].rstrip for _, t, _ in used)
-    return per_tok[(bos, eos)]
+    per_tok[(bos, eos, literals)] = backend, to_real, any(added[t].lstrip or added[t].rstrip for _, t, _ in used)
+    return per_tok[(bos, eos, literals)]
 
 
 class ConversationEncoder:
@@ -134,8 +140,13 @@ class ConversationEncoder:
             raise UsageError("model.tokenizer: a fast tokenizer (tokenizer.json) is needed for offsets")
         template = with_special_tokens(template, tokenizer)
         self.template, self.tokenizer = template, tokenizer
-        self.backend, to_real, strips = _backend(tokenizer, template.bos_token, template.eos_token)
-        self.special = {"bos": BOS, "eos": EOS}
+        if len(template.special_tokens or ()) > len(_LITERALS):
+            raise UsageError(f"template.special_tokens: at most {len(_LITERALS)} tokens")
+        self.backend, to_real, strips = _backend(tokenizer, template)
+        literals = dict(zip(template.special_tokens or (), _LITERALS, strict=False))
+        self.special = {"bos": BOS, "eos": EOS, **literals}
+        self._structural = frozenset((BOS, EOS, *literals.values()))  # the tokenizer splits next to each
+        self._reserved = re.compile("[" + "".join((BOS, EOS, SEP, *literals.values())) + "]")
         self.sep_id = self.backend.token_to_id(SEP)
         self._lut = np.arange(self.backend.get_vocab_size(with_added_tokens=True) + 1, dtype=np.int32)
         self._lut[list(to_real)] = list(to_real.values())  # backend id -> real id: one gather per batch
@@ -151,7 +162,8 @@ class ConversationEncoder:
 
     def _cut(self, before: str, after: str) -> bool:
         """Whether the tokenizer never joins tokens across the point between these two characters."""
-        return before in (BOS, EOS) or after in (BOS, EOS) or self.word_cut and after == " " and before != " "
+        return (before in self._structural or after in self._structural
+                or self.word_cut and after == " " and before != " ")
 
     def render(self, system: str | None, turns: Sequence[Turn]) -> _Text:
         """The text to tokenize: segments where every cut holds, else whole (EncodeError: refused)."""
@@ -171,13 +183,13 @@ class ConversationEncoder:
             before_user = lay.user
             if (not self._cut(lay.prompt[-1:] or user[-1], lay.reply[:1] or reply[0])
                     or k + 2 < n and not self._cut(lay.end[-1:] or reply[-1], (lay.lead or lay.user)[0])
-                    or _RESERVED.search(user) or _RESERVED.search(reply)):
+                    or self._reserved.search(user) or self._reserved.search(reply)):
                 return self.render_whole(system, turns)  # a message's edge breaks a cut, or it is refused
         return _Text("".join(parts), n // 2, lay)
 
     def render_whole(self, system: str | None, turns: Sequence[Turn]) -> _Text:
         """The whole text with its supervised spans (EncodeError on a reserved character)."""
-        if any(map(_RESERVED.search, (system or "", *(c for _, c in turns)))):
+        if any(map(self._reserved.search, (system or "", *(c for _, c in turns)))):
             raise EncodeError("private_use_char", "message contains a reserved private-use character")
         text, spans, pairs = render_spans(self.template, system, turns, special=self.special)
         return _Text(text, len(pairs), spans=np.asarray(spans, dtype=np.int64).reshape(-1), pair_chars=tuple(pairs))
@@ -185,7 +197,7 @@ class ConversationEncoder:
     def _compile(self, system: str | None) -> _Layout | None:
         """The layout for one system prompt, read off the renderer's output for a two-pair skeleton
         whose messages are single placeholder characters; None when some cut does not hold."""
-        if system is not None and _RESERVED.search(system):
+        if system is not None and self._reserved.search(system):
             return None
         turns = [(USER, _SLOTS[0]), (ASSISTANT, _SLOTS[1]), (USER, _SLOTS[2]), (ASSISTANT, _SLOTS[3])]
         text, spans, pairs = render_spans(self.template, system, turns, special=self.special)
@@ -321,9 +333,6 @@ def _join(head: np.ndarray, whole: Encoded, begin: int, end: int) -> tuple[np.nd
     """A piece: its opening's tokens (unsupervised), then the whole conversation's from `begin` to `end`."""
     return (np.concatenate([head, whole.input_ids[begin:end]]),
             np.concatenate([np.full(len(head), IGNORE, dtype=np.int32), whole.labels[begin:end]]))
-
-
-_RESERVED = re.compile(f"[{BOS}{EOS}{SEP}]")
 
 
 def _word_boundaries_are_cuts(backend: Any) -> bool:

@@ -51,8 +51,11 @@ class PreparedData:
 
 def _key_parts(data: DataConfig, template: TemplateConfig, context: int, raw_hash: str, tok_hash: str) -> dict:
     settings = {k: v for k, v in dataclasses.asdict(data).items() if k not in CACHE_IRRELEVANT}
+    template_key = dataclasses.asdict(template)
+    if not template_key["special_tokens"]:  # a key added later: at [] the caches keep their keys
+        del template_key["special_tokens"]
     return {"pipeline": PIPELINE_VERSION, "raw_data": raw_hash, "data": settings,
-            "template": dataclasses.asdict(template), "tokenizer": tok_hash, "context": int(context)}
+            "template": template_key, "tokenizer": tok_hash, "context": int(context)}
 
 
 def prepare(

@@ -2,8 +2,9 @@
 
 A template (`TemplateConfig`, a YAML in `conf/template/`) is a handful of format strings. Each
 assistant turn's supervised part is everything after the generation prompt (for Vicuna v1.1:
-` {reply}</s>`). `{bos}`/`{eos}` are structural special tokens: the encoder writes them as
-characters no message can hold, so the same characters typed inside a message stay text.
+` {reply}</s>`). `{bos}`/`{eos}`, and the tokens of `special_tokens` the format strings write
+literally, are structural special tokens: the encoder writes them as characters no message can
+hold, so the same characters typed inside a message stay text.
 Training, inference prompts (`render_prompt`) and the Hugging Face chat template
 (`chat_template.to_jinja`) all come from the same format strings, so they cannot drift apart.
 """
@@ -54,6 +55,9 @@ def check_template(template: TemplateConfig) -> None:
     """Fail early, naming the key, on a template that cannot render a conversation."""
     for key in ("system_format", "user_format", "assistant_format"):
         _parse(getattr(template, key), f"template.{key}")
+    tokens = list(getattr(template, "special_tokens", None) or [])
+    if not all(isinstance(t, str) and t for t in tokens) or len(set(tokens)) != len(tokens):
+        raise UsageError(f"template.special_tokens: distinct non-empty token strings, got {tokens!r}")
     for role in (USER, ASSISTANT):
         if role not in template.roles:
             raise UsageError(f"template.roles: needs a '{role}' entry, got {dict(template.roles)}")
@@ -95,8 +99,9 @@ def render_spans(template: TemplateConfig, system: str | None, turns: Sequence[T
     """(text, supervised [start, end) character spans, where each (user, assistant) pair starts).
 
     `system=None` means the template's default prompt. `special` gives the characters written for
-    `{bos}` and `{eos}` (default: the template's token strings). A `{bos}` of the user or assistant
-    format at the very start is left out: the tokenizer adds BOS there, as it does at inference."""
+    `{bos}` and `{eos}` (keys "bos", "eos") and for the literal `special_tokens` in the template's
+    text (keyed by the token; default: the token strings themselves). A `{bos}` of the user or
+    assistant format at the very start is left out: the tokenizer adds BOS there, as it does at inference."""
     if special is None:
         special = {"bos": template.bos_token, "eos": template.eos_token}
         for name, token in special.items():
@@ -104,6 +109,7 @@ def render_spans(template: TemplateConfig, system: str | None, turns: Sequence[T
                                                                  template.assistant_format)):
                 raise UsageError(f"template.{name}_token: null means the tokenizer's; fill it in from the "
                                  "tokenizer (template.with_special_tokens) before rendering text")
+    literal = _literal_tokens(template, special)
     system_text = template.system if system is None else system
     system_in_user = "{system}" in template.user_format
     parts: list[str] = []
@@ -124,7 +130,7 @@ def render_spans(template: TemplateConfig, system: str | None, turns: Sequence[T
 
     def emit(fmt: str, key: str, values: Mapping[str, str], supervised: bool = False) -> None:
         for lit, name in _parse(fmt, key):
-            put(lit, supervised)
+            put(literal(lit), supervised)
             if name == "system" and values.get("system"):
                 emit_system(values["system"])
             elif name == "eos" or name == "bos" and pos:
@@ -134,7 +140,7 @@ def render_spans(template: TemplateConfig, system: str | None, turns: Sequence[T
 
     def emit_system(text: str) -> None:  # its {bos} is never the tokenizer's, even at the very start
         for lit, name in _parse(template.system_format, "template.system_format"):
-            put(lit, False)
+            put(literal(lit), False)
             put(text if name == "system" else special.get(name or "", ""), False)
 
     if system_text and not system_in_user:
@@ -159,6 +165,20 @@ def render_spans(template: TemplateConfig, system: str | None, turns: Sequence[T
     if add_generation_prompt:
         emit(gen, "template.generation_prompt", {})
     return "".join(parts), spans, pairs
+
+
+def _literal_tokens(template: TemplateConfig, special: Mapping[str, str]) -> Any:
+    """Template text with its literal special tokens written as `special` gives them."""
+    swaps = [(t, special[t]) for t in (getattr(template, "special_tokens", None) or []) if special.get(t, t) != t]
+    if not swaps:
+        return lambda text: text
+
+    def literal(text: str) -> str:
+        for token, char in swaps:
+            text = text.replace(token, char)
+        return text
+
+    return literal
 
 
 def to_turns(messages: Sequence[Mapping[str, Any]]) -> tuple[str | None, list[Turn]]:
