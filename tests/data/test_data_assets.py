@@ -50,6 +50,20 @@ def test_tokenizer_llama_conventions(tok):
 def test_load_tokenizer_errors_name_key_and_path(tmp_path):
     with pytest.raises(UsageError, match=r"model\.path: tokenizer directory not found: .*nope"):
         load_tokenizer(str(tmp_path / "nope"), key="model.path")
-    (tmp_path / "tokenizer_config.json").write_text("{not json")
-    with pytest.raises(UsageError, match=rf"model\.tokenizer: cannot load a tokenizer from {tmp_path}"):
+    (tmp_path / "config.json").write_text("{}")  # a model's directory without its tokenizer files
+    (tmp_path / "tokenizer_config.json").write_text('{"tokenizer_class": "LlamaTokenizer"}')
+    with pytest.raises(UsageError, match=rf"model\.tokenizer: {tmp_path} holds no vocabulary: it needs "
+                                         r"tokenizer\.json .* it holds config\.json, tokenizer_config\.json"):
         load_tokenizer(str(tmp_path))
+    (tmp_path / "tokenizer.json").write_text("{not json")
+    with pytest.raises(UsageError, match=rf"model\.tokenizer: cannot load a tokenizer from {tmp_path} offline"):
+        load_tokenizer(str(tmp_path))
+
+
+def test_a_tokenizer_that_cannot_be_loaded_exits_2(tmp_path, capsys):
+    from vicuna_exp.cli import main
+
+    (tmp_path / "config.json").write_text("{}")
+    assert main(["prepare", f"model.tokenizer={tmp_path}", f"data.cache_dir={tmp_path / 'cache'}"]) == 2
+    err = capsys.readouterr().err
+    assert f"{tmp_path} holds no vocabulary" in err and "tokenizer.json" in err and "Traceback" not in err

@@ -181,3 +181,12 @@ def test_a_literal_token_in_a_message_stays_text(real_vocabulary):
     ids = got.input_ids.tolist()
     assert ids.count(tok.convert_tokens_to_ids("<|im_start|>")) == 3  # system, user, assistant: the template's
     assert ids.count(tok.convert_tokens_to_ids("<|im_end|>")) == 3
+
+
+def test_a_template_the_tokenizer_cannot_write_exits_2(tmp_path, capsys):
+    from vicuna_exp.cli import main
+
+    assert main(["prepare", "template=llama3-chat", f"data.cache_dir={tmp_path}"]) == 2  # the tiny LLaMA tokenizer
+    err = capsys.readouterr().err
+    assert "'<|eot_id|>'" in err and "'<|start_header_id|>'" in err and "template 'llama3-chat'" in err
+    assert "Traceback" not in err

@@ -175,7 +175,7 @@ _TEMPLATES = {
     "bare": lambda: replace(VICUNA, system="", system_format="{system}", user_format="{content}",
                                    assistant_format="{content}{eos}", generation_prompt=""),
 }
-VOCABULARIES = ["tiny", "sentencepiece_32k", "llama3"]
+VOCABULARIES = ["tiny", "sentencepiece_32k", "llama3", "qwen"]
 
 
 @pytest.fixture(scope="module", params=VOCABULARIES)
@@ -184,12 +184,15 @@ def vocab(request, real_vocabulary):
 
 
 def _with_tokens(template: TemplateConfig, tok) -> TemplateConfig:
-    """The template with the vocabulary's own BOS and EOS (Llama-3: <|begin_of_text|>, <|eot_id|>)."""
+    """The template with the vocabulary's own BOS and EOS (Llama-3: <|begin_of_text|>, <|eot_id|>);
+    a template that writes {bos} is not one for a vocabulary without BOS (Qwen)."""
+    if tok.bos_token is None and "{bos}" in template.system_format + template.user_format + template.assistant_format:
+        pytest.skip(f"{template.name} writes {{bos}}, and this vocabulary has no BOS")
     return replace(template, bos_token=tok.bos_token, eos_token=tok.eos_token)
 
 
 _PIECES = ["a", " ", "  ", "\n", "\t", "é", "你", "😀", "\u0301", "\u200b", "'s", "12", ".", "</s>", "<s>",
-           "<|eot_id|>", "USER:", " ASSISTANT:", "[INST]", "\U000f0100", BOS, SEP]
+           "<|eot_id|>", "<|endoftext|>", "USER:", " ASSISTANT:", "[INST]", "\U000f0100", BOS, SEP]
 
 
 @pytest.mark.parametrize("name", sorted(_TEMPLATES))
@@ -199,6 +202,8 @@ def test_segment_encoding_equals_whole_text_encoding(vocab, name):
     from hypothesis import HealthCheck, given, settings
     from hypothesis import strategies as st
 
+    if vocab.bos_token is None:
+        pytest.skip("Qwen's byte-level BPE, as Llama-3's, has no word cut: a second whole-text run")
     template = _with_tokens(_TEMPLATES[name](), vocab)
     encoder = ConversationEncoder(vocab, template)
     reference = ConversationEncoder(vocab, template, segments=False)

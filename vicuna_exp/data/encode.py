@@ -98,6 +98,24 @@ class _Text(NamedTuple):
 _BACKENDS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # tokenizer -> {template tokens: backend}
 
 
+def _template_tokens(template: TemplateConfig) -> list[tuple[str, str, str]]:
+    """(key, token, the character written for it) of every special token the template writes."""
+    used = [(k, t, c) for k, t, c in (("template.bos_token", template.bos_token, BOS),
+                                      ("template.eos_token", template.eos_token, EOS))
+            if t is not None]  # no BOS (Qwen): the template never writes {bos} (with_special_tokens)
+    return used + [("template.special_tokens", t, c) for t, c in zip(template.special_tokens or (), _LITERALS,
+                                                                     strict=False)]
+
+
+def check_special_tokens(template: TemplateConfig, tokenizer: Any) -> None:
+    """A usage error naming the template and every special token it writes that the tokenizer lacks."""
+    added = {t.content for t in tokenizer.added_tokens_decoder.values()}
+    lacking = [f"{key}: {token!r}" for key, token, _ in _template_tokens(template) if token not in added]
+    if lacking:
+        raise UsageError(f"{'; '.join(lacking)}: not a special token of the tokenizer "
+                         f"{getattr(tokenizer, 'name_or_path', '')!r} (template {template.name!r})")
+
+
 def _backend(tokenizer: Any, template: TemplateConfig) -> tuple[Any, dict[int, int], bool]:
     """A copy of the tokenizer's backend that knows BOS, EOS, the template's literal special tokens
     and SEP as added tokens, made once per tokenizer and template tokens; with where they map and
@@ -109,13 +127,8 @@ def _backend(tokenizer: Any, template: TemplateConfig) -> tuple[Any, dict[int, i
     if (bos, eos, literals) in per_tok:
         return per_tok[(bos, eos, literals)]
     added = {t.content: t for t in tokenizer.added_tokens_decoder.values()}
-    used = [(k, t, c) for k, t, c in (("template.bos_token", bos, BOS), ("template.eos_token", eos, EOS))
-            if t is not None]  # no BOS (Qwen): the template never writes {bos} (with_special_tokens)
-    used += [("template.special_tokens", t, c) for t, c in zip(literals, _LITERALS, strict=False)]
-    lacking = [f"{key}: {token!r}" for key, token, _ in used if token not in added]
-    if lacking:
-        raise UsageError(f"{'; '.join(lacking)}: not a special token of the tokenizer "
-                         f"{getattr(tokenizer, 'name_or_path', '')!r} (template {template.name!r})")
+    used = _template_tokens(template)
+    check_special_tokens(template, tokenizer)
     backend = Tokenizer.from_str(tokenizer.backend_tokenizer.to_str())
     backend.no_truncation()
     backend.no_padding()

@@ -26,7 +26,7 @@ import numpy as np
 
 from vicuna_exp.data import cache
 from vicuna_exp.data.config import CACHE_IRRELEVANT, DataConfig, TemplateConfig
-from vicuna_exp.data.encode import IGNORE
+from vicuna_exp.data.encode import IGNORE, check_special_tokens
 from vicuna_exp.errors import UsageError
 
 if TYPE_CHECKING:
@@ -81,6 +81,7 @@ def prepare(
     template = with_special_tokens(as_schema(template_cfg, TemplateConfig, "template"), tokenizer)
     check_config(data)
     check_template(template)
+    check_special_tokens(template, tokenizer)  # before reading any data
     if context_length < 8:
         raise UsageError(f"context.length: must be at least 8 tokens, got {context_length}")
     raw_path = resolve_path(data.path, data.package_file)

@@ -15,6 +15,8 @@ if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerFast
 
 PACKAGED_TOKENIZER_DIR = Path(__file__).resolve().parent.parent / "assets" / "tokenizer"
+# What a directory needs for a tokenizer to be built from it offline (besides vocab.json + merges.txt).
+VOCABULARY_FILES = ("tokenizer.json", "tokenizer.model")
 VOCABULARY_PREFIX = "vocabulary:"  # `vocabulary:llama3`: a real vocabulary built from its pinned package
 
 
@@ -47,6 +49,12 @@ def load_tokenizer(path: str | None, *, key: str = "model.tokenizer") -> PreTrai
     directory = tokenizer_dir(path, key=key)
     if not directory.is_dir():
         raise UsageError(f"{key}: tokenizer directory not found: {directory}")
+    if not any((directory / name).is_file() for name in VOCABULARY_FILES) and not (
+            (directory / "vocab.json").is_file() and (directory / "merges.txt").is_file()):
+        held = sorted(p.name for p in directory.iterdir())[:12]
+        raise UsageError(f"{key}: {directory} holds no vocabulary: it needs tokenizer.json (or, to convert "
+                         f"offline, a tokenizer.model, or vocab.json with merges.txt); it holds "
+                         f"{', '.join(held) if held else 'nothing'}")
 
     from transformers import AutoTokenizer
 
@@ -54,7 +62,7 @@ def load_tokenizer(path: str | None, *, key: str = "model.tokenizer") -> PreTrai
         tokenizer = AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
     except Exception as exc:  # transformers raises many types (OSError, ValueError, KeyError...)
         first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise UsageError(f"{key}: cannot load a tokenizer from {directory}: {first_line}") from exc
+        raise UsageError(f"{key}: cannot load a tokenizer from {directory} offline: {first_line}") from exc
     if not getattr(tokenizer, "is_fast", False):
         raise UsageError(f"{key}: {directory} gives a slow tokenizer; vicuna-exp needs a fast one (tokenizer.json)")
     if tokenizer.eos_token_id is None:
