@@ -370,12 +370,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"against the reference encoder ({r['reference']}): {r['identical']} of {r['conversations']} "
               f"conversations identical in ids and supervised tokens, {r['misaligned_both']} misaligned "
               f"(reported by both), {r['differing_count']} differing; {r['seconds']:.1f} s")
-    if args.reference:
-        results["reference"] = check_reference(cleaned, tok, template, args.vocabulary)
-        r = results["reference"]
-        print(f"against the reference encoder ({r['reference']}): {r['identical']} of {r['conversations']} "
-              f"conversations identical in ids and supervised tokens, {r['misaligned_both']} misaligned "
-              f"(reported by both), {r['differing_count']} differing; {r['seconds']:.1f} s")
     results["machine"] = {"cpus": os.cpu_count(), "platform": platform.platform(),
                           "loadavg_before": load_before, "loadavg_after": os.getloadavg()}
     _print(results)
