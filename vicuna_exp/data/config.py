@@ -78,7 +78,7 @@ class TemplateConfig:
     eos_token: str | None = MISSING
     # special tokens the format strings write literally; the tokenizer must have each (added after
     # Vicuna and Llama-2 chat, which need none: at [] it stays out of the hashes)
-    special_tokens: list[str] = field(default_factory=list)
+    special_tokens: list[str] = MISSING
 
 
 # DataConfig keys that do not change what a preparation contains: left out of its cache key.

@@ -62,7 +62,10 @@ def training_template(cfg: DictConfig) -> tuple[Any, str]:
         if recorded.is_file():
             node = OmegaConf.select(OmegaConf.load(recorded), "template")
             if node is not None:
-                return OmegaConf.merge(base, node), f"{recorded} (template.name={node.get('name')})"
+                template = OmegaConf.merge(base, node)
+                if OmegaConf.is_missing(template, "special_tokens"):  # recorded before the key: none
+                    template.special_tokens = []
+                return template, f"{recorded} (template.name={node.get('name')})"
     if "template" not in cfg:
         raise UsageError("template: no conversation template in the config")
     return OmegaConf.merge(base, cfg.template), f"the config's template ({cfg.template.name})"
