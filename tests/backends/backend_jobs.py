@@ -36,6 +36,26 @@ class Job:
         return train_losses(self.run_dir)
 
 
+def save_tiny_llama(out: Path, *, hidden: int, intermediate: int, layers: int, kv_heads: int,
+                    shard_size: str) -> Path:
+    """A tiny random LLaMA in Hugging Face format with the packaged tokenizer, written in several
+    safetensors files with an index (so the sharded loaders read more than one file)."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from vicuna_exp.data.tokenizer import PACKAGED_TOKENIZER_DIR
+
+    tok = AutoTokenizer.from_pretrained(str(PACKAGED_TOKENIZER_DIR))
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=intermediate,
+                      num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=kv_heads,
+                      max_position_embeddings=2048, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    torch.manual_seed(7)
+    LlamaForCausalLM(cfg).save_pretrained(str(out), max_shard_size=shard_size)
+    tok.save_pretrained(str(out))
+    assert (out / "model.safetensors.index.json").is_file()
+    return out
+
+
 def train_losses(run_dir: Path) -> dict[int, float]:
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     return {r["step"]: r["loss"] for r in rows if "loss" in r}

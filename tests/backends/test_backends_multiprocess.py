@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from backend_jobs import Job, kill_tree, run_job, train_losses, wait_gone, workers_of
+from backend_jobs import Job, kill_tree, run_job, save_tiny_llama, train_losses, wait_gone, workers_of
 
 from vicuna_exp.backends.shard_facts import parse_facts
 
@@ -41,20 +41,8 @@ def ops_built() -> None:
 @pytest.fixture(scope="module")
 def pretrained(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny LLaMA in Hugging Face format, in several safetensors files with an index."""
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    from vicuna_exp.data.tokenizer import PACKAGED_TOKENIZER_DIR
-
-    out = tmp_path_factory.mktemp("pretrained") / "tiny-llama"
-    tok = AutoTokenizer.from_pretrained(str(PACKAGED_TOKENIZER_DIR))
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=128, intermediate_size=352, num_hidden_layers=4,
-                      num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=2048,
-                      bos_token_id=1, eos_token_id=2, pad_token_id=0)
-    torch.manual_seed(7)
-    LlamaForCausalLM(cfg).save_pretrained(str(out), max_shard_size="1MB")
-    tok.save_pretrained(str(out))
-    assert (out / "model.safetensors.index.json").is_file()
-    return out
+    return save_tiny_llama(tmp_path_factory.mktemp("pretrained") / "tiny-llama", hidden=128, intermediate=352,
+                           layers=4, kv_heads=4, shard_size="1MB")
 
 
 @pytest.fixture(scope="module")

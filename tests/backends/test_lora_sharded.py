@@ -17,7 +17,7 @@ from pathlib import Path
 import lora_shard_worker as worker
 import pytest
 import torch
-from backend_jobs import ENV, TIMEOUT_S, Job, kill_tree, run_job, train_losses
+from backend_jobs import ENV, TIMEOUT_S, Job, kill_tree, run_job, save_tiny_llama, train_losses
 
 from vicuna_exp.backends.shard_facts import parse_facts
 from vicuna_exp.cli import main
@@ -37,20 +37,8 @@ def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def pretrained(workdir: Path) -> Path:
     """A tiny LLaMA in Hugging Face format, in several safetensors files with an index."""
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    from vicuna_exp.data.tokenizer import PACKAGED_TOKENIZER_DIR
-
-    out = workdir / "tiny-llama"
-    tok = AutoTokenizer.from_pretrained(str(PACKAGED_TOKENIZER_DIR))
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=160, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
-                      bos_token_id=1, eos_token_id=2, pad_token_id=0)
-    torch.manual_seed(7)
-    LlamaForCausalLM(cfg).save_pretrained(str(out), max_shard_size="200KB")
-    tok.save_pretrained(str(out))
-    assert (out / "model.safetensors.index.json").is_file()
-    return out
+    return save_tiny_llama(workdir / "tiny-llama", hidden=64, intermediate=160, layers=2, kv_heads=2,
+                           shard_size="200KB")
 
 
 @pytest.fixture(scope="module")
