@@ -83,11 +83,12 @@ def _template(name: str, tok):
     return with_special_tokens(load_option("template", name), tok)
 
 
-# Where Meta's encoder parts from the whole text for a reason outside the template, no such message
-# is drawn: it tokenizes "\n\n" and a message apart, the whole text (as Hugging Face's own Llama-3
-# template has it) joins a line break that opens the message to them. Cleaning
-# (data.strip_whitespace, on by default) strips every message, so none reaches training.
-_DRAWN = {"llama3-chat": lambda m: m.lstrip(" \t")[:1] not in ("\n", "\r")}
+# Text rendered for inference is tokenized whole, so there a line break that opens a message joins
+# the header's "\n\n", which Meta's encoder (and training, through the template's {cut}) tokenizes
+# apart: the inference prompt's test draws no such message. Cleaning (data.strip_whitespace, on by
+# default) strips every message, and Hugging Face's own Llama-3 template trims them.
+def _opens_without_line_break(message: str) -> bool:
+    return message.lstrip(" \t")[:1] not in ("\n", "\r")
 CASES = [*FORMATS.items(), ("vicuna_v1.1", "llama3"), ("vicuna_v1.1", "qwen")]
 
 
@@ -99,7 +100,7 @@ def test_every_id_and_label_is_the_reference_encoders(real_vocabulary, reference
     tok = real_vocabulary(vocabulary)
     encoder = ConversationEncoder(tok, _template(name, tok))
     ref = reference(name, vocabulary)
-    message = _messages().filter(_DRAWN.get(name, bool))
+    message = _messages()
 
     @_SETTINGS
     @given(pairs=st.lists(st.tuples(message, message), min_size=1, max_size=3), system=st.none() | message)
@@ -117,6 +118,32 @@ def test_every_id_and_label_is_the_reference_encoders(real_vocabulary, reference
     check()
 
 
+def test_llama3_message_opening_with_a_line_break_is_tokenized_apart_from_its_header(real_vocabulary, reference):
+    """The header's "\n\n" and a message opening with "\n" stay two tokenizations, as in Meta's
+    ChatFormat (the template's {cut}); the whole text would join them into one "\n\n\n" token."""
+    tok = real_vocabulary("llama3")
+    encoder = ConversationEncoder(tok, _template("llama3-chat", tok))
+    chat = _chat("\nBe brief.", [("\nWhat is 2 plus 2?", "\n\n4."), (" \nAnd 3?", "\t\n5")])
+    got = _ours(encoder, chat)
+    want, replies, aligned = reference("llama3-chat", "llama3")(chat)
+    assert aligned and got.input_ids.tolist() == want
+    assert _supervised(got.input_ids.tolist(), got.labels.tolist()) == replies
+    whole = tok(render_prompt(chat[:2], _template("llama3-chat", tok))).input_ids
+    assert whole != want[:len(whole)]  # what the cut is for
+
+
+def test_llama3_runs_over_25000_characters_are_encoded_whole_where_metas_wrapper_cuts_them(real_vocabulary):
+    """Meta's `Tokenizer.encode` cuts a run of over 25,000 non-space characters and encodes the pieces
+    apart (two ShareGPT V3 conversations hold one); training encodes it whole, as tiktoken's BPE and
+    Hugging Face's tokenizer do. Equal to the reference without that cut, and only to it."""
+    tok = real_vocabulary("llama3")
+    encoder = ConversationEncoder(tok, _template("llama3-chat", tok))
+    chat = _chat(None, [("Repeat it.", "-" * 25_040 + " done")])
+    got = _ours(encoder, chat).input_ids.tolist()
+    assert got == references.llama3_chat(whole_runs=True)(chat)[0]
+    assert got != references.llama3_chat()(chat)[0]
+
+
 def test_llama3_prompt_for_generation_is_metas(real_vocabulary, reference):
     """A conversation ending with a user turn: the prompt ends with the assistant's header, as Meta's
     dialog prompt does (through the tokenizer's own call, so no special-token strings in messages)."""
@@ -125,7 +152,7 @@ def test_llama3_prompt_for_generation_is_metas(real_vocabulary, reference):
     tok = real_vocabulary("llama3")
     template = _template("llama3-chat", tok)
     fmt = ChatFormat(references.meta_tokenizer())
-    plain = _messages(st.sampled_from([p for p in _PIECES if "<" not in p])).filter(_DRAWN["llama3-chat"])
+    plain = _messages(st.sampled_from([p for p in _PIECES if "<" not in p])).filter(_opens_without_line_break)
 
     @_SETTINGS
     @given(pairs=st.lists(st.tuples(plain, plain), max_size=2), system=st.none() | plain, ask=plain)

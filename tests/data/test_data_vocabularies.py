@@ -66,3 +66,36 @@ def test_sentencepiece_vocabulary_is_sentencepiece(real_vocabulary, strings):
     texts = [s for s in strings if not s[:1].isspace()]
     differing = [s for s in texts if _ours(tok, s) != sp.encode(s)]
     assert not differing, f"{len(differing)} of {len(texts)} differ, e.g. {differing[0][:200]!r}"
+
+
+def test_a_directory_with_only_a_sentencepiece_model_loads_with_sentencepieces_ids(tmp_path, strings, monkeypatch):
+    """A user's LLaMA-style directory without tokenizer.json is converted at load; its merges are ranked
+    as SentencePiece ranks them (transformers 5's conversion alone gives `▁▁ world`), and the data
+    cache key tells the fixed conversion from the old one."""
+    import json
+    import shutil
+
+    import sentencepiece
+    from transformers import AutoTokenizer
+
+    from vicuna_exp.data.cache import tokenizer_hash
+    from vicuna_exp.data.tokenizer import load_tokenizer
+
+    pytest.importorskip("mistral_common")
+    model = str(resources.files("mistral_common").joinpath("data", "tokenizer.model.v1"))
+    shutil.copyfile(model, tmp_path / "tokenizer.model")
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
+        "add_bos_token": True, "add_eos_token": False, "legacy": False}))
+    sp = sentencepiece.SentencePieceProcessor(model_file=model)
+    tok = load_tokenizer(str(tmp_path))
+    plain = AutoTokenizer.from_pretrained(str(tmp_path))
+    assert tok.convert_ids_to_tokens(_ours(tok, "a  world")) == sp.encode("a  world", out_type=str) == ["▁a", "▁", "▁world"]
+    assert plain.convert_ids_to_tokens(_ours(plain, "a  world")) != ["▁a", "▁", "▁world"]  # what the loader fixes
+    texts = [s for s in strings[:1500] if not s[:1].isspace()]
+    assert [s for s in texts if _ours(tok, s) != sp.encode(s)] == []
+    tok.save_pretrained(tmp_path / "exported")  # an exported final/ keeps the ids training used
+    assert _ours(AutoTokenizer.from_pretrained(str(tmp_path / "exported")), "a  world") == _ours(tok, "a  world")
+    fixed = tokenizer_hash(tok, str(tmp_path))
+    monkeypatch.setattr("vicuna_exp.data.cache.converted_from_sentencepiece", lambda _directory: False)
+    assert tokenizer_hash(tok, str(tmp_path)) != fixed  # a cache prepared before the fix is not reused

@@ -25,6 +25,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from vicuna_exp.data.tokenizer import converted_from_sentencepiece
 from vicuna_exp.diskspace import writing
 from vicuna_exp.errors import UsageError
 
@@ -81,6 +82,8 @@ def tokenizer_hash(tokenizer: Any, tokenizer_dir: str | None) -> str:
     if files:
         for f in files:
             h.update(f.name.encode() + b"\0" + file_hash(f).encode() + b"\0")
+        if converted_from_sentencepiece(Path(tokenizer_dir)):  # the same files give other ids since the fix
+            h.update(b"sentencepiece merge order\0")
     else:
         h.update(tokenizer.backend_tokenizer.to_str().encode("utf-8"))
     h.update(json.dumps([tokenizer.bos_token, tokenizer.eos_token, getattr(tokenizer, "add_bos_token", None),

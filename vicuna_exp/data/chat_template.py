@@ -36,7 +36,7 @@ def _jinja_format(fmt: str, exprs: Mapping[str, str], template: TemplateConfig) 
     for lit, name in _parse(fmt, "template"):
         if lit:
             out.append("{{ " + _jinja_str(lit) + " }}")
-        if name is None:
+        if name is None or name == "cut":  # a tokenization cut writes no text
             continue
         if name in ("bos", "eos"):
             out.append(_token_expr(template, name))
@@ -99,7 +99,7 @@ def to_jinja(template: TemplateConfig, tokenizer: PreTrainedTokenizerBase | None
         + "{%- endif -%}",
         "{%- else -%}{% generation %}" + assistant + "{% endgeneration %}{%- endif -%}",
         "{%- endfor -%}",
-        "{%- if add_generation_prompt -%}{{ " + _jinja_str(gen) + " }}{%- endif -%}",
+        "{%- if add_generation_prompt -%}" + _jinja_format(gen, {}, template) + "{%- endif -%}",
     ]
     return "".join(parts)
 

@@ -58,7 +58,8 @@ class TemplateConfig:
     """A conversation template as format strings (every key from the `conf/template/` option).
 
     Placeholders: `{system}`, `{role}`, `{content}`, and `{bos}` / `{eos}` for the tokenizer's
-    special tokens (structural: real special tokens, never text). Other special tokens a format
+    special tokens (structural: real special tokens, never text), and `{cut}`, which writes nothing
+    and has the text on each side tokenized apart (Llama-3's header and message). Other special tokens a format
     writes literally (Llama-3's `<|start_header_id|>`, ChatML's `<|im_start|>`) are listed in
     `special_tokens`: in the template's text they are those tokens, in a message they stay text.
     The assistant's supervised part is what follows the generation prompt: the reply's content and

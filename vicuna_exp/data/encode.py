@@ -18,7 +18,8 @@ tokenized with offsets, a token is supervised when its characters lie inside a r
 
 {bos}, {eos} and the template's literal `special_tokens` are written as private-use characters that a
 copy of the tokenizer knows as added tokens, while the real special-token strings stay text: so does
-`</s>` inside a message.
+`</s>` inside a message. A template's `{cut}` is one more such character, whose token is taken out
+after tokenizing: the text on each side is tokenized apart (templates with one go the whole-text way).
 """
 
 from __future__ import annotations
@@ -51,6 +52,7 @@ if TYPE_CHECKING:
 IGNORE = -100
 _PRIVATE = 0xF0000  # Supplementary Private Use Area-A: never in real text (checked anyway)
 BOS, EOS, SEP = chr(_PRIVATE), chr(_PRIVATE + 1), chr(_PRIVATE + 2)  # written for {bos}, {eos}, at a cut
+CUT = chr(_PRIVATE + 3)  # written for a template's {cut}: tokenized apart on each side, then taken out
 _SLOTS = tuple(chr(_PRIVATE + 0x100 + i) for i in range(4))  # the messages of a two-pair skeleton
 _LITERALS = tuple(chr(_PRIVATE + 0x10 + i) for i in range(0xF0))  # written for a template's special_tokens
 
@@ -138,7 +140,7 @@ def _backend(tokenizer: Any, template: TemplateConfig) -> tuple[Any, dict[int, i
         backend.add_tokens([AddedToken(char, single_word=p.single_word, lstrip=p.lstrip, rstrip=p.rstrip,
                                        normalized=False)])
         to_real[backend.token_to_id(char)] = tokenizer.convert_tokens_to_ids(token)
-    backend.add_tokens([AddedToken(SEP, normalized=False)])
+    backend.add_tokens([AddedToken(SEP, normalized=False), AddedToken(CUT, normalized=False)])
     backend.encode_special_tokens = True  # special-token strings inside messages stay text
     per_tok[(bos, eos, literals)] = backend, to_real, any(added[t].lstrip or added[t].rstrip for _, t, _ in used)
     return per_tok[(bos, eos, literals)]
@@ -157,10 +159,10 @@ class ConversationEncoder:
             raise UsageError(f"template.special_tokens: at most {len(_LITERALS)} tokens")
         self.backend, to_real, strips = _backend(tokenizer, template)
         literals = dict(zip(template.special_tokens or (), _LITERALS, strict=False))
-        self.special = {"bos": BOS, "eos": EOS, **literals}
+        self.special = {"bos": BOS, "eos": EOS, "cut": CUT, **literals}
         self._structural = frozenset((BOS, EOS, *literals.values()))  # the tokenizer splits next to each
-        self._reserved = re.compile("[" + "".join((BOS, EOS, SEP, *literals.values())) + "]")
-        self.sep_id = self.backend.token_to_id(SEP)
+        self._reserved = re.compile("[" + "".join((BOS, EOS, SEP, CUT, *literals.values())) + "]")
+        self.sep_id, self.cut_id = self.backend.token_to_id(SEP), self.backend.token_to_id(CUT)
         self._lut = np.arange(self.backend.get_vocab_size(with_added_tokens=True) + 1, dtype=np.int32)
         self._lut[list(to_real)] = list(to_real.values())  # backend id -> real id: one gather per batch
         probe = self.backend.encode("a b", add_special_tokens=True).ids
@@ -215,7 +217,7 @@ class ConversationEncoder:
         turns = [(USER, _SLOTS[0]), (ASSISTANT, _SLOTS[1]), (USER, _SLOTS[2]), (ASSISTANT, _SLOTS[3])]
         text, spans, pairs = render_spans(self.template, system, turns, special=self.special)
         at = [text.find(s) for s in _SLOTS]
-        if any(text.count(s) != 1 for s in _SLOTS) or len(pairs) != 2 or len(spans) != 2:
+        if any(text.count(s) != 1 for s in _SLOTS) or len(pairs) != 2 or len(spans) != 2 or CUT in text:
             return None
         (p0, p1), ((s0, e0), (s1, e1)) = pairs, spans
         if not (p0 <= at[0] < s0 <= at[1] < e0 == p1 <= at[2] < s1 <= at[3] < e1 == len(text)):
@@ -287,9 +289,15 @@ class ConversationEncoder:
         return Encoded(ids, labels, pair_starts, segments)
 
     def _label_whole(self, t: _Text, enc: Any) -> Encoded | EncodeError:
-        """Labels from the full offset table: a token is supervised when its characters lie inside a span."""
-        ids = self._lut[np.asarray(enc.ids, dtype=np.int32)]
+        """Labels from the full offset table: a token is supervised when its characters lie inside a span.
+        The tokens of `{cut}` are taken out first."""
+        raw = np.asarray(enc.ids, dtype=np.int32)
         offsets = np.asarray(enc.offsets, dtype=np.int64).reshape(-1, 2)
+        cut = raw == self.cut_id
+        removed_before = np.concatenate([[0], np.cumsum(cut)])  # cut tokens before each raw position
+        if cut.any():
+            raw, offsets = raw[~cut], offsets[~cut]
+        ids = self._lut[raw]
         starts, ends = offsets[:, 0], offsets[:, 1]
         empty = ends <= starts  # tokens added by the post-processor (BOS) cover no characters
         i_start = np.searchsorted(t.spans, starts, side="right")
@@ -302,7 +310,7 @@ class ConversationEncoder:
         labels = np.where(inside, ids, IGNORE).astype(np.int32)
         labels[:1] = IGNORE  # nothing predicts the first token of an example (also keeps packed rows apart)
         n = len(ids)
-        pair_starts = [n if tok is None else tok for tok in map(enc.char_to_token, t.pair_chars)]
+        pair_starts = [n if tok is None else tok - int(removed_before[tok]) for tok in map(enc.char_to_token, t.pair_chars)]
         return Encoded(ids, labels, np.asarray(pair_starts, dtype=np.int64))
 
     # ---------------------------------------------------------------------------------- pieces

@@ -10,6 +10,11 @@ and `bench/bench_data.py --reference`: each gives a conversation's ids and its s
 
 None of this uses the template code: it is what the templates are checked against. Message text is
 always text (special-token strings in it included), as every package encodes it by default.
+
+Meta's `Tokenizer.encode` cuts a run of more than 25,000 whitespace or non-whitespace characters (and
+any text every 400,000 characters) into pieces it encodes apart, a guard of its Python wrapper around
+tiktoken. The vocabulary's BPE, Hugging Face's Llama-3 tokenizer and so training encode such a run
+whole; `whole_runs=True` gives the reference without the guard, to tell that difference from a real one.
 """
 
 from __future__ import annotations
@@ -27,10 +32,18 @@ Reference = Callable[[Chat], tuple[list[int], list[int], bool]]  # (ids, supervi
 REFERENCES = {"llama3-chat": "llama3", "mistral-instruct": "sentencepiece_32k", "chatml": "qwen"}
 
 
-def meta_tokenizer() -> Any:
+def meta_tokenizer(whole_runs: bool = False) -> Any:
+    """Meta's Llama-3 tokenizer; `whole_runs`: without its cut of long runs (tiktoken's BPE whole)."""
     from llama_models.llama3.tokenizer import Tokenizer
 
-    return Tokenizer(Path(str(resources.files("llama_models").joinpath("llama3", "tokenizer.model"))))
+    class WholeRuns(Tokenizer):
+        def encode(self, s: str, *, bos: bool, eos: bool, allowed_special: Any = None,
+                   disallowed_special: Any = ()) -> list[int]:
+            ids = self.model.encode(s, allowed_special=allowed_special or set(), disallowed_special=disallowed_special)
+            return [self.bos_id] * bos + ids + [self.eos_id] * eos
+
+    path = Path(str(resources.files("llama_models").joinpath("llama3", "tokenizer.model")))
+    return (WholeRuns if whole_runs else Tokenizer)(path)
 
 
 def qwen_encode() -> Callable[[str], list[int]]:
@@ -41,11 +54,11 @@ def qwen_encode() -> Callable[[str], list[int]]:
     return lambda text: qwen.encode(text, allowed_special=set(), disallowed_special=())
 
 
-def llama3_chat() -> Reference:
+def llama3_chat(whole_runs: bool = False) -> Reference:
     from llama_models.datatypes import RawMessage, StopReason
     from llama_models.llama3.chat_format import ChatFormat
 
-    fmt = ChatFormat(meta_tokenizer())
+    fmt = ChatFormat(meta_tokenizer(whole_runs))
     header = fmt._encode_header("assistant")
 
     def encode(chat: Chat) -> tuple[list[int], list[int], bool]:
@@ -125,20 +138,21 @@ def vicuna(encode_text: Callable[[str], list[int]], bos_id: int | None, eos_id: 
     return encode
 
 
-def reference(template: Any, vocabulary: str, tokenizer: Any) -> Reference | None:
+def reference(template: Any, vocabulary: str, tokenizer: Any, whole_runs: bool = False) -> Reference | None:
     """The reference encoder for this template (its special tokens filled in) on this vocabulary, or
-    None where there is none (Vicuna on SentencePiece: checked against the tokenizer's own call)."""
+    None where there is none (Vicuna on SentencePiece: checked against the tokenizer's own call).
+    `whole_runs`: Meta's encoder without its cut of long runs (see the module's docstring)."""
     name = template.name
     if REFERENCES.get(name) == vocabulary:
         if name == "llama3-chat":
-            return llama3_chat()
+            return llama3_chat(whole_runs)
         if name == "mistral-instruct":
             return mistral_instruct()
         return chatml(tokenizer.convert_tokens_to_ids("<|im_start|>"), tokenizer.convert_tokens_to_ids(
             template.eos_token), template.system)
     if name == "vicuna_v1.1" and vocabulary in ("llama3", "qwen"):
         if vocabulary == "llama3":
-            meta = meta_tokenizer()
+            meta = meta_tokenizer(whole_runs)
             encode_text: Callable[[str], list[int]] = lambda text: meta.encode(text, bos=False, eos=False)  # noqa: E731
         else:
             encode_text = qwen_encode()

@@ -4,7 +4,9 @@ A template (`TemplateConfig`, a YAML in `conf/template/`) is a handful of format
 assistant turn's supervised part is everything after the generation prompt (for Vicuna v1.1:
 ` {reply}</s>`). `{bos}`/`{eos}`, and the tokens of `special_tokens` the format strings write
 literally, are structural special tokens: the encoder writes them as characters no message can
-hold, so the same characters typed inside a message stay text.
+hold, so the same characters typed inside a message stay text. `{cut}` writes nothing: it marks a
+point the tokenizer must not join across, for formats whose reference encoder tokenizes the text on
+either side apart (Meta's Llama-3 `ChatFormat`: a header's `\n\n`, then the message).
 Training, inference prompts (`render_prompt`) and the Hugging Face chat template
 (`chat_template.to_jinja`) all come from the same format strings, so they cannot drift apart.
 """
@@ -23,7 +25,7 @@ if TYPE_CHECKING:
     from vicuna_exp.data.config import TemplateConfig
 
 USER, ASSISTANT, SYSTEM = "user", "assistant", "system"
-_FIELDS = {"system", "role", "content", "bos", "eos"}
+_FIELDS = {"system", "role", "content", "bos", "eos", "cut"}
 # Role names accepted by `to_turns` (ShareGPT `from` values and chat `role` values).
 DEFAULT_ROLE_MAP = {"human": USER, "user": USER, "system": SYSTEM, **dict.fromkeys(
     ("gpt", "chatgpt", "bard", "bing", "assistant", "model"), ASSISTANT)}
@@ -99,8 +101,9 @@ def render_spans(template: TemplateConfig, system: str | None, turns: Sequence[T
     """(text, supervised [start, end) character spans, where each (user, assistant) pair starts).
 
     `system=None` means the template's default prompt. `special` gives the characters written for
-    `{bos}` and `{eos}` (keys "bos", "eos") and for the literal `special_tokens` in the template's
-    text (keyed by the token; default: the token strings themselves). A `{bos}` of the user or
+    `{bos}` and `{eos}` (keys "bos", "eos"), for `{cut}` (key "cut"; default: nothing) and for the
+    literal `special_tokens` in the template's text (keyed by the token; default: the token strings
+    themselves). A `{bos}` of the user or
     assistant format at the very start is left out: the tokenizer adds BOS there, as it does at inference."""
     if special is None:
         special = {"bos": template.bos_token, "eos": template.eos_token}
@@ -135,6 +138,8 @@ def render_spans(template: TemplateConfig, system: str | None, turns: Sequence[T
                 emit_system(values["system"])
             elif name == "eos" or name == "bos" and pos:
                 put(special[name], supervised)
+            elif name == "cut":
+                put(special.get("cut", ""), supervised)
             elif name in ("role", "content"):
                 put(values.get(name, ""), supervised)
 

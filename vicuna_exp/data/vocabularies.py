@@ -95,20 +95,12 @@ def build(name: str, root: Path) -> Path:
 
 
 def _sentencepiece_merge_order(directory: Path) -> None:
-    """Rank tokenizer.json's merges as SentencePiece does: by the score of the piece a merge makes,
-    highest first (ties in transformers' order). transformers 5 ranks the merges of whitespace pieces
-    (score -1e9, merged last by SentencePiece) first, so two spaces before a word tokenize as
-    `▁▁ world` where SentencePiece, mistral-common and the models' published tokenizer.json (made by
-    transformers 4, which sorted by score) give `▁ ▁world`."""
-    import sentencepiece
+    """tokenizer.json's merges ranked as SentencePiece ranks them (tokenizer.rank_merges_as_sentencepiece)."""
+    from vicuna_exp.data.tokenizer import rank_merges_as_sentencepiece
 
-    sp = sentencepiece.SentencePieceProcessor(model_file=str(directory / "tokenizer.model"))
     path = directory / "tokenizer.json"
     spec = json.loads(path.read_text())
-    merges = spec["model"]["merges"]
-    pieces = [m if isinstance(m, list) else m.split(" ") for m in merges]
-    scores = [sp.get_score(sp.piece_to_id(a + b)) for a, b in pieces]
-    spec["model"]["merges"] = [merges[i] for i in sorted(range(len(merges)), key=lambda i: -scores[i])]
+    rank_merges_as_sentencepiece(spec, directory / "tokenizer.model")
     path.write_text(json.dumps(spec, ensure_ascii=False))
 
 
