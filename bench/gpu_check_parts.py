@@ -124,34 +124,24 @@ class Kernel:
 
 
 def attention_kernels(on_cuda: bool) -> list[Kernel]:
-    """Every kernel the schema offers, and torch's own ones the design's `auto` order names."""
+    """Every kernel the schema offers, and torch's own ones the design's `auto` order names, with
+    why each cannot run here: the trainer's own answer (`hardware.attention_refusal`) at bf16, the
+    dtype every kernel runs in. Flex attention runs forward on the CPU; only its backward does not."""
     from vicuna_exp.choices import AttnImpl
+    from vicuna_exp.hardware import attention_refusal, probe_attention
 
+    facts = probe_attention(on_cuda=on_cuda, precision="bf16_mixed")
     names = [m.value for m in AttnImpl if m != AttnImpl.auto]
     names += [n for n in TORCH_NATIVE_ATTENTION if n not in names]
     out = []
     for name in names:
-        why: str | None = None
-        backward: str | None = None
-        fp32 = True
-        if name == "flash_attention_2":
-            fp32 = False
-            if not on_cuda:
-                why = "needs CUDA"
-            elif importlib.util.find_spec("flash_attn") is None:
-                why = "the flash-attn package is not installed"
-        elif name == "varlen":
-            fp32 = False
-            if not on_cuda:
-                why = "torch's varlen attention is CUDA-only"
-            elif importlib.util.find_spec("torch.nn.attention.varlen") is None:
-                why = "this torch has no torch.nn.attention.varlen"
-        elif name == "flex_attention":
-            if importlib.util.find_spec("torch.nn.attention.flex_attention") is None:
-                why = "this torch has no torch.nn.attention.flex_attention"
-            elif not on_cuda:
-                backward = "flex attention has no backward on the CPU (NotImplementedError)"
-        out.append(Kernel(name, name in set(AttnImpl), why, backward if why is None else why, fp32))
+        selectable = name in set(AttnImpl)
+        why = attention_refusal(AttnImpl(name), facts) if selectable else "not a model.attn_implementation here"
+        backward = why
+        if name == AttnImpl.flex_attention and facts.torch_flex and not on_cuda:
+            why = None  # the forward runs on the CPU
+        out.append(Kernel(name, selectable, why, backward,
+                          fp32=name not in (AttnImpl.flash_attention_2, AttnImpl.varlen)))
     return out
 
 
