@@ -285,9 +285,10 @@ def test_a_kernel_that_cannot_run_here_exits_2_before_any_worker(attn: str, why:
                                                                  capsys: pytest.CaptureFixture,
                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     import vicuna_exp.job
+    import vicuna_exp.train
 
     monkeypatch.setattr(vicuna_exp.job, "launch", lambda *a: pytest.fail("a worker was started"))
-    monkeypatch.setattr(vicuna_exp.job, "run", lambda *a: pytest.fail("the recipe was started"))
+    monkeypatch.setattr(vicuna_exp.train, "run", lambda *a: pytest.fail("the recipe was started"))
     code = main(["train", *SMALL, f"model.attn_implementation={attn}", "trainer.device=cpu",
                  "launcher.nproc_per_node=2", "backend=ddp", f"hydra.run.dir={tmp_path}"])
     err = capsys.readouterr().err

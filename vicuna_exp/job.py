@@ -24,7 +24,6 @@ from vicuna_exp.hardware import attention_before_launch
 from vicuna_exp.launch import launch
 from vicuna_exp.preflight import check_run_dir_room, expected_checkpoint_bytes
 from vicuna_exp.rundir import RunStatus, Summary, completed_summary, save_resolved_config
-from vicuna_exp.train import run
 
 
 def main(cfg: DictConfig) -> int:
@@ -47,7 +46,12 @@ def main(cfg: DictConfig) -> int:
         return EXIT_OK
     check_run_dir_room(run_dir, one_checkpoint_bytes(run_dir / CHECKPOINTS_DIR, expected_checkpoint_bytes(cfg)))
     save_resolved_config(cfg, run_dir, overrides)
-    code = launch(cfg, run_dir) if needs_torchrun(cfg) else run(cfg, run_dir, overrides)[0]
+    if needs_torchrun(cfg):
+        code = launch(cfg, run_dir)
+    else:  # imported only here: transformers and the recipe, 2-3 CPU s that a job launching torchrun never needs
+        from vicuna_exp import train
+
+        code = train.run(cfg, run_dir, overrides)[0]
     report_outcome(run_dir)
     return code
 
