@@ -25,7 +25,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from vicuna_exp.data.tokenizer import converted_from_sentencepiece
+from vicuna_exp.data.sentencepiece_merges import converted_from_sentencepiece
 from vicuna_exp.diskspace import writing
 from vicuna_exp.errors import UsageError
 

@@ -1,22 +1,17 @@
 """Load the tokenizer a run uses: a local directory, or the packaged tiny one.
 
 Only fast (Rust-backed) tokenizers are accepted: the pipeline needs character offsets for exact
-masking and batched encoding across cores, and both exist only there.
-
-A directory with a SentencePiece `tokenizer.model` and no `tokenizer.json` (LLaMA-1's, many
-Mistral-family ones) is converted by transformers at load. transformers 5 ranks the merges of
-whitespace pieces first, where SentencePiece (score -1e9) merges them last: two spaces before a word
-give `▁▁ world` against SentencePiece's `▁ ▁world` (64 of the first 292 ShareGPT conversations on a
-32k vocabulary). The loader ranks the converted merges by SentencePiece's scores again, so the ids are
-SentencePiece's, as the models' published tokenizer.json (made by transformers 4) has them.
+masking and batched encoding across cores, and both exist only there. A directory holding only a
+SentencePiece `tokenizer.model` is converted with SentencePiece's merge order (sentencepiece_merges.py).
 """
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
+from vicuna_exp.data.sentencepiece_merges import converted_from_sentencepiece, rank_merges_as_sentencepiece
 from vicuna_exp.errors import UsageError
 
 if TYPE_CHECKING:
@@ -73,7 +68,7 @@ def load_tokenizer(path: str | None, *, key: str = "model.tokenizer") -> PreTrai
         raise UsageError(f"{key}: cannot load a tokenizer from {directory} offline: {first_line}") from exc
     if not getattr(tokenizer, "is_fast", False):
         raise UsageError(f"{key}: {directory} gives a slow tokenizer; vicuna-exp needs a fast one (tokenizer.json)")
-    if converted_from_sentencepiece(directory):
+    if converted_from_sentencepiece(directory):  # transformers 5's conversion: SentencePiece's merge order
         from tokenizers import Tokenizer
 
         spec = json.loads(tokenizer.backend_tokenizer.to_str())
@@ -82,30 +77,6 @@ def load_tokenizer(path: str | None, *, key: str = "model.tokenizer") -> PreTrai
     if tokenizer.eos_token_id is None:
         raise UsageError(f"{key}: the tokenizer in {directory} has no eos_token")
     return tokenizer
-
-
-def converted_from_sentencepiece(directory: Path) -> bool:
-    """Whether loading this directory converts a SentencePiece model (no tokenizer.json beside it)."""
-    return (directory / "tokenizer.model").is_file() and not (directory / "tokenizer.json").is_file()
-
-
-def rank_merges_as_sentencepiece(spec: dict[str, Any], model_file: Path) -> bool:
-    """Rank a converted BPE's merges (tokenizer.json's `model.merges`, changed in place) as SentencePiece
-    does: by the score of the piece a merge makes, highest first, ties in the converter's order.
-    False when there is nothing to rank (not a BPE, or not a SentencePiece BPE model)."""
-    import sentencepiece
-
-    merges = spec.get("model", {}).get("merges")
-    if spec.get("model", {}).get("type") != "BPE" or not merges:
-        return False
-    try:
-        sp = sentencepiece.SentencePieceProcessor(model_file=str(model_file))
-    except (OSError, RuntimeError):
-        return False  # not a SentencePiece model (a tiktoken file is also named tokenizer.model)
-    pieces = [m if isinstance(m, list) else m.split(" ") for m in merges]
-    scores = [sp.get_score(sp.piece_to_id(a + b)) for a, b in pieces]
-    spec["model"]["merges"] = [merges[i] for i in sorted(range(len(merges)), key=lambda i: -scores[i])]
-    return True
 
 
 def pad_id(tokenizer: PreTrainedTokenizerFast) -> int:

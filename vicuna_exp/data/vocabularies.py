@@ -95,8 +95,8 @@ def build(name: str, root: Path) -> Path:
 
 
 def _sentencepiece_merge_order(directory: Path) -> None:
-    """tokenizer.json's merges ranked as SentencePiece ranks them (tokenizer.rank_merges_as_sentencepiece)."""
-    from vicuna_exp.data.tokenizer import rank_merges_as_sentencepiece
+    """tokenizer.json's merges ranked as SentencePiece ranks them (sentencepiece_merges.rank_merges_as_sentencepiece)."""
+    from vicuna_exp.data.sentencepiece_merges import rank_merges_as_sentencepiece
 
     path = directory / "tokenizer.json"
     spec = json.loads(path.read_text())
