@@ -115,8 +115,11 @@ def check_composes(overrides: list[str], *, multirun: bool) -> list[DictConfig]:
     Hydra's own node (where each will write)."""
     args = _overrides(overrides)
     custom_sweeper = any(a.partition("=")[0].lstrip("+~") == "hydra/sweeper" for a in args)
-    if multirun and custom_sweeper:
-        return []  # the sweeper (Optuna) draws its own values; Hydra checks them as it goes
+    if multirun and custom_sweeper:  # the sweeper (Optuna) draws its own values: compose one point of its space
+        from vicuna_exp import search
+
+        space, fixed = search.parse_space(args)
+        args = fixed + search.trial_overrides(search.sample_point(space))
     composed = []
     for job in (expand_sweep(args) if multirun else [args]):
         try:
@@ -228,10 +231,18 @@ def without_run_dir(argv: list[str]) -> list[str]:
     return [f"{key}={value}" for key, value in _NO_RUN_DIR.items() if key not in given] + argv
 
 
+def register_all() -> None:
+    """The schemas into Hydra's ConfigStore, and the project's sweeper into its plugin registry."""
+    from vicuna_exp import optuna_sweeper
+
+    register_configs()
+    optuna_sweeper.register()
+
+
 def run_hydra_app(target: str, argv: list[str], *, prog: str, run_dir: bool = True) -> int:
     import hydra
 
-    register_configs()
+    register_all()
     argv = quote_numeric_choices(argv)
     if not run_dir and not any(a in _MULTIRUN_FLAGS for a in argv):
         argv = without_run_dir(argv)

@@ -38,6 +38,7 @@ JOB_RECORD = "sweep_job.json"
 SWEEP_RECORD = "sweep.json"
 _RUN_ENV = "VICUNA_EXP_SWEEP_RUN"  # set in every job by Hydra (hydra.job.env_set): which invocation ran it
 _SPEC_KEYS = {"description", "axes", "fixed", "held_constant"}
+_SEARCH_KEYS = {"search", "n_trials", "objective", "direction"}  # a search (vicuna_exp.sweep_search) instead of axes
 
 @dataclass
 class SweepSpec:
@@ -47,6 +48,10 @@ class SweepSpec:
     axes: dict[str, list[str]] = field(default_factory=dict)
     fixed: list[str] = field(default_factory=list)
     held_constant: list[str] = field(default_factory=list)
+    search: dict[str, str] = field(default_factory=dict)  # key -> sweep function (`interval(0, 0.1)`)
+    n_trials: int | None = None
+    objective: str | None = None
+    direction: str | None = None
 
 def sweeps_dir() -> Path:
     """`sweeps/` beside `conf/` in a checkout, or shipped inside the package."""
@@ -74,11 +79,15 @@ def load_spec(name: str) -> SweepSpec:
         raise UsageError(f"{path}: not valid YAML ({e})") from None
     if not isinstance(raw, dict):
         raise UsageError(f"{path}: must be a mapping with keys {', '.join(sorted(_SPEC_KEYS))}")
-    unknown = set(raw) - _SPEC_KEYS
+    unknown = set(raw) - _SPEC_KEYS - _SEARCH_KEYS
     if unknown:
-        raise UsageError(f"{path}: unknown key(s) {', '.join(sorted(unknown))}; valid: {', '.join(sorted(_SPEC_KEYS))}")
+        valid = ", ".join(sorted(_SPEC_KEYS | _SEARCH_KEYS))
+        raise UsageError(f"{path}: unknown key(s) {', '.join(sorted(unknown))}; valid: {valid}")
+    searched = load_search_keys(path, raw)
     axes = raw.get("axes") or {}
-    if not isinstance(axes, dict) or not axes:
+    if searched and axes:
+        raise UsageError(f"{path}: `axes` (a grid) and `search` (a study) exclude each other; keep one")
+    if not searched and (not isinstance(axes, dict) or not axes):
         raise UsageError(f"{path}: `axes` must map an override key to a list of values, e.g. context: [512, 2048]")
     for key, values in axes.items():
         if not isinstance(values, list) or not values or any(isinstance(v, (dict, list)) for v in values):
@@ -91,7 +100,28 @@ def load_spec(name: str) -> SweepSpec:
         name=path.stem, path=path, description=str(raw.get("description") or "").strip(),
         axes={str(k): [_value(v) for v in vs] for k, vs in axes.items()},
         fixed=list(fixed), held_constant=[str(h) for h in held] if isinstance(held, list) else [str(held)],
+        **searched,
     )
+
+def load_search_keys(path: Path, raw: dict[str, Any]) -> dict[str, Any]:
+    """The search keys of a spec (`search`, `n_trials`, `objective`, `direction`), checked; {} for a grid."""
+    if not set(raw) & _SEARCH_KEYS:
+        return {}
+    space = raw.get("search")
+    if not isinstance(space, dict) or not space or any(not isinstance(v, str) for v in space.values()):
+        raise UsageError(f"{path}: `search` must map an override key to a sweep function, "
+                         "e.g. optim.lr: tag(log, interval(1e-5, 1e-3))")
+    n_trials = raw.get("n_trials")
+    if n_trials is not None and (isinstance(n_trials, bool) or not isinstance(n_trials, int) or n_trials < 1):
+        raise UsageError(f"{path}: `n_trials` must be a positive integer")
+    direction = raw.get("direction")
+    if direction is not None and direction not in ("minimize", "maximize"):
+        raise UsageError(f"{path}: `direction` must be minimize or maximize")
+    objective = raw.get("objective")
+    if objective is not None and not isinstance(objective, str):
+        raise UsageError(f"{path}: `objective` must name a key of summary.json")
+    return {"search": {str(k): v for k, v in space.items()}, "n_trials": n_trials, "objective": objective,
+            "direction": direction}
 
 def _value(v: Any) -> str:
     if v is None:
@@ -325,6 +355,10 @@ def main(argv: list[str]) -> int:
         return EXIT_OK if argv else EXIT_USAGE
     try:
         spec = load_spec(argv[0])
+        if spec.search:
+            from vicuna_exp.sweep_search import run_search
+
+            return run_search(spec, argv[1:])
         code, result = run_sweep(spec, argv[1:])
     except UsageError as e:
         print(f"vicuna-exp sweep: error: {e}", file=sys.stderr)
