@@ -27,11 +27,11 @@ from omegaconf import DictConfig, OmegaConf
 
 from vicuna_exp import search
 from vicuna_exp.errors import EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, UsageError
+from vicuna_exp.tracking import TRIAL_ENV  # the trial's study, number and parameters, for its wandb config
 
 log = logging.getLogger(__name__)
 
 PLUGIN_MODULE = "hydra_plugins.vicuna_exp_optuna"
-TRIAL_ENV = "VICUNA_EXP_TRIAL"  # set in each trial's job: {"study", "number", "params"} as JSON (wandb config)
 GROUP_KEY = "logger.group"
 
 
