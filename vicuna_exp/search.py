@@ -317,15 +317,17 @@ def requeue_interrupted(study: Any, number: int, params: dict[str, Any], why: st
 def propose(study: Any, s: StudySettings, space: dict[str, Param], limit: int) -> list[Any]:
     """Up to `limit` new trials, none beyond the study's n_trials (queued points first)."""
     import hydra.utils
+    from optuna.trial import TrialState
 
     distributions = {k: p.distribution() for k, p in space.items()}
     asked = []
     with proposal_lock(s):
         fail_abandoned_trials(study)
         for _ in range(limit):
-            k = len(counted_trials(study))
-            if k >= s.n_trials:
-                break
+            counted = counted_trials(study)
+            k = len(counted)
+            if sum(t.state != TrialState.WAITING for t in counted) >= s.n_trials:
+                break  # a queued point (an interrupted trial's) still runs while there is room for it
             kwargs = {k_: v for k_, v in s.sampler.items() if k_ != "_target_"}
             if kwargs.get("seed") is not None:
                 kwargs["seed"] = int(kwargs["seed"]) + k
@@ -371,7 +373,7 @@ def study_record(study: Any, s: StudySettings, space: dict[str, Param]) -> dict[
     trials = []
     for t in study.get_trials(deepcopy=False):
         trials.append({"number": t.number, "state": t.state.name.lower(), "value": t.value,
-                       "params": dict(t.params), "run_dir": t.user_attrs.get(RUN_DIR_ATTR),
+                       "params": dict(t.params or t.system_attrs.get("fixed_params") or {}), "run_dir": t.user_attrs.get(RUN_DIR_ATTR),
                        "error": t.user_attrs.get(ERROR_ATTR), "resumes": t.user_attrs.get(RESUMES_ATTR),
                        "started_at": _ts(t.datetime_start), "finished_at": _ts(t.datetime_complete)})
     best = None

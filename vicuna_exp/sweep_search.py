@@ -3,8 +3,8 @@
 The spec's space, `n_trials`, `objective` and `direction` become `hydra/sweeper=optuna` settings
 (the command line wins over them), and each trial is a sweep job (`sweep.run_sweep_job`: skipped
 when completed with the same config, resumed when interrupted). Running the command again continues
-the study. Exit code: 0 when every trial of the study completed, 75 when one was interrupted (run
-it again), 2 for a bad spec, space or objective, else 1.
+the study. Exit code: 0 when no trial of the study failed (now or earlier), 75 when one was interrupted
+(run it again), 2 for a bad spec, space or objective, else 1.
 
     vicuna-exp sweep lr_search
     vicuna-exp sweep lr_search hydra.sweeper.n_trials=40 hydra/launcher=joblib hydra.sweeper.n_jobs=2
@@ -128,8 +128,9 @@ def run_search(spec: SweepSpec, overrides: list[str]) -> int:
     print(f"wrote {sweep_dir}/{search.SEARCH_RECORD}; report with: vicuna-exp report {sweep_dir}")
     if code != EXIT_OK:
         return code
+    # Trials still running belong to another invocation of the same study: not failures of this one.
     counted = [t for t in record["trials"] if not _continued(record, t["number"])]
-    return EXIT_OK if all(t["state"] == "complete" for t in counted) else EXIT_FAILED
+    return EXIT_FAILED if any(t["state"] == "fail" for t in counted) else EXIT_OK
 
 
 def _print_trials(spec: SweepSpec, record: dict[str, Any]) -> None:
