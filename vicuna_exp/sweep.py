@@ -149,6 +149,9 @@ class Plan:
 def plan_sweep(spec: SweepSpec, overrides: list[str]) -> Plan:
     from vicuna_exp.hydra_app import expand_sweep, quote_numeric_choices
 
+    if spec.search:
+        raise UsageError(f"{spec.path}: a search (`search:`), not a grid; `vicuna-exp sweep {spec.name}` runs it")
+
     user_hydra = [o for o in overrides if _key(o).startswith(("hydra.", "hydra/")) or o.startswith("-")]
     user_app = [o for o in overrides if o not in user_hydra]
     bad_flags = [o for o in user_hydra if o.startswith("-")]
@@ -355,10 +358,6 @@ def main(argv: list[str]) -> int:
         return EXIT_OK if argv else EXIT_USAGE
     try:
         spec = load_spec(argv[0])
-        if spec.search:
-            from vicuna_exp.sweep_search import run_search
-
-            return run_search(spec, argv[1:])
         code, result = run_sweep(spec, argv[1:])
     except UsageError as e:
         print(f"vicuna-exp sweep: error: {e}", file=sys.stderr)

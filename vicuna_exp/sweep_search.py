@@ -12,18 +12,15 @@ the study. Exit code: 0 when no trial of the study failed (now or earlier), 75 w
 
 from __future__ import annotations
 
-import logging
 import sys
 import time
 import uuid
 from pathlib import Path
 from typing import Any
 
-from vicuna_exp import search
+from vicuna_exp import search, sweep
 from vicuna_exp.errors import EXIT_FAILED, EXIT_OK, EXIT_USAGE, UsageError
 from vicuna_exp.sweep import _RUN_ENV, SWEEP_RECORD, SweepSpec, _write_json, run_sweep_job
-
-log = logging.getLogger(__name__)
 
 _STATUS = {"complete": "completed", "fail": "failed", "running": "running", "waiting": "waiting",
            "pruned": "failed"}
@@ -142,3 +139,15 @@ def _print_trials(spec: SweepSpec, record: dict[str, Any]) -> None:
     for t in done + others:
         value = f"{t['value']:.6g}" if t["value"] is not None else t["state"]
         print(f"  #{t['number']:<3} {value:>10}  {', '.join(search.trial_overrides(t['params']))}")
+
+
+def main(argv: list[str]) -> int:
+    """`vicuna-exp sweep NAME`: a spec with `search:` runs here; a grid (and `--help`) in `vicuna_exp.sweep`."""
+    if not argv or argv[0].startswith("-"):
+        return sweep.main(argv)
+    try:
+        spec = sweep.load_spec(argv[0])
+    except UsageError as e:
+        print(f"vicuna-exp sweep: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    return run_search(spec, argv[1:]) if spec.search else sweep.main(argv)

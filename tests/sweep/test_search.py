@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from vicuna_exp import search, sweep
+from vicuna_exp import search
 from vicuna_exp.cli import main as cli_main
 from vicuna_exp.report import main as report_main
 
@@ -39,7 +39,7 @@ def _env(monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPathFacto
 
 
 def _args(study_dir: Path, n_trials: int, *extra: str) -> list[str]:
-    return ["lr_search", *SMALL, f"hydra.sweeper.n_trials={n_trials}", f"hydra.sweep.dir={study_dir}", *extra]
+    return ["sweep", "lr_search", *SMALL, f"hydra.sweeper.n_trials={n_trials}", f"hydra.sweep.dir={study_dir}", *extra]
 
 
 def _study(study_dir: Path):
@@ -58,7 +58,7 @@ def _summaries(study_dir: Path) -> dict[str, str]:
 
 
 def test_a_4_trial_study_finishes_and_reports_the_best_trial_of_its_storage(study_dir: Path) -> None:
-    assert sweep.main(_args(study_dir, 4)) == 0
+    assert cli_main(_args(study_dir, 4)) == 0
     study = _study(study_dir)
     assert [t.state.name for t in study.trials] == ["COMPLETE"] * 4
     record = json.loads((study_dir / "search.json").read_text())
@@ -81,7 +81,7 @@ def test_a_4_trial_study_finishes_and_reports_the_best_trial_of_its_storage(stud
     assert "data:image/png;base64," in (study_dir / "report.html").read_text()
 
     before = _summaries(study_dir)
-    assert sweep.main(_args(study_dir, 4)) == 0  # n_trials is the total: a finished study runs no trial
+    assert cli_main(_args(study_dir, 4)) == 0  # n_trials is the total: a finished study runs no trial
     assert len(_study(study_dir).trials) == 4 and _summaries(study_dir) == before
 
 
@@ -98,7 +98,7 @@ def test_an_interrupted_study_continued_reruns_no_completed_trial(study_dir: Pat
     watcher = threading.Thread(target=preempt_once_checkpointed, daemon=True)
     try:
         watcher.start()
-        assert sweep.main(_args(study_dir, 5)) == 75  # the trial saved and ended resumable
+        assert cli_main(_args(study_dir, 5)) == 75  # the trial saved and ended resumable
         watcher.join(timeout=10)
     finally:
         signal.signal(signal.SIGTERM, previous)
@@ -106,7 +106,7 @@ def test_an_interrupted_study_continued_reruns_no_completed_trial(study_dir: Pat
     assert [t.state.name for t in study.trials][4:] == ["FAIL", "WAITING"]  # queued again to resume
     interrupted = study.trials[4]
 
-    assert sweep.main(_args(study_dir, 5)) == 0
+    assert cli_main(_args(study_dir, 5)) == 0
     study = _study(study_dir)
     assert [t.state.name for t in study.trials] == ["COMPLETE"] * 4 + ["FAIL", "COMPLETE"]
     resumed = study.trials[5]
@@ -118,10 +118,10 @@ def test_an_interrupted_study_continued_reruns_no_completed_trial(study_dir: Pat
 
 
 def test_two_concurrent_invocations_share_one_study(study_dir: Path) -> None:
-    other = subprocess.Popen([sys.executable, "-m", "vicuna_exp", "sweep", *_args(study_dir, 8)],
+    other = subprocess.Popen([sys.executable, "-m", "vicuna_exp", *_args(study_dir, 8)],
                              env=dict(os.environ), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        code = sweep.main(_args(study_dir, 8))
+        code = cli_main(_args(study_dir, 8))
         out, _ = other.communicate(timeout=300)
     finally:
         other.kill()
@@ -137,7 +137,7 @@ def test_two_concurrent_invocations_share_one_study(study_dir: Path) -> None:
 def test_another_space_on_an_existing_study_is_refused_naming_the_difference(
         study_dir: Path, capsys: pytest.CaptureFixture) -> None:
     before = len(_study(study_dir).trials)
-    assert sweep.main(_args(study_dir, 9, "optim.lr=tag(log, interval(1e-4, 1e-3))")) == 2
+    assert cli_main(_args(study_dir, 9, "optim.lr=tag(log, interval(1e-4, 1e-3))")) == 2
     err = capsys.readouterr().err
     assert "optim.lr: tag(log, interval(1e-05, 0.01)) there, tag(log, interval(0.0001, 0.001)) here" in err
     assert "hydra.sweeper.study_name" in err and "Traceback" not in err
