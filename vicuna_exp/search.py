@@ -371,10 +371,13 @@ def study_record(study: Any, s: StudySettings, space: dict[str, Param]) -> dict[
     from optuna.distributions import distribution_to_json
 
     trials = []
-    for t in study.get_trials(deepcopy=False):
+    all_trials = study.get_trials(deepcopy=False)
+    continued_by = {t.user_attrs[RESUMES_ATTR]: t.number for t in all_trials if t.user_attrs.get(RESUMES_ATTR) is not None}
+    for t in all_trials:
         trials.append({"number": t.number, "state": t.state.name.lower(), "value": t.value,
                        "params": dict(t.params or t.system_attrs.get("fixed_params") or {}), "run_dir": t.user_attrs.get(RUN_DIR_ATTR),
                        "error": t.user_attrs.get(ERROR_ATTR), "resumes": t.user_attrs.get(RESUMES_ATTR),
+                       "continued_by": continued_by.get(t.number),
                        "started_at": _ts(t.datetime_start), "finished_at": _ts(t.datetime_complete)})
     best = None
     done = [t for t in trials if t["state"] == "complete" and t["value"] is not None]

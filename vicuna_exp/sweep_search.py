@@ -138,7 +138,8 @@ def _print_trials(spec: SweepSpec, record: dict[str, Any]) -> None:
           f"({record['objective']}, {record['direction']})")
     for t in done + others:
         value = f"{t['value']:.6g}" if t["value"] is not None else t["state"]
-        print(f"  #{t['number']:<3} {value:>10}  {', '.join(search.trial_overrides(t['params']))}")
+        note = f"  (interrupted; continued by #{t['continued_by']})" if t.get("continued_by") is not None else ""
+        print(f"  #{t['number']:<3} {value:>10}  {', '.join(search.trial_overrides(t['params']))}{note}")
 
 
 def main(argv: list[str]) -> int:

@@ -44,7 +44,8 @@ def search_blocks(record: dict[str, Any], out_dir: Path) -> tuple[list[Block], l
     rows, sort_keys = [], []
     for rank, t in enumerate(ranked_trials(record), 1):
         has = t.get("value") is not None
-        note = t.get("error") or ""
+        note = (f"interrupted; continued by trial {t['continued_by']}" if t.get("continued_by") is not None
+                else t.get("error") or "")
         rows.append([str(rank) if has else "", str(t["number"]), t["state"],
                      f"{t['value']:.6g}" if has else "", *(format_value(t["params"][k]) if k in t["params"] else ""
                                                            for k in keys), t.get("run_dir") or "", note])
