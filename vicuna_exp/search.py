@@ -154,7 +154,13 @@ def override_key(override: str) -> str:
 
 
 def trial_overrides(params: dict[str, Any]) -> list[str]:
-    return [f"{k}={format_value(v)}" for k, v in params.items()]
+    """A point as overrides. A number chosen for a config group names its option file
+    (`context=choice(512, 2048)` -> `context='512'`), which Hydra reads only when quoted."""
+    from vicuna_exp.config import conf_dir
+
+    groups = {p.name for p in conf_dir().iterdir() if p.is_dir()}
+    return [f"{k}={format_value(str(v) if k in groups and isinstance(v, int) and not isinstance(v, bool) else v)}"
+            for k, v in params.items()]
 
 
 def default_n_trials() -> int:

@@ -68,6 +68,9 @@ def test_a_4_trial_study_finishes_and_reports_the_best_trial_of_its_storage(stud
     assert record["best"]["run_dir"] == best.user_attrs["run_dir"]
     summary = json.loads((study_dir / best.user_attrs["run_dir"] / "summary.json").read_text())
     assert summary["best_eval_loss"] == best.value
+    groups = {o for text in _summaries(study_dir).values() for o in json.loads(text)["overrides"]
+              if o.startswith("logger.group=")}
+    assert len(groups) == 1 and groups.pop().startswith("logger.group=lr_search-")  # one wandb group per study
     assert sorted(_summaries(study_dir)) == sorted(t.user_attrs["run_dir"] for t in study.trials)
     assert all(name.startswith("optim.lr=") for name in _summaries(study_dir))  # named from the params alone
 
