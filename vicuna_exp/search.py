@@ -100,7 +100,7 @@ def parse_space(overrides: list[str]) -> tuple[dict[str, Param], list[str]]:
         if not o.is_sweep_override():
             fixed.append(text)
             continue
-        key, value = o.get_key_element().lstrip("+~"), o._value  # the parsed sweep (Hydra has no public getter)
+        key, value = o.get_key_element().lstrip("+~"), o.value()
         log = "log" in value.tags
         if isinstance(value, IntervalSweep):
             low, high = float(value.start), float(value.end)
@@ -385,12 +385,10 @@ def study_record(study: Any, s: StudySettings, space: dict[str, Param]) -> dict[
                        "error": t.user_attrs.get(ERROR_ATTR), "resumes": t.user_attrs.get(RESUMES_ATTR),
                        "continued_by": continued_by.get(t.number),
                        "started_at": _ts(t.datetime_start), "finished_at": _ts(t.datetime_complete)})
-    best = None
-    done = [t for t in trials if t["state"] == "complete" and t["value"] is not None]
-    if done:
-        pick = min if s.direction == "minimize" else max
-        best = pick(done, key=lambda t: (t["value"], t["number"]) if s.direction == "minimize"
-                    else (t["value"], -t["number"]))
+    sign = 1 if s.direction == "minimize" else -1
+    done = sorted((t for t in trials if t["state"] == "complete" and t["value"] is not None),
+                  key=lambda t: (sign * t["value"], t["number"]))  # ties: the earlier trial
+    best = done[0] if done else None
     return {"study_name": s.study_name, "storage": storage_location(s), "objective": s.objective,
             "direction": s.direction, "n_trials": s.n_trials, "sampler": dict(s.sampler),
             "space": space_record(space),
