@@ -114,12 +114,14 @@ def check_composes(overrides: list[str], *, multirun: bool) -> list[DictConfig]:
     key or value stops the command with one line and exit 2. Returns the composed jobs, with
     Hydra's own node (where each will write)."""
     args = _overrides(overrides)
-    custom_sweeper = any(a.partition("=")[0].lstrip("+~") == "hydra/sweeper" for a in args)
-    if multirun and custom_sweeper:  # the sweeper (Optuna) draws its own values: compose one point of its space
+    sweeper = next((a.partition("=")[2] for a in args if a.partition("=")[0].lstrip("+~") == "hydra/sweeper"), "basic")
+    if multirun and sweeper == "optuna":  # it draws its own values: one point of its space is composed
         from vicuna_exp import search
 
         space, fixed = search.parse_space(args)
         args = fixed + search.trial_overrides(search.sample_point(space))
+    elif multirun and sweeper != "basic":
+        return []  # another sweeper's grammar: Hydra checks its values as it goes
     composed = []
     for job in (expand_sweep(args) if multirun else [args]):
         try:

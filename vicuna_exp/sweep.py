@@ -6,10 +6,12 @@ fixed place, so running the sweep again skips jobs already completed with the sa
 and resumes interrupted ones. Each job leaves `sweep_job.json` beside its run dir (the outcome as
 the sweep saw it, even when the job failed before training started); the parent gathers them
 into `sweep.json` at the sweep root. Exit code: 0 when every job completed (now or earlier), else 1.
+A file with `search:` (a space) instead of `axes:` is an Optuna study: `vicuna_exp.sweep_search`.
 
     vicuna-exp sweep context_length
     vicuna-exp sweep context_length experiment=vicuna-7b model.path=/path/to/llama-7b-hf
     vicuna-exp sweep backend hydra/launcher=joblib hydra.launcher.n_jobs=2
+    vicuna-exp sweep lr_search trainer.max_steps=20                 # a search: 8 trials of a study
 """
 
 from __future__ import annotations
