@@ -123,18 +123,33 @@ def test_an_interrupted_study_continued_reruns_no_completed_trial(study_dir: Pat
 def test_two_concurrent_invocations_share_one_study(study_dir: Path) -> None:
     other = subprocess.Popen([sys.executable, "-m", "vicuna_exp", *_args(study_dir, 8)],
                              env=dict(os.environ), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines: list[str] = []
+    opened = threading.Event()
+
+    def drain() -> None:  # its output, read as it comes; the study is open once it says so
+        for line in other.stdout:
+            lines.append(line)
+            if line.startswith("[optuna] study"):
+                opened.set()
+        opened.set()
+
+    reader = threading.Thread(target=drain, daemon=True)
+    reader.start()
     try:
-        code = cli_main(_args(study_dir, 8))
-        out, _ = other.communicate(timeout=300)
+        assert opened.wait(timeout=120)
+        code = cli_main(_args(study_dir, 8))  # while the other trains its first trial
+        other.wait(timeout=300)
+        reader.join(timeout=10)
     finally:
         other.kill()
-    assert (code, other.returncode) == (0, 0), out
+    assert (code, other.returncode) == (0, 0), "".join(lines)
     study = _study(study_dir)
     counted = search.counted_trials(study)
     assert len(counted) == 8 and all(t.state.name == "COMPLETE" for t in counted)
     assert len({t.number for t in study.trials}) == len(study.trials)  # every trial once
     assert len({json.dumps(t.params, sort_keys=True) for t in counted}) == 8
     assert len({t.user_attrs["run_dir"] for t in counted}) == 8
+    assert len({t.user_attrs["owner"] for t in counted[5:]}) == 2  # both ran trials of it
 
 
 def test_another_space_on_an_existing_study_is_refused_naming_the_difference(
