@@ -107,3 +107,22 @@ def test_a_later_wandb_error_is_logged_once_and_never_raised(tmp_path: Path, cap
     assert Broken.calls == 1
     assert sum("wandb log failed" in r.getMessage() for r in caplog.records) == 1
     assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 3
+
+
+def test_a_search_trial_puts_its_study_number_and_params_in_the_wandb_config(tmp_path: Path, monkeypatch) -> None:
+    import wandb
+
+    from vicuna_exp.hydra_app import compose
+    from vicuna_exp.tracking import TRIAL_ENV, Tracker
+
+    seen: dict = {}
+    monkeypatch.setattr(wandb, "init", lambda **kwargs: seen.update(kwargs) or object())
+    cfg = compose(["logger=wandb", "logger.mode=offline", "logger.group=lr_search-abc123"])
+    tracker = Tracker(cfg, tmp_path, enabled=False, overrides=[], total_steps=1)
+    monkeypatch.setenv(TRIAL_ENV, json.dumps({"study": "lr_search", "number": 3, "params": {"optim.lr": 1e-4}}))
+    tracker._init_wandb(cfg, tmp_path, ["optim.lr=0.0001"], {})
+    assert seen["config"]["trial"] == {"study": "lr_search", "number": 3, "params": {"optim.lr": 1e-4}}
+    assert seen["group"] == "lr_search-abc123"
+    monkeypatch.delenv(TRIAL_ENV)
+    tracker._init_wandb(cfg, tmp_path, [], {})
+    assert "trial" not in seen["config"]  # a run outside a search has no trial

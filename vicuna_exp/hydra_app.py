@@ -114,9 +114,14 @@ def check_composes(overrides: list[str], *, multirun: bool) -> list[DictConfig]:
     key or value stops the command with one line and exit 2. Returns the composed jobs, with
     Hydra's own node (where each will write)."""
     args = _overrides(overrides)
-    custom_sweeper = any(a.partition("=")[0].lstrip("+~") == "hydra/sweeper" for a in args)
-    if multirun and custom_sweeper:
-        return []  # the sweeper (Optuna) draws its own values; Hydra checks them as it goes
+    sweeper = next((a.partition("=")[2] for a in args if a.partition("=")[0].lstrip("+~") == "hydra/sweeper"), "basic")
+    if multirun and sweeper == "optuna":  # it draws its own values: one point of its space is composed
+        from vicuna_exp import search
+
+        space, fixed = search.parse_space(args)
+        args = fixed + search.trial_overrides(search.sample_point(space))
+    elif multirun and sweeper != "basic":
+        return []  # another sweeper's grammar: Hydra checks its values as it goes
     composed = []
     for job in (expand_sweep(args) if multirun else [args]):
         try:
@@ -228,10 +233,18 @@ def without_run_dir(argv: list[str]) -> list[str]:
     return [f"{key}={value}" for key, value in _NO_RUN_DIR.items() if key not in given] + argv
 
 
+def register_all() -> None:
+    """The schemas into Hydra's ConfigStore, and the project's sweeper into its plugin registry."""
+    from vicuna_exp import optuna_sweeper
+
+    register_configs()
+    optuna_sweeper.register()
+
+
 def run_hydra_app(target: str, argv: list[str], *, prog: str, run_dir: bool = True) -> int:
     import hydra
 
-    register_configs()
+    register_all()
     argv = quote_numeric_choices(argv)
     if not run_dir and not any(a in _MULTIRUN_FLAGS for a in argv):
         argv = without_run_dir(argv)

@@ -6,10 +6,12 @@ fixed place, so running the sweep again skips jobs already completed with the sa
 and resumes interrupted ones. Each job leaves `sweep_job.json` beside its run dir (the outcome as
 the sweep saw it, even when the job failed before training started); the parent gathers them
 into `sweep.json` at the sweep root. Exit code: 0 when every job completed (now or earlier), else 1.
+A file with `search:` (a space) instead of `axes:` is an Optuna study: `vicuna_exp.sweep_search`.
 
     vicuna-exp sweep context_length
     vicuna-exp sweep context_length experiment=vicuna-7b model.path=/path/to/llama-7b-hf
     vicuna-exp sweep backend hydra/launcher=joblib hydra.launcher.n_jobs=2
+    vicuna-exp sweep lr_search trainer.max_steps=20                 # a search: 8 trials of a study
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ JOB_RECORD = "sweep_job.json"
 SWEEP_RECORD = "sweep.json"
 _RUN_ENV = "VICUNA_EXP_SWEEP_RUN"  # set in every job by Hydra (hydra.job.env_set): which invocation ran it
 _SPEC_KEYS = {"description", "axes", "fixed", "held_constant"}
+_SEARCH_KEYS = {"search", "n_trials", "objective", "direction"}  # a search (vicuna_exp.sweep_search) instead of axes
 
 @dataclass
 class SweepSpec:
@@ -47,6 +50,10 @@ class SweepSpec:
     axes: dict[str, list[str]] = field(default_factory=dict)
     fixed: list[str] = field(default_factory=list)
     held_constant: list[str] = field(default_factory=list)
+    search: dict[str, str] = field(default_factory=dict)  # key -> sweep function (`interval(0, 0.1)`)
+    n_trials: int | None = None
+    objective: str | None = None
+    direction: str | None = None
 
 def sweeps_dir() -> Path:
     """`sweeps/` beside `conf/` in a checkout, or shipped inside the package."""
@@ -74,11 +81,15 @@ def load_spec(name: str) -> SweepSpec:
         raise UsageError(f"{path}: not valid YAML ({e})") from None
     if not isinstance(raw, dict):
         raise UsageError(f"{path}: must be a mapping with keys {', '.join(sorted(_SPEC_KEYS))}")
-    unknown = set(raw) - _SPEC_KEYS
+    unknown = set(raw) - _SPEC_KEYS - _SEARCH_KEYS
     if unknown:
-        raise UsageError(f"{path}: unknown key(s) {', '.join(sorted(unknown))}; valid: {', '.join(sorted(_SPEC_KEYS))}")
+        valid = ", ".join(sorted(_SPEC_KEYS | _SEARCH_KEYS))
+        raise UsageError(f"{path}: unknown key(s) {', '.join(sorted(unknown))}; valid: {valid}")
+    searched = load_search_keys(path, raw)
     axes = raw.get("axes") or {}
-    if not isinstance(axes, dict) or not axes:
+    if searched and axes:
+        raise UsageError(f"{path}: `axes` (a grid) and `search` (a study) exclude each other; keep one")
+    if not searched and (not isinstance(axes, dict) or not axes):
         raise UsageError(f"{path}: `axes` must map an override key to a list of values, e.g. context: [512, 2048]")
     for key, values in axes.items():
         if not isinstance(values, list) or not values or any(isinstance(v, (dict, list)) for v in values):
@@ -91,7 +102,28 @@ def load_spec(name: str) -> SweepSpec:
         name=path.stem, path=path, description=str(raw.get("description") or "").strip(),
         axes={str(k): [_value(v) for v in vs] for k, vs in axes.items()},
         fixed=list(fixed), held_constant=[str(h) for h in held] if isinstance(held, list) else [str(held)],
+        **searched,
     )
+
+def load_search_keys(path: Path, raw: dict[str, Any]) -> dict[str, Any]:
+    """The search keys of a spec (`search`, `n_trials`, `objective`, `direction`), checked; {} for a grid."""
+    if not set(raw) & _SEARCH_KEYS:
+        return {}
+    space = raw.get("search")
+    if not isinstance(space, dict) or not space or any(not isinstance(v, str) for v in space.values()):
+        raise UsageError(f"{path}: `search` must map an override key to a sweep function, "
+                         "e.g. optim.lr: tag(log, interval(1e-5, 1e-3))")
+    n_trials = raw.get("n_trials")
+    if n_trials is not None and (isinstance(n_trials, bool) or not isinstance(n_trials, int) or n_trials < 1):
+        raise UsageError(f"{path}: `n_trials` must be a positive integer")
+    direction = raw.get("direction")
+    if direction is not None and direction not in ("minimize", "maximize"):
+        raise UsageError(f"{path}: `direction` must be minimize or maximize")
+    objective = raw.get("objective")
+    if objective is not None and not isinstance(objective, str):
+        raise UsageError(f"{path}: `objective` must name a key of summary.json")
+    return {"search": {str(k): v for k, v in space.items()}, "n_trials": n_trials, "objective": objective,
+            "direction": direction}
 
 def _value(v: Any) -> str:
     if v is None:
@@ -118,6 +150,9 @@ class Plan:
 
 def plan_sweep(spec: SweepSpec, overrides: list[str]) -> Plan:
     from vicuna_exp.hydra_app import expand_sweep, quote_numeric_choices
+
+    if spec.search:
+        raise UsageError(f"{spec.path}: a search (`search:`), not a grid; `vicuna-exp sweep {spec.name}` runs it")
 
     user_hydra = [o for o in overrides if _key(o).startswith(("hydra.", "hydra/")) or o.startswith("-")]
     user_app = [o for o in overrides if o not in user_hydra]

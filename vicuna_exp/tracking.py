@@ -30,6 +30,7 @@ from vicuna_exp.diskspace import writing
 
 log = logging.getLogger(__name__)
 # metrics.jsonl name -> wandb key
+TRIAL_ENV = "VICUNA_EXP_TRIAL"  # set in a search trial's job: {"study", "number", "params"} as JSON
 _WANDB_KEYS = {"eval_loss": "eval/loss", "epoch": "train/epoch", "step": "train/step"}
 
 
@@ -110,6 +111,12 @@ class Tracker:
         config = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
         assert isinstance(config, dict)
         config["derived"] = extra
+        trial = os.environ.get(TRIAL_ENV)
+        if trial:  # a trial of a search (vicuna_exp.optuna_sweeper): its study, number and parameters
+            try:
+                config["trial"] = json.loads(trial)
+            except ValueError:
+                log.warning("%s is not JSON (%r); the wandb config goes without the trial", TRIAL_ENV, trial[:80])
         tags = list(cfg.logger.tags) + [f"model={cfg.model.name}", f"context={cfg.context.length}",
                                         f"backend={cfg.backend.name}"]
         # The run id is stable per run dir, so a resumed run continues the same wandb run.

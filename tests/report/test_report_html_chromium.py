@@ -63,3 +63,34 @@ def test_console_errors_are_detected(tmp_path: Path) -> None:
     page.write_text("<!DOCTYPE html><html><body><p>x</p><script>notDefined();</script></body></html>")
     _, console = render(page, tmp_path / "profile")
     assert any("Uncaught ReferenceError" in ln for ln in console)
+
+
+def test_a_search_report_renders_with_its_trials_and_optuna_plots(tmp_path: Path) -> None:
+    """A search's report.html: the trials table and the two Optuna plots beside the grid's own."""
+    import json
+
+    from optuna.distributions import distribution_to_json
+
+    from vicuna_exp.search import parse_space, space_record
+
+    root = tmp_path / "search"
+    space, _ = parse_space(["optim.lr=tag(log, interval(1e-5, 1e-2))"])
+    trials = []
+    for n, lr in enumerate((1e-4, 1e-3, 3e-3)):
+        name = f"optim.lr={lr}"
+        write_job(root, name, [name], loss0=3.0 - n / 2)
+        trials.append({"number": n, "state": "complete", "value": 2.0 - n / 4, "params": {"optim.lr": lr},
+                       "run_dir": name, "error": None})
+    best = trials[-1]
+    (root / "search.json").write_text(json.dumps({
+        "study_name": "s", "storage": str(root / "optuna.journal"), "objective": "best_eval_loss",
+        "direction": "minimize", "n_trials": 3, "space": space_record(space),
+        "distributions": {k: distribution_to_json(p.distribution()) for k, p in space.items()},
+        "trials": trials, "best": best}))
+    assert main([str(root)]) == 0
+
+    dom, console = render(root / "report.html", tmp_path / "profile")
+    assert console == []
+    assert dom.count('data-sortable="ready"') >= 2  # the results and the trials tables
+    assert dom.count('src="data:image/png;base64,') == 5  # loss, eval_loss, throughput, history, importances
+    assert "Best: trial 2, best_eval_loss 1.5" in dom

@@ -11,10 +11,28 @@ from vicuna_exp.config import conf_dir
 from vicuna_exp.errors import UsageError
 
 SHIPPED = ["backend", "context_length", "model_size", "recipe_grid"]
+SEARCHES = ["lr_search"]  # Optuna studies: tests/sweep/test_search.py
 
 
 def test_shipped_sweeps_are_listed() -> None:
-    assert sweep.available_sweeps() == SHIPPED
+    assert sweep.available_sweeps() == sorted(SHIPPED + SEARCHES)
+
+
+def test_the_lr_search_spec_reads_its_space_and_study_settings() -> None:
+    spec = sweep.load_spec("lr_search")
+    assert spec.axes == {} and spec.n_trials == 8 and spec.objective == "best_eval_loss"
+    assert spec.direction == "minimize"
+    assert spec.search == {"optim.lr": "tag(log, interval(1e-5, 1e-2))", "optim.warmup_ratio": "interval(0, 0.1)",
+                           "trainer.epochs": "range(1, 4)"}
+    with pytest.raises(UsageError, match="a search"):
+        sweep.plan_sweep(spec, [])
+
+
+def test_a_spec_with_both_axes_and_search_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "both.yaml"
+    path.write_text("axes: {context: ['512']}\nsearch: {optim.lr: 'interval(1e-5, 1e-3)'}\n")
+    with pytest.raises(UsageError, match="exclude each other"):
+        sweep.load_spec(str(path))
 
 
 @pytest.mark.parametrize("name", SHIPPED)
@@ -73,7 +91,7 @@ def test_unknown_sweep_lists_the_available_ones(capsys: pytest.CaptureFixture[st
     assert sweep.main(["context_lenght"]) == 2
     err = capsys.readouterr().err
     assert "unknown sweep 'context_lenght'" in err
-    assert "context_length, model_size, recipe_grid" in err.replace("backend, ", "")
+    assert "context_length, lr_search, model_size, recipe_grid" in err.replace("backend, ", "")
     assert sweep.main([]) == 2
     assert sweep.main(["--help"]) == 0
 

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from vicuna_exp.errors import EXIT_FAILED, EXIT_OK, EXIT_USAGE, UsageError
 from vicuna_exp.report.collect import Sweep, load_sweep
+from vicuna_exp.search import read_record
 
 
 def add_eval_summaries(sweep: Sweep) -> None:
@@ -53,6 +54,14 @@ def write_report(sweep_dir: Path, out_dir: Path | None = None, quiet: bool = Fal
     fairness = assess_fairness(sweep)
     plots = write_plots(sweep, out)
     doc = build_document(sweep, table, fairness, plots)
+    record = read_record(sweep_dir)
+    if record is not None:  # a search: its trials, best point and Optuna's plots, after the results table
+        from vicuna_exp.report.search import search_blocks
+
+        blocks, search_plots = search_blocks(record, out)
+        at = next((i + 1 for i, b in enumerate(doc) if b.kind == "table"), len(doc))
+        doc[at:at] = blocks
+        plots += search_plots
     md, page = out / "report.md", out / "report.html"
     md.write_text(to_markdown(doc, out))
     page.write_text(to_html(doc))
