@@ -176,7 +176,8 @@ def test_qlora_loss_falls_and_kill_and_resume_is_exact(run) -> None:
 
 
 @pytest.mark.multiprocess
-def test_the_adapter_loads_with_peft_and_final_is_the_dequantised_base_merged(run, pretrained: Path) -> None:
+def test_the_adapter_loads_with_peft_and_final_is_the_dequantised_base_merged(run, pretrained: Path,
+                                                                             tmp_path: Path) -> None:
     from bitsandbytes.functional import dequantize_4bit, quantize_4bit
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
@@ -195,3 +196,8 @@ def test_the_adapter_loads_with_peft_and_final_is_the_dequantised_base_merged(ru
     got = dict(merged.named_parameters())[name]
     assert (got - want).abs().max() < 1e-6
     assert (got - (w + delta)).abs().max() > 1e-4  # lossy against the unquantised base, as documented
+
+    # `vicuna-exp export` from the latest checkpoint rebuilds the 4-bit base and merges alike
+    assert main(["export", str(run_dir), str(tmp_path / "merged")]) == 0
+    again = AutoModelForCausalLM.from_pretrained(str(tmp_path / "merged"), dtype=torch.float32)
+    assert (dict(again.named_parameters())[name] - got).abs().max() < 1e-6

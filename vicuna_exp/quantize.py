@@ -1,8 +1,8 @@
 """QLoRA's frozen base (`finetune=qlora`): the decoder's linear layers held in bitsandbytes 4-bit.
 
 Every `nn.Linear` inside a decoder layer becomes a `bitsandbytes.nn.Linear4bit` whose weight is
-quantised blockwise (`BLOCKSIZE` values per absmax constant; with double quantisation the absmax
-constants are themselves quantised to 8 bits in blocks of `NESTED_BLOCKSIZE`). The embeddings,
+quantised blockwise (`QUANT_BLOCKSIZE` values per absmax constant; with double quantisation the
+absmax constants are themselves quantised to 8 bits, as `plan.adapters` counts them). The embeddings,
 norms and LM head stay in the base's storage dtype, as transformers' bitsandbytes path keeps them.
 The matmul runs in the compute dtype (`finetune.bnb_4bit_compute_dtype`): the weight is
 dequantised into it for each forward and backward, never kept.
@@ -15,8 +15,9 @@ A random-init base is built as `finetune=lora` builds it, from the seed, and qua
 bitsandbytes on a CPU that has AVX512-BF16 repacks a Linear4bit's weight into an inference layout
 the first time it runs without gradients (evaluation); its training matmul cannot use that layout,
 and the merge reads the canonical one, so the repacking is switched off. The optional
-`kernels` package it then fails to find ("Failed to load CPU gemm_4bit_forward from
-kernels-community") would only speed up that inference path: its warning is dropped.
+`kernels` package it warns about at import ("Failed to load CPU gemm_4bit_forward from
+kernels-community") would only speed up that inference path (bitsandbytes then uses its own C
+kernel for it): the package's `__init__` drops that warning.
 
 Checkpoints hold what trains: a Linear4bit's `state_dict()` is a plain module's (its frozen packed
 weight, which the checkpoint skips), not bitsandbytes' serialisation of the quantisation constants;
@@ -25,6 +26,8 @@ on resume the base is quantised again from `model.path` (or the seed), the same 
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import importlib.util
 import logging
 import types
@@ -36,13 +39,11 @@ import torch
 
 from vicuna_exp.choices import ComputeDtype, FinetuneMethod
 from vicuna_exp.errors import UsageError
+from vicuna_exp.plan.adapters import QUANT_BLOCKSIZE
 
 log = logging.getLogger(__name__)
 
 INSTALL_HINT = "pip install 'vicuna-exp[qlora]'"
-BLOCKSIZE = 64  # elements per absmax constant of a 4-bit weight (bitsandbytes' default, and QLoRA's)
-NESTED_BLOCKSIZE = 256  # absmax constants per fp32 scale once double-quantised (bitsandbytes' fixed choice)
-_KERNELS_WARNING = "Failed to load CPU gemm_4bit_forward"
 
 
 def is_quantized(finetune: Any) -> bool:
@@ -63,14 +64,8 @@ def require_bitsandbytes(finetune: Any) -> None:
         raise UsageError(f"finetune=qlora needs bitsandbytes, which is not installed: {INSTALL_HINT}")
 
 
-class _DropKernelsWarning(logging.Filter):
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not str(record.msg).startswith(_KERNELS_WARNING)
-
-
 def import_bitsandbytes() -> Any:
-    """bitsandbytes, without the warning about the optional CPU inference kernel (module doc)."""
-    logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_DropKernelsWarning())
+    """bitsandbytes, or a UsageError saying what to install."""
     try:
         import bitsandbytes
     except ImportError as e:
@@ -110,6 +105,24 @@ def _set_module(model: torch.nn.Module, name: str, module: torch.nn.Module) -> N
     setattr(model.get_submodule(parent) if parent else model, leaf, module)
 
 
+@functools.cache
+def _malloc_trim() -> Callable[[int], int] | None:
+    try:
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # not glibc
+        return None
+
+
+def release_freed_memory() -> None:
+    """Hand the memory of the tensors just freed back to the OS (glibc). Without it, glibc keeps
+    the freed full-precision weights of the layers already quantised in its heap, and the process's
+    resident size grows to about the bf16 model's even though no two of them are alive at once
+    (`bench/bench_qlora_load.py`)."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
 def quantize_linears(model: torch.nn.Module, layers: list[torch.nn.Module], finetune: Any, device: torch.device,
                      read: Callable[[str], torch.Tensor], dtype: torch.dtype) -> int:
     """Replace each decoder linear by a Linear4bit quantised on `device` from `read(param name)`
@@ -129,7 +142,7 @@ def quantize_linears(model: torch.nn.Module, layers: list[torch.nn.Module], fine
         # parameters, so a checkpoint (which skips the frozen ones) would hold the base's constants too.
         new._save_to_state_dict = types.MethodType(torch.nn.Module._save_to_state_dict, new)
         weight = read(f"{name}.weight").to(dtype)
-        new.weight = bnb.nn.Params4bit(weight, requires_grad=False, quant_type=quant_type, blocksize=BLOCKSIZE,
+        new.weight = bnb.nn.Params4bit(weight, requires_grad=False, quant_type=quant_type, blocksize=QUANT_BLOCKSIZE,
                                        compress_statistics=double, module=new).to(device)
         if old.bias is not None:
             new.bias = torch.nn.Parameter(read(f"{name}.bias").to(device=device, dtype=dtype), requires_grad=False)
@@ -137,6 +150,7 @@ def quantize_linears(model: torch.nn.Module, layers: list[torch.nn.Module], fine
         new.train(old.training)
         _set_module(model, name, new)
         del old, weight
+        release_freed_memory()
     model.is_loaded_in_4bit = True  # what peft reads to wrap Linear4bit layers with its 4-bit LoRA layer
     return len(names)
 
@@ -162,7 +176,9 @@ def load_quantized(model: torch.nn.Module, layers: list[torch.nn.Module], path: 
             if name not in src:
                 raise UsageError(f"model.path={path}: the checkpoint lacks {name} "
                                  "(is it a Hugging Face checkpoint of this architecture?)")
-            return src.read(name)
+            value = src.read(name)
+            src.close()  # unmap the file: the pages read stay out of this process's resident size
+            return value
 
         quantize_linears(model, layers, finetune, device, read, dtype)
         for module in model.modules():
