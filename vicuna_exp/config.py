@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
+import importlib.util
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -688,9 +689,19 @@ def check_method_backend(cfg: DictConfig) -> None:
 QLORA_BACKENDS = (BackendName.single, BackendName.ddp)
 
 
+QLORA_INSTALL_HINT = "pip install 'vicuna-exp[qlora]'"
+
+
 def check_qlora_backend(cfg: DictConfig) -> None:
-    """`finetune=qlora` on a backend that shards the base, or with DoRA (whose magnitudes and merge
-    need the base weight whole in its own dtype): usage, naming the supported choices."""
+    """`finetune=qlora` without bitsandbytes installed, on a backend that shards the base, or with
+    DoRA (whose magnitudes and merge need the base weight whole in its own dtype): usage, saying
+    what to install or naming the supported choices."""
+    try:
+        installed = importlib.util.find_spec("bitsandbytes") is not None
+    except (ImportError, ValueError):
+        installed = False
+    if not installed:
+        raise UsageError(f"finetune=qlora needs bitsandbytes, which is not installed: {QLORA_INSTALL_HINT}")
     if cfg.backend.name not in QLORA_BACKENDS:
         raise UsageError(f"finetune=qlora with backend.name={cfg.backend.name}: bitsandbytes' 4-bit parameters "
                          f"cannot be sharded; use backend=single or backend=ddp (or finetune=lora to shard the base)")

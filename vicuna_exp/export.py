@@ -8,10 +8,11 @@ memory while gathering the full fp32 model to save it, cannot happen here.
 
     vicuna-exp export outputs/runs/DAY/TIME/checkpoints/step_00000120 exported/
     vicuna-exp export outputs/runs/DAY/TIME exported/      # the run's latest complete checkpoint
-    vicuna-exp export outputs/runs/DAY/TIME adapter/ --adapter   # finetune=lora: the peft adapter alone
+    vicuna-exp export outputs/runs/DAY/TIME adapter/ --adapter   # finetune=lora or qlora: the peft adapter alone
 
 A checkpoint of an adapter method holds the adapters only: the base is rebuilt from the run's
-`model.path` (or its seed, for a random-init base, on the CPU) and the adapters are merged into it.
+`model.path` (or its seed, for a random-init base, on the CPU) and the adapters are merged into it;
+a 4-bit base (qlora) is rebuilt in 4 bits and merged dequantised, as the run's own final/ is.
 """
 
 from __future__ import annotations
@@ -348,7 +349,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("out_dir", type=Path, help="where to write the Hugging Face model")
     parser.add_argument("--dtype", choices=DTYPES, default=None, help="default: the run's trainer.export_dtype")
     parser.add_argument("--adapter", action="store_true",
-                        help="finetune=lora runs: write the peft adapter alone (default: the merged model)")
+                        help="finetune=lora and qlora runs: write the peft adapter alone (default: the merged model)")
     parser.add_argument("--max-shard-mb", type=int, default=None,
                         help="largest safetensors file (default: the run's trainer.export_shard_mb)")
     args = parser.parse_args(argv)

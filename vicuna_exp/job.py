@@ -23,7 +23,6 @@ from vicuna_exp.errors import EXIT_OK, EXIT_USAGE, UsageError
 from vicuna_exp.hardware import attention_before_launch
 from vicuna_exp.launch import launch
 from vicuna_exp.preflight import check_run_dir_room, expected_checkpoint_bytes
-from vicuna_exp.quantize import require_bitsandbytes
 from vicuna_exp.rundir import RunStatus, Summary, completed_summary, save_resolved_config
 
 
@@ -35,7 +34,6 @@ def main(cfg: DictConfig) -> int:
     try:
         validate(cfg)
         check_method_backend(cfg)
-        require_bitsandbytes(cfg.finetune)  # finetune=qlora: say what to install before any worker starts
         attention_before_launch(cfg)  # a kernel that cannot run here: exit 2 before any worker starts
     except UsageError as e:  # recorded, so a report over a multirun shows why this job did not run
         Summary(status=RunStatus.failed, exit_code=EXIT_USAGE, error=str(e), overrides=overrides,

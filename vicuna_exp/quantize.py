@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import importlib.util
 import logging
 import types
 from collections.abc import Callable, Iterator
@@ -38,12 +37,12 @@ from typing import Any
 import torch
 
 from vicuna_exp.choices import ComputeDtype, FinetuneMethod
+from vicuna_exp.config import QLORA_INSTALL_HINT
 from vicuna_exp.errors import UsageError
 from vicuna_exp.plan.adapters import QUANT_BLOCKSIZE
 
 log = logging.getLogger(__name__)
 
-INSTALL_HINT = "pip install 'vicuna-exp[qlora]'"
 
 
 def is_quantized(finetune: Any) -> bool:
@@ -51,25 +50,12 @@ def is_quantized(finetune: Any) -> bool:
     return finetune is not None and FinetuneMethod(finetune.name) == FinetuneMethod.qlora
 
 
-def bitsandbytes_available() -> bool:
-    try:
-        return importlib.util.find_spec("bitsandbytes") is not None
-    except (ImportError, ValueError):
-        return False
-
-
-def require_bitsandbytes(finetune: Any) -> None:
-    """`finetune=qlora` without bitsandbytes: usage (exit 2), saying what to install."""
-    if is_quantized(finetune) and not bitsandbytes_available():
-        raise UsageError(f"finetune=qlora needs bitsandbytes, which is not installed: {INSTALL_HINT}")
-
-
 def import_bitsandbytes() -> Any:
     """bitsandbytes, or a UsageError saying what to install."""
     try:
         import bitsandbytes
     except ImportError as e:
-        raise UsageError(f"finetune=qlora needs bitsandbytes, which cannot be imported ({e}): {INSTALL_HINT}") from None
+        raise UsageError(f"finetune=qlora needs bitsandbytes, which cannot be imported ({e}): {QLORA_INSTALL_HINT}") from None
     return bitsandbytes
 
 
