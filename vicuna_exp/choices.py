@@ -75,6 +75,22 @@ class FinetuneMethod(StrEnum):
 
     full = "full"  # every parameter
     lora = "lora"  # low-rank adapters through peft; the base stays frozen
+    qlora = "qlora"  # the same adapters over a base frozen in bitsandbytes 4-bit
+
+
+class QuantType(StrEnum):
+    """`finetune.bnb_4bit_quant_type` (qlora): bitsandbytes' 4-bit data types."""
+
+    nf4 = "nf4"  # NormalFloat4, QLoRA's: quantiles of a normal distribution
+    fp4 = "fp4"
+
+
+class ComputeDtype(StrEnum):
+    """`finetune.bnb_4bit_compute_dtype` (qlora): what a 4-bit weight is dequantised into for its matmul."""
+
+    bf16 = "bf16"  # fp32 on a CPU without native bf16 matmuls
+    fp16 = "fp16"
+    fp32 = "fp32"
 
 
 class ExportDtype(StrEnum):

@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
+import importlib.util
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +32,7 @@ from vicuna_exp import batch_split
 from vicuna_exp.choices import (
     AttnImpl,
     BackendName,
+    ComputeDtype,
     Device,
     DistBackend,
     ExportDtype,
@@ -40,6 +42,7 @@ from vicuna_exp.choices import (
     ModelInit,
     OptimizerName,
     Precision,
+    QuantType,
     Schedule,
     Sharding,
 )
@@ -136,10 +139,23 @@ class LoraFinetuneConfig(FinetuneConfig):
     use_rslora: bool = MISSING  # rank-stabilised scaling, lora_alpha / sqrt(r)
 
 
+@dataclass
+class QloraFinetuneConfig(LoraFinetuneConfig):
+    """LoRA's adapters over a base frozen in bitsandbytes 4-bit; the quantisation keys are named as
+    transformers' BitsAndBytesConfig names them."""
+
+    bnb_4bit_quant_type: QuantType = MISSING
+    bnb_4bit_use_double_quant: bool = MISSING  # the absmax constants quantised to 8 bits as well
+    bnb_4bit_compute_dtype: ComputeDtype = MISSING  # the matmuls' dtype (bf16: fp32 on a CPU without bf16)
+
+
 FINETUNE_SCHEMAS: dict[FinetuneMethod, type[FinetuneConfig]] = {
     FinetuneMethod.full: FullFinetuneConfig,
     FinetuneMethod.lora: LoraFinetuneConfig,
+    FinetuneMethod.qlora: QloraFinetuneConfig,
 }
+# The methods that train peft's LoRA adapters (their keys: `LoraFinetuneConfig`).
+LORA_METHODS = (FinetuneMethod.lora, FinetuneMethod.qlora)
 
 
 @dataclass
@@ -635,7 +651,7 @@ def validate_finetune(ft: DictConfig) -> None:
     """Ranges of the method's keys (which modules exist is checked against the built model)."""
     if ft.lr is not None and ft.lr <= 0:
         raise UsageError(f"finetune.lr: must be > 0 or null, got {ft.lr}")
-    if ft.name != FinetuneMethod.lora:
+    if ft.name not in LORA_METHODS:
         return
     if ft.r < 1:
         raise UsageError(f"finetune.r: the adapter rank must be >= 1, got {ft.r}")
@@ -659,7 +675,36 @@ def check_method_backend(cfg: DictConfig) -> None:
     ft = cfg.finetune
     if ft.name == FinetuneMethod.full:
         return
+    if ft.name == FinetuneMethod.qlora:
+        check_qlora_backend(cfg)
+        return
     if ft.name == FinetuneMethod.lora and ft.use_dora and cfg.backend.name in SHARDING_BACKENDS:
         raise UsageError(f"finetune.use_dora=true with backend.name={cfg.backend.name}: DoRA's magnitudes need the "
                          f"whole base weight, which a sharded backend never holds; use backend=single or ddp, "
                          f"or finetune.use_dora=false")
+
+
+# Where bitsandbytes' 4-bit parameters can live: whole on each rank (they are not DTensors, and
+# DeepSpeed's ZeRO partitions only floating-point parameters).
+QLORA_BACKENDS = (BackendName.single, BackendName.ddp)
+
+
+QLORA_INSTALL_HINT = "pip install 'vicuna-exp[qlora]'"
+
+
+def check_qlora_backend(cfg: DictConfig) -> None:
+    """`finetune=qlora` without bitsandbytes installed, on a backend that shards the base, or with
+    DoRA (whose magnitudes and merge need the base weight whole in its own dtype): usage, saying
+    what to install or naming the supported choices."""
+    try:
+        installed = importlib.util.find_spec("bitsandbytes") is not None
+    except (ImportError, ValueError):
+        installed = False
+    if not installed:
+        raise UsageError(f"finetune=qlora needs bitsandbytes, which is not installed: {QLORA_INSTALL_HINT}")
+    if cfg.backend.name not in QLORA_BACKENDS:
+        raise UsageError(f"finetune=qlora with backend.name={cfg.backend.name}: bitsandbytes' 4-bit parameters "
+                         f"cannot be sharded; use backend=single or backend=ddp (or finetune=lora to shard the base)")
+    if cfg.finetune.use_dora:
+        raise UsageError("finetune.use_dora=true with finetune=qlora: DoRA over a 4-bit base is not supported; "
+                         "use finetune.use_dora=false, or finetune=lora")

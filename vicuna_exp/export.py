@@ -8,10 +8,11 @@ memory while gathering the full fp32 model to save it, cannot happen here.
 
     vicuna-exp export outputs/runs/DAY/TIME/checkpoints/step_00000120 exported/
     vicuna-exp export outputs/runs/DAY/TIME exported/      # the run's latest complete checkpoint
-    vicuna-exp export outputs/runs/DAY/TIME adapter/ --adapter   # finetune=lora: the peft adapter alone
+    vicuna-exp export outputs/runs/DAY/TIME adapter/ --adapter   # finetune=lora or qlora: the peft adapter alone
 
 A checkpoint of an adapter method holds the adapters only: the base is rebuilt from the run's
-`model.path` (or its seed, for a random-init base, on the CPU) and the adapters are merged into it.
+`model.path` (or its seed, for a random-init base, on the CPU) and the adapters are merged into it;
+a 4-bit base (qlora) is rebuilt in 4 bits and merged dequantised, as the run's own final/ is.
 """
 
 from __future__ import annotations
@@ -46,8 +47,9 @@ from vicuna_exp.data.chat_template import to_jinja
 from vicuna_exp.data.template import with_special_tokens
 from vicuna_exp.data.tokenizer import load_tokenizer, token_ids
 from vicuna_exp.errors import EXIT_OK, UsageError
-from vicuna_exp.finetune import is_peft_model, merged_names, merged_tensors
+from vicuna_exp.finetune import is_peft_model, merged_model, merged_names, merged_tensors
 from vicuna_exp.model import causal_lm_class_name, make_model_spec, tied_parameter_names
+from vicuna_exp.quantize import dequantized, is_quantized
 from vicuna_exp.rundir import RESOLVED_CONFIG, load_resolved_config
 
 DEFAULT_MAX_SHARD_BYTES = 5 * 2**30
@@ -166,6 +168,20 @@ def export_module(module: Any, tensors: Any, out_dir: Path, dtype: Any, cfg: Any
     return writer
 
 
+def export_whole(module: Any, out_dir: Path, dtype: Any, cfg: Any, *, max_shard_bytes: int | None = None,
+                 dtype_name: str | None = None) -> ShardedSafetensorsWriter | None:
+    """`final/` from a model this process holds whole (single, DDP, a checkpoint rebuilt on the CPU),
+    with the adapters folded in. A 4-bit base (finetune=qlora) is dequantised one layer at a time
+    and merged in fp32 before the cast to `dtype`: the merge of the dequantised base, which differs
+    from the bf16 base by the quantisation error. Otherwise peft's merge (the model is spent after)."""
+    if is_quantized(cfg.finetune):
+        return export_module(module, None, out_dir, dtype, cfg, is_writer=True, max_shard_bytes=max_shard_bytes,
+                             dtype_name=dtype_name, gather=lambda p: dequantized(p).float())
+    model = merged_model(module)
+    return export_module(model, local_tensors(model), out_dir, dtype, cfg, is_writer=True,
+                         max_shard_bytes=max_shard_bytes, dtype_name=dtype_name)
+
+
 def local_tensors(module: Any) -> Any:
     """`tensors` for export_module when this rank already holds whole tensors (single, DDP)."""
     return lambda names: ((n, p.detach()) for n, p in module.named_parameters() if n in names)
@@ -278,7 +294,7 @@ def export_checkpoint(ckpt: Path, out_dir: Path, *, dtype_name: str | None = Non
                       max_shard_bytes: int | None = None, adapter: bool = False) -> ShardedSafetensorsWriter | None:
     """Write `out_dir` (weights, config, tokenizer, chat template) from one checkpoint directory:
     the merged model, or with `adapter` the adapter alone (then None is returned)."""
-    from vicuna_exp.finetune import merged_model, save_adapter, uses_adapters
+    from vicuna_exp.finetune import save_adapter, uses_adapters
 
     cfg, _ = load_resolved_config(run_dir_of(ckpt))
     dtype_name = dtype_name or str(cfg.trainer.export_dtype)
@@ -296,9 +312,8 @@ def export_checkpoint(ckpt: Path, out_dir: Path, *, dtype_name: str | None = Non
             save_adapter(module, out_dir, cfg.model.path)
             write_tokenizer_files(cfg, tokenizer, out_dir)
             return None
-        model = merged_model(module)
-        writer = export_module(model, local_tensors(model), out_dir, torch_dtype(dtype_name), cfg, is_writer=True,
-                               max_shard_bytes=max_shard_bytes, dtype_name=dtype_name)
+        writer = export_whole(module, out_dir, torch_dtype(dtype_name), cfg, max_shard_bytes=max_shard_bytes,
+                              dtype_name=dtype_name)
         write_tokenizer_files(cfg, tokenizer, out_dir)
         return writer
 
@@ -334,7 +349,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("out_dir", type=Path, help="where to write the Hugging Face model")
     parser.add_argument("--dtype", choices=DTYPES, default=None, help="default: the run's trainer.export_dtype")
     parser.add_argument("--adapter", action="store_true",
-                        help="finetune=lora runs: write the peft adapter alone (default: the merged model)")
+                        help="finetune=lora and qlora runs: write the peft adapter alone (default: the merged model)")
     parser.add_argument("--max-shard-mb", type=int, default=None,
                         help="largest safetensors file (default: the run's trainer.export_shard_mb)")
     args = parser.parse_args(argv)

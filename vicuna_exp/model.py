@@ -26,6 +26,7 @@ from vicuna_exp.data.tokenizer import LLAMA_TOKEN_IDS, TokenIds
 from vicuna_exp.errors import UsageError
 from vicuna_exp.finetune import add_adapters, check_targets, uses_adapters
 from vicuna_exp.hardware import AttentionChoice, probe_attention, resolve_attention
+from vicuna_exp.quantize import is_quantized, load_quantized, quantize_in_place
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +72,8 @@ class ModelSpec:
         """A ready model on `device`, adapters added; pretrained weights are read straight from model.path."""
         from transformers import AutoModelForCausalLM
 
+        if self.quantized:
+            return self.adapt(self.build_quantized(torch.device(device)))
         if self.init == ModelInit.pretrained:
             # No device_map: that path goes through accelerate, which training does not use.
             model = AutoModelForCausalLM.from_pretrained(str(self.path), config=self.hf_config,
@@ -79,6 +82,25 @@ class ModelSpec:
             with torch.device(device):
                 model = AutoModelForCausalLM.from_config(self.hf_config, dtype=self.param_dtype)
         return self.adapt(self.finish(model))
+
+    @property
+    def quantized(self) -> bool:
+        """The frozen base's decoder linears are held in 4 bits (`finetune=qlora`)."""
+        return is_quantized(self.finetune)
+
+    def build_quantized(self, device: torch.device) -> torch.nn.Module:
+        """The base with its decoder linears in bitsandbytes 4-bit: a pretrained one quantised as
+        its weights are read (never whole in 16 or 32 bits), a random-init one built from the seed
+        as `finetune=lora` builds it, then quantised layer by layer."""
+        if self.init == ModelInit.pretrained:
+            model = self.build_meta()
+            return load_quantized(model, decoder_layers(model, "finetune=qlora"), self.path, self.finetune,
+                                  device, self.param_dtype)
+        from transformers import AutoModelForCausalLM
+
+        with torch.device(device):
+            model = self.finish(AutoModelForCausalLM.from_config(self.hf_config, dtype=self.param_dtype))
+        return quantize_in_place(model, decoder_layers(model, "finetune=qlora"), self.finetune, self.param_dtype)
 
     def adapt(self, model: torch.nn.Module) -> torch.nn.Module:
         """The model to train, from the base with its weights in place: adapters for LoRA."""

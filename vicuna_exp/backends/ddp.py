@@ -29,7 +29,7 @@ class DDPBackend(TorchOptimizerBackend):
 
         from vicuna_exp.weights import load_full_tensors, rebuild_buffers
 
-        if spec.init == ModelInit.pretrained:
+        if spec.init == ModelInit.pretrained and not spec.quantized:  # qlora: quantised as read, in build()
             module = spec.build_meta()
             module.to_empty(device=self.device)
             rebuild_buffers(module)
@@ -50,14 +50,12 @@ class DDPBackend(TorchOptimizerBackend):
             yield
 
     def export(self, out_dir: Path, dtype: torch.dtype) -> None:
-        from vicuna_exp.export import export_module, local_tensors
-        from vicuna_exp.finetune import merged_model
+        from vicuna_exp.export import export_whole
 
         if not self.dist.is_main:  # every replica is the same; no collective needed
             self.log_facts(None)
             return
-        model = merged_model(self.module)  # adapters folded in (the last use of the model)
-        writer = export_module(model, local_tensors(model), out_dir, dtype, self.cfg, is_writer=True)
+        writer = export_whole(self.module, out_dir, dtype, self.cfg)  # adapters folded in (the last use of the model)
         self.export_peak_bytes = writer.peak_bytes if writer is not None else 0
         self.log_facts(writer)
 

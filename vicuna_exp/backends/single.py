@@ -22,8 +22,6 @@ class SingleBackend(TorchOptimizerBackend):
 
     def export(self, out_dir: Path, dtype: torch.dtype) -> None:
         """The same writer as the sharded backends, so every backend's `final/` is laid out alike."""
-        from vicuna_exp.export import export_module, local_tensors
-        from vicuna_exp.finetune import merged_model
+        from vicuna_exp.export import export_whole
 
-        model = merged_model(self.module)  # adapters folded in (the last use of the model)
-        export_module(model, local_tensors(model), out_dir, dtype, self.cfg, is_writer=True)
+        export_whole(self.module, out_dir, dtype, self.cfg)  # adapters folded in (the last use of the model)

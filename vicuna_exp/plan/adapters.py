@@ -1,5 +1,5 @@
-"""What an adapter method (`finetune=lora`) changes in the plan: how many parameters train, and
-which activations autograd saves once the base is frozen.
+"""What an adapter method (`finetune=lora`, `qlora`) changes in the plan: how many parameters
+train, how the frozen base is stored, and which activations autograd saves once it is frozen.
 
 State: the frozen base is held in its storage dtype (bf16 under bf16 and bf16_mixed, fp32 under
 fp32; nothing updates it, so it needs no fp32 master), with no gradient and no AdamW state. The
@@ -11,6 +11,14 @@ Activations per token per decoder layer with LoRA on every linear layer, measure
 saved-tensor hooks as full fine-tuning (tests/plan/test_plan_measured.py) on HF's LLaMA with
 peft's LoRA layers: a frozen linear keeps no input for a weight gradient, each adapter keeps its
 (dropped-out) input and its rank-r projection, and dropout adds a mask and a copy per target.
+
+QLoRA (`quantized_base_bytes`): each decoder linear weight of n elements is held by bitsandbytes as
+n/2 bytes of packed 4-bit codes, one absmax constant per QUANT_BLOCKSIZE elements (fp32; double
+quantisation stores it as one byte, with an fp32 scale per NESTED_BLOCKSIZE constants, a 256-entry
+fp32 code book and an fp32 offset), and its own 16-entry fp32 code book. Embeddings, norms, biases
+and the LM head keep the storage dtype. Its matmuls save what LoRA's frozen bf16 linears save (the
+4-bit matmul keeps only its packed weight for backward), so the activation terms are LoRA's with a
+bf16 compute dtype.
 """
 
 from __future__ import annotations
@@ -22,6 +30,9 @@ from vicuna_exp.choices import FinetuneMethod, Precision
 from vicuna_exp.plan.facts import ModelFacts
 
 ALL_LINEAR = "all-linear"
+QUANT_BLOCKSIZE = 64  # elements per absmax constant of a 4-bit weight (bitsandbytes' default, QLoRA's)
+NESTED_BLOCKSIZE = 256  # absmax constants per fp32 scale once double-quantised (fixed in bitsandbytes)
+_CODE_4BIT, _CODE_NESTED = 16 * 4, 256 * 4  # fp32 code books: the 4-bit one, the 8-bit one of the constants
 
 
 def linear_shapes(m: ModelFacts) -> dict[str, tuple[int, int]]:
@@ -42,6 +53,11 @@ class AdapterFacts:
     all_linear: bool  # the activation fit is of every linear layer adapted
     adapter_params: int  # low-rank matrices (+ DoRA magnitudes), fp32
     saved_module_params: int  # embeddings / LM head trained in full beside them (trainable copies)
+    double_quant: bool | None = None  # qlora: the base's decoder linears in 4 bits (None: not quantised)
+
+    @property
+    def quantized(self) -> bool:
+        return self.double_quant is not None
 
     @property
     def trainable_params(self) -> int:
@@ -58,14 +74,31 @@ def adapter_facts(m: ModelFacts, finetune: Any) -> AdapterFacts | None:
     r = int(finetune.r)
     per_layer = sum(r * (shapes[n][0] + shapes[n][1]) + (shapes[n][1] if finetune.use_dora else 0) for n in names)
     saved = m.embedding_params * (int(bool(finetune.train_embeddings)) + int(bool(finetune.train_lm_head)))
-    return AdapterFacts(method=FinetuneMethod(finetune.name), r=r, dropout=float(finetune.lora_dropout) > 0,
+    method = FinetuneMethod(finetune.name)
+    double = bool(finetune.bnb_4bit_use_double_quant) if method == FinetuneMethod.qlora else None
+    return AdapterFacts(method=method, r=r, dropout=float(finetune.lora_dropout) > 0,
                         all_linear=targets == [ALL_LINEAR], adapter_params=m.num_hidden_layers * per_layer,
-                        saved_module_params=saved)
+                        saved_module_params=saved, double_quant=double)
 
 
 def base_bytes_per_param(precision: Precision) -> float:
     """The frozen base's storage dtype."""
     return 4.0 if precision == Precision.fp32 else 2.0
+
+
+def quantized_weight_bytes(n: int, double_quant: bool) -> float:
+    """One weight of n elements in bitsandbytes 4-bit, with its quantisation constants (module doc)."""
+    blocks = -(-n // QUANT_BLOCKSIZE)
+    constants = (blocks + 4 * -(-blocks // NESTED_BLOCKSIZE) + _CODE_NESTED + 4) if double_quant else 4 * blocks
+    return float(-(-n // 2) + constants + _CODE_4BIT)
+
+
+def quantized_base_bytes(m: ModelFacts, double_quant: bool, precision: Precision) -> float:
+    """The frozen base of `finetune=qlora`: decoder linears in 4 bits, the rest in the storage dtype."""
+    linears = [i * o for i, o in linear_shapes(m).values()]
+    quantized = m.num_hidden_layers * sum(quantized_weight_bytes(n, double_quant) for n in linears)
+    rest = m.total_params - m.num_hidden_layers * sum(linears)
+    return quantized + base_bytes_per_param(precision) * rest
 
 
 def adapter_state_bytes(m: ModelFacts, a: AdapterFacts, precision: Precision, shard_group: int,
@@ -84,7 +117,8 @@ def adapter_state_bytes(m: ModelFacts, a: AdapterFacts, precision: Precision, sh
         params = c * (n + t) / (g if zero_stage == 3 else 1.0)
         grads = (4.0 if zero_stage == 3 else c + (4.0 if c != 4.0 else 0.0)) * t / g
         return {"params": params, "grads": grads, "optim": 12.0 * t / g}
-    return {"params": (base_bytes_per_param(precision) * n + 4.0 * t) / g, "grads": 4.0 * t / g, "optim": 8.0 * t / g}
+    base = quantized_base_bytes(m, bool(a.double_quant), precision) if a.quantized else base_bytes_per_param(precision) * n
+    return {"params": (base + 4.0 * t) / g, "grads": 4.0 * t / g, "optim": 8.0 * t / g}
 
 
 def activation_terms(m: ModelFacts, a: AdapterFacts, precision: Precision, autocast: bool) -> tuple[float, float]:

@@ -296,7 +296,9 @@ def activation_bytes(s: Setup, checkpointing: bool) -> float:
     per_layer += 4 * heads + 8  # softmax log-sum-exp per head, RMSNorm scales
     outside = h * (8 + act) + 8 * m.head_dim + 16  # final norm, lm_head input, rotary tables, ids
     if s.adapters is not None:  # a frozen base saves less, the adapters and their dropout more
-        per_layer, outside = activation_terms(m, s.adapters, s.precision, autocast)
+        # a 4-bit base computes in bf16 over fp32 adapters: LoRA's bf16-base terms (plan/adapters.py)
+        quantized = s.adapters.quantized and s.precision == Precision.fp32
+        per_layer, outside = activation_terms(m, s.adapters, Precision.bf16 if quantized else s.precision, autocast)
     if m.sliding_window is not None and m.sliding_window < seq and m.attn_implementation == AttnImpl.sdpa:
         # A window shorter than the row needs an explicit mask (a row of it per token, per layer),
         # and with a mask HF's sdpa path repeats the grouped K/V heads to all heads before the kernel.
@@ -409,6 +411,10 @@ def adapter_notes(s: Setup) -> list[str]:
     notes = []
     if not s.adapters.all_linear:
         notes.append("activations are modelled with every linear layer adapted (an upper bound for fewer targets)")
+    if s.adapters.quantized:
+        notes.append("the decoder's linear layers are held in 4-bit NF4 (bitsandbytes), dequantised per matmul")
+        if s.backend not in REPLICATED:
+            notes.append(f"training refuses finetune=qlora on backend={s.backend}: it runs on single and ddp")
     notes.append("time assumes 6N FLOPs per token; a frozen base needs no weight gradients (about 4N)")
     return notes
 

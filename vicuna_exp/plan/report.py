@@ -95,8 +95,10 @@ def _method_line(s: Any) -> str:
     a, lr = s.adapters, f"lr {s.lr:g} from {s.lr_source or 'optim.lr'}"
     if a is None:
         return f"finetune full: all {_num(s.model.total_params)} params train; {lr}"
+    storage = 'fp32' if s.precision == 'fp32' else 'bf16'
+    base = f"4-bit NF4 (decoder linears; the rest in {storage})" if a.quantized else storage
     return (f"finetune {a.method} (r={a.r}): {_num(a.trainable_params)} trainable params "
-            f"({a.trainable_params / s.model.total_params:.2%}), base frozen in {'fp32' if s.precision == 'fp32' else 'bf16'}; "
+            f"({a.trainable_params / s.model.total_params:.2%}), base frozen in {base}; "
             f"{lr}")
 
 
