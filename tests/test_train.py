@@ -232,6 +232,21 @@ def test_max_minutes_ends_as_interrupted(tmp_path: Path) -> None:
     assert "max_minutes" in summary["error"]
 
 
+def test_an_interrupted_run_in_the_default_dir_says_which_override_resumes_it(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    """The default run dir is named by the clock, so the same command alone would start afresh: the
+    last line names the `hydra.run.dir` to add, and that command resumes."""
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", *SMALL, "trainer.max_minutes=0.0001"]) == 75
+    hint = capsys.readouterr().out.strip().splitlines()[-1]
+    assert hint.startswith(f"to resume, rerun the same command with hydra.run.dir={tmp_path / 'outputs' / 'runs'}/"), hint
+    override = hint.rsplit(" ", 1)[-1]
+    assert main(["train", *SMALL, "trainer.max_minutes=0.0001", override]) == 75
+    assert capsys.readouterr().out.strip().splitlines()[-1] == "rerun the same command to resume"
+    summary = json.loads((Path(override.partition("=")[2]) / "summary.json").read_text())
+    assert summary["resumed_from_step"] == 1 and summary["steps"] == 2
+
+
 def test_non_finite_loss_stops_with_a_clear_error(tmp_path: Path) -> None:
     code = main(["train", *SMALL, f"hydra.run.dir={tmp_path}", "optim.lr=1e30", "trainer.grad_clip=0",
                  "optim.warmup_ratio=0"])

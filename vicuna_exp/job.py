@@ -12,6 +12,7 @@ read the resolved config this job saves.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
@@ -52,7 +53,7 @@ def main(cfg: DictConfig) -> int:
         from vicuna_exp import train
 
         code = train.run(cfg, run_dir, overrides)[0]
-    report_outcome(run_dir)
+    report_outcome(run_dir, resume_hint(hc, run_dir))
     return code
 
 
@@ -62,14 +63,29 @@ def needs_torchrun(cfg: DictConfig) -> bool:
     return cfg.launcher.nproc_per_node * cfg.launcher.nnodes > 1 or cfg.backend.name != BackendName.single
 
 
-def report_outcome(run_dir: Path) -> None:
-    """One line a person (or a script) can act on: what happened and where the run dir is."""
+def report_outcome(run_dir: Path, resume: str = "rerun the same command to resume") -> None:
+    """One line a person (or a script) can act on: what happened, where the run dir is, and for an
+    interrupted run how to resume it."""
     s = Summary.read(run_dir)
     if s is None:
         return
     losses = ", ".join(f"{name} {value:.4f}" for name, value in
                        (("final_loss", s.final_loss), ("final_eval_loss", s.final_eval_loss)) if value is not None)
     print(f"{s.status.value} after {s.steps} steps{': ' + losses if losses else ''}; run dir: {run_dir}")
+    if s.status == RunStatus.interrupted:
+        print(resume)
+
+
+def resume_hint(hc: Any, run_dir: Path) -> str:
+    """How to resume this job: the same command finds its run dir again only when the dir was given
+    (`hydra.run.dir`, or `hydra.sweep.dir` for a multirun); the default one is named by the clock."""
+    from hydra.types import RunMode
+
+    multirun = hc.mode == RunMode.MULTIRUN
+    key = "hydra.sweep.dir" if multirun else "hydra.run.dir"
+    if key in {o.partition("=")[0].lstrip("+~") for o in hc.overrides.hydra}:
+        return "rerun the same command to resume"
+    return f"to resume, rerun the same command with {key}={Path(hc.sweep.dir) if multirun else run_dir}"
 
 
 def _hash_if_resolvable(cfg: DictConfig) -> str | None:

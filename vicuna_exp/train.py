@@ -258,7 +258,7 @@ class Recipe:
             if stop_signal or time_up:
                 self.save_checkpoint()
                 why = (self.stop.reason or "a stop signal") if stop_signal else f"trainer.max_minutes={t.max_minutes} reached"
-                raise TrainingInterrupted(f"stopped after step {step} ({why}); rerun the same command to resume")
+                raise TrainingInterrupted(f"stopped after step {step} ({why}); saved, resumable")
             if save_due or (t.save_every_steps and step % t.save_every_steps == 0):
                 self.save_checkpoint()
                 last_save = time.monotonic()
