@@ -165,6 +165,10 @@ class TrainerConfig:
     micro_batch_size: int = 2  # the most rows one forward takes on one rank (a memory cap, not a divisor)
     global_batch_size: int = 128  # rows per optimizer step over all ranks (Vicuna: 128)
     tokens_per_step: int | None = None  # if set, global_batch_size = tokens_per_step / context.length
+    # Text per optimizer step, in UTF-8 bytes of conversation: each run derives its tokens_per_step
+    # from the bytes per token measured on its own prepared train split (`batch_split.tokens_for_bytes`),
+    # so bases with different tokenizers step over the same amount of text. Null: not used.
+    bytes_per_step: int | None = None
     epochs: float = 3.0
     max_steps: int | None = None  # stop after this many optimizer steps (None: run all epochs)
     # Token slots (rows x context) to train on, replacing `epochs`: arms of a sweep that hold
@@ -475,6 +479,7 @@ HASH_NEUTRAL: dict[str, Any] = {
     # before one): the same gradient, up to the order of fp32 additions.
     "backend.reduce_every_micro_batch": True,
     "finetune": SECTION_BEFORE_GROUP["finetune"],  # full: every parameter trains, as before the group
+    "trainer.bytes_per_step": None,  # tokens per step from tokens_per_step / global_batch_size, as before
     "model.architecture": "LlamaConfig",
     "model.rope_scaling": None,
     "model.sliding_window": None,
@@ -603,6 +608,10 @@ def validate(cfg: DictConfig) -> None:
         need(t.tokens_per_step > 0, "trainer.tokens_per_step", f"must be > 0, got {t.tokens_per_step}")
         need(t.tokens_per_step % cfg.context.length == 0, "trainer.tokens_per_step",
              f"{t.tokens_per_step} is not a multiple of context.length={cfg.context.length}")
+    if t.bytes_per_step is not None:
+        need(t.bytes_per_step > 0, "trainer.bytes_per_step", f"must be > 0, got {t.bytes_per_step}")
+        need(t.tokens_per_step is None, "trainer.bytes_per_step",
+             f"set it or trainer.tokens_per_step={t.tokens_per_step}, not both: it derives the tokens per step")
     gbs = global_batch_size(cfg)
     need(gbs > 0, "trainer.global_batch_size", f"must be > 0, got {gbs}")
     ws = world_size(cfg)
