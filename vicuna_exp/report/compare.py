@@ -251,18 +251,28 @@ def _distinct(vals: list[Any]) -> list[Any]:
 
 
 def _token_budget(sweep: Sweep, jobs: list[Job], out: Fairness) -> None:
-    seen = [(job_label(sweep, j), j.stat("tokens_seen")) for j in jobs if j.status == "completed"]
+    done = [j for j in jobs if j.status == "completed"]
+    ratios = [(j.summary.get("derived") or {}).get("bytes_per_token") for j in done]
+    if done and all(_is_num(r) for r in ratios):  # trainer.bytes_per_step: the text is what was held
+        what, unit, budget = "text", " bytes", "Text budget"
+        seen = [(job_label(sweep, j), j.stat("tokens_seen") * r if _is_num(j.stat("tokens_seen")) else None)
+                for j, r in zip(done, ratios, strict=True)]
+    else:
+        what, unit, budget = "real tokens", "", "Token budget"
+        seen = [(job_label(sweep, j), j.stat("tokens_seen")) for j in done]
     seen = [(n, float(t)) for n, t in seen if _is_num(t)]
     if len(seen) < 2:
         return
     lo, hi = min(t for _, t in seen), max(t for _, t in seen)
     spread = (hi - lo) / lo if lo > 0 else float("inf")
     if spread <= TOKEN_TOLERANCE:
-        span = _si(lo) if lo == hi else f"{_si(lo)} to {_si(hi)} ({100 * spread:.1f}% apart: packing fills rows differently)"
-        out.held.append(f"real tokens seen by every completed job: {span}")
+        why = "whole rows per step, and packing fills them differently" if unit else "packing fills rows differently"
+        span = _si(lo) + unit if lo == hi else f"{_si(lo)}{unit} to {_si(hi)}{unit} ({100 * spread:.1f}% apart: {why})"
+        out.held.append(f"{what} seen by every completed job: {span}"
+                        + (" (tokens seen x the arm's measured bytes per token)" if unit else ""))
     else:
         detail = ", ".join(f"{n}: {_si(t)}" for n, t in seen)
-        out.caveats.append(f"Token budget differed between completed jobs by {100 * spread:.0f}% ({detail}); "
+        out.caveats.append(f"{budget} differed between completed jobs by {100 * spread:.0f}% ({detail}); "
                            "compare eval_loss at equal tokens in the plot, not the final values.")
 
 
