@@ -7,11 +7,14 @@ and resumes interrupted ones. Each job leaves `sweep_job.json` beside its run di
 the sweep saw it, even when the job failed before training started); the parent gathers them
 into `sweep.json` at the sweep root. Exit code: 0 when every job completed (now or earlier), else 1.
 A file with `search:` (a space) instead of `axes:` is an Optuna study: `vicuna_exp.sweep_search`.
+A sweep whose settings are not a product of axes names its arms instead (`arms:`, see `load_arms`):
+each arm is its own multirun into `arm=NAME/` of the same sweep dir, gathered into one sweep.json.
 
     vicuna-exp sweep context_length
     vicuna-exp sweep context_length experiment=vicuna-7b model.path=/path/to/llama-7b-hf
     vicuna-exp sweep backend hydra/launcher=joblib hydra.launcher.n_jobs=2
     vicuna-exp sweep lr_search trainer.max_steps=20                 # a search: 8 trials of a study
+    vicuna-exp sweep finetune_method trainer.max_steps=8            # named arms: full, LoRA r=8, r=64
 """
 
 from __future__ import annotations

@@ -19,7 +19,11 @@ from vicuna_exp.errors import UsageError
 
 
 def bytes_per_token(stats: dict[str, Any], split: str = "train") -> float:
-    """UTF-8 bytes of conversation per token of the prepared split (`vicuna_exp.data.prepare`)."""
+    """UTF-8 bytes of conversation per token of the prepared split (`vicuna_exp.data.prepare`).
+
+    The tokens are all the split's tokens, the template's included, so the ratio says how much
+    conversation a token of training carries: tokens per step x ratio is the text per step. With
+    one template for every arm the template's share is the same text in each."""
     s = stats.get("splits", {}).get(split) or {}
     text, tokens = s.get("text_bytes"), s.get("total_tokens")
     if not text or not tokens:
