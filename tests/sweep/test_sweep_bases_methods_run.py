@@ -23,6 +23,8 @@ from vicuna_exp.text_budget import tokens_for_bytes
 SMALL = ["trainer.micro_batch_size=4", "trainer.eval_max_rows=1", "trainer.save_final=false", "logger=none",
          "model.hidden_size=64", "model.intermediate_size=128", "model.num_hidden_layers=2"]
 
+METHODS = ["trainer.max_steps=1", *SMALL]
+
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory: pytest.TempPathFactory) -> Any:
@@ -37,7 +39,7 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Any:
 @pytest.fixture(scope="module")
 def methods(env: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPathFactory) -> tuple[int, dict, Path]:
     out = tmp_path_factory.mktemp("sweeps") / "finetune_method"
-    code = sweep.main(["finetune_method", "trainer.max_steps=1", *SMALL, f"hydra.sweep.dir={out}"])
+    code = sweep.main(["finetune_method", *METHODS, f"hydra.sweep.dir={out}"])
     return code, json.loads((out / "sweep.json").read_text()), out
 
 
@@ -73,6 +75,15 @@ def test_finetune_method_arms_complete_and_report_by_arm(methods: tuple[int, dic
     md = (out / "report.md").read_text()
     assert "| arm=lora_r8 | completed |" in md and "lora_r8 = finetune=lora finetune.r=8" in md
     assert "| trainable |" in md or "trainable |" in md
+
+
+def test_a_rerun_skips_every_completed_arm(methods: tuple[int, dict, Path]) -> None:
+    _, first, out = methods
+    assert sweep.main(["finetune_method", *METHODS, f"hydra.sweep.dir={out}"]) == 0
+    again = json.loads((out / "sweep.json").read_text())
+    assert [(j["arm"], j["status"]) for j in again["jobs"]] == [
+        ("full", "skipped"), ("lora_r8", "skipped"), ("lora_r64", "skipped")]
+    assert [j["config_hash"] for j in again["jobs"]] == [j["config_hash"] for j in first["jobs"]]
 
 
 def test_base_model_holds_text_per_step_and_a_missing_tokenizer_fails_its_arm_alone(
