@@ -176,6 +176,9 @@ FAIRNESS_KEYS = (
 _IGNORED_PREFIXES = ("hydra.", "logger.", "launcher.rdzv", "launcher.node_rank", "trainer.resume", "plan.", "hardware.")
 
 
+# Under trainer.bytes_per_step each run sets these from its measured bytes per token (`_text_per_step`).
+_SET_BY_TEXT = ("trainer.tokens_per_step", "trainer.global_batch_size")
+
 # Real tokens differ a little between arms with equal tokens per step: packing leaves different gaps.
 TOKEN_TOLERANCE = 0.05
 
@@ -201,8 +204,9 @@ def assess_fairness(sweep: Sweep) -> Fairness:
     def values(key: str) -> list[Any]:
         return [j.config.get(key) for j in with_cfg]
 
+    by_text = any(j.config.get("trainer.bytes_per_step") is not None for j in with_cfg)
     for key in keys:
-        if key.startswith(_IGNORED_PREFIXES):
+        if key.startswith(_IGNORED_PREFIXES) or (by_text and key in _SET_BY_TEXT):
             continue
         vals = values(key)
         distinct = _distinct(vals)
