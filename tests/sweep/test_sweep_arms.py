@@ -101,3 +101,12 @@ def test_the_planner_uses_the_assumed_bytes_per_token() -> None:
                               "plan.bytes_per_token=4.46", "hardware=a100-80gb"]))
     assert plan.setup.global_batch == 112
     assert any("plan.bytes_per_token=4.46" in n for n in plan.notes)
+
+
+def test_sky_writes_one_point_per_arm() -> None:
+    from vicuna_exp.sky import sweep_points
+
+    name, points = sweep_points("finetune_method")
+    assert name == "finetune_method"
+    assert [values for values, _ in points] == [["full"], ["lora_r8"], ["lora_r64"]]
+    assert points[1][1] == ["finetune=lora", "finetune.r=8", "finetune.lora_alpha=16"]
