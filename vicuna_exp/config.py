@@ -166,7 +166,7 @@ class TrainerConfig:
     global_batch_size: int = 128  # rows per optimizer step over all ranks (Vicuna: 128)
     tokens_per_step: int | None = None  # if set, global_batch_size = tokens_per_step / context.length
     # Text per optimizer step, in UTF-8 bytes of conversation: each run derives its tokens_per_step
-    # from the bytes per token measured on its own prepared train split (`batch_split.tokens_for_bytes`),
+    # from the bytes per token measured on its own prepared train split (`text_budget.tokens_for_bytes`),
     # so bases with different tokenizers step over the same amount of text. Null: not used.
     bytes_per_step: int | None = None
     epochs: float = 3.0
@@ -619,11 +619,12 @@ def validate(cfg: DictConfig) -> None:
          "nproc_per_node and nnodes must be > 0")
     source = "trainer.tokens_per_step" if t.tokens_per_step is not None else "trainer.global_batch_size"
     split = batch_split.split_error(gbs, int(cfg.launcher.nproc_per_node), int(cfg.launcher.nnodes), source=source)
-    if split:
+    if split and t.bytes_per_step is None:  # bytes_per_step derives whole rows per rank itself
         raise UsageError(split)
     need(t.epochs > 0, "trainer.epochs", f"must be > 0, got {t.epochs}")
     need(t.max_steps is None or t.max_steps > 0, "trainer.max_steps", f"must be > 0 or null, got {t.max_steps}")
-    need(t.token_budget is None or t.token_budget >= gbs * cfg.context.length, "trainer.token_budget",
+    need(t.token_budget is None or t.bytes_per_step is not None or t.token_budget >= gbs * cfg.context.length,
+         "trainer.token_budget",
          f"{t.token_budget} is less than one step ({gbs} rows x {cfg.context.length} tokens)")
     need(t.max_minutes is None or t.max_minutes > 0, "trainer.max_minutes", f"must be > 0 or null, got {t.max_minutes}")
     need(t.grad_clip >= 0, "trainer.grad_clip", f"must be >= 0 (0 disables), got {t.grad_clip}")

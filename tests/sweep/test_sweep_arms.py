@@ -94,6 +94,9 @@ def test_bytes_per_step_is_out_of_the_hash_at_null_and_excludes_tokens_per_step(
         validate(compose(["trainer.bytes_per_step=8192", "trainer.tokens_per_step=4096"]))
     with pytest.raises(UsageError, match="trainer.bytes_per_step: must be > 0"):
         validate(compose(["trainer.bytes_per_step=0"]))
+    # the rows come from the bytes, in whole rows per rank: global_batch_size no longer has to split
+    validate(compose(["trainer.bytes_per_step=8192", "trainer.global_batch_size=3", "launcher.nproc_per_node=2",
+                      "backend=ddp"]))
 
 
 def test_the_planner_uses_the_assumed_bytes_per_token() -> None:
