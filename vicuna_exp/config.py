@@ -165,6 +165,10 @@ class TrainerConfig:
     micro_batch_size: int = 2  # the most rows one forward takes on one rank (a memory cap, not a divisor)
     global_batch_size: int = 128  # rows per optimizer step over all ranks (Vicuna: 128)
     tokens_per_step: int | None = None  # if set, global_batch_size = tokens_per_step / context.length
+    # Text per optimizer step, in UTF-8 bytes of conversation: each run derives its tokens_per_step
+    # from the bytes per token measured on its own prepared train split (`text_budget.tokens_for_bytes`),
+    # so bases with different tokenizers step over the same amount of text. Null: not used.
+    bytes_per_step: int | None = None
     epochs: float = 3.0
     max_steps: int | None = None  # stop after this many optimizer steps (None: run all epochs)
     # Token slots (rows x context) to train on, replacing `epochs`: arms of a sweep that hold
@@ -475,6 +479,7 @@ HASH_NEUTRAL: dict[str, Any] = {
     # before one): the same gradient, up to the order of fp32 additions.
     "backend.reduce_every_micro_batch": True,
     "finetune": SECTION_BEFORE_GROUP["finetune"],  # full: every parameter trains, as before the group
+    "trainer.bytes_per_step": None,  # tokens per step from tokens_per_step / global_batch_size, as before
     "model.architecture": "LlamaConfig",
     "model.rope_scaling": None,
     "model.sliding_window": None,
@@ -603,6 +608,10 @@ def validate(cfg: DictConfig) -> None:
         need(t.tokens_per_step > 0, "trainer.tokens_per_step", f"must be > 0, got {t.tokens_per_step}")
         need(t.tokens_per_step % cfg.context.length == 0, "trainer.tokens_per_step",
              f"{t.tokens_per_step} is not a multiple of context.length={cfg.context.length}")
+    if t.bytes_per_step is not None:
+        need(t.bytes_per_step > 0, "trainer.bytes_per_step", f"must be > 0, got {t.bytes_per_step}")
+        need(t.tokens_per_step is None, "trainer.bytes_per_step",
+             f"set it or trainer.tokens_per_step={t.tokens_per_step}, not both: it derives the tokens per step")
     gbs = global_batch_size(cfg)
     need(gbs > 0, "trainer.global_batch_size", f"must be > 0, got {gbs}")
     ws = world_size(cfg)
@@ -610,11 +619,12 @@ def validate(cfg: DictConfig) -> None:
          "nproc_per_node and nnodes must be > 0")
     source = "trainer.tokens_per_step" if t.tokens_per_step is not None else "trainer.global_batch_size"
     split = batch_split.split_error(gbs, int(cfg.launcher.nproc_per_node), int(cfg.launcher.nnodes), source=source)
-    if split:
+    if split and t.bytes_per_step is None:  # bytes_per_step derives whole rows per rank itself
         raise UsageError(split)
     need(t.epochs > 0, "trainer.epochs", f"must be > 0, got {t.epochs}")
     need(t.max_steps is None or t.max_steps > 0, "trainer.max_steps", f"must be > 0 or null, got {t.max_steps}")
-    need(t.token_budget is None or t.token_budget >= gbs * cfg.context.length, "trainer.token_budget",
+    need(t.token_budget is None or t.bytes_per_step is not None or t.token_budget >= gbs * cfg.context.length,
+         "trainer.token_budget",
          f"{t.token_budget} is less than one step ({gbs} rows x {cfg.context.length} tokens)")
     need(t.max_minutes is None or t.max_minutes > 0, "trainer.max_minutes", f"must be > 0 or null, got {t.max_minutes}")
     need(t.grad_clip >= 0, "trainer.grad_clip", f"must be >= 0 (0 disables), got {t.grad_clip}")

@@ -120,15 +120,18 @@ def default_name(cfg: Any) -> str:
 
 
 def sweep_points(sweep: str) -> tuple[str, list[tuple[list[str], list[str]]]]:
-    """(sweep name, [(axis values, overrides)] per point): the product of the axes, each plus `fixed`."""
+    """(sweep name, [(axis values, overrides)] per point): the product of the axes, each plus `fixed`;
+    with `arms`, that product under each arm (the arm's name first among the values)."""
     from vicuna_exp.sweep import load_spec
 
     spec = load_spec(sweep)
     keys = list(spec.axes)
     points = []
-    for values in itertools.product(*(spec.axes[k] for k in keys)):
-        axis = [f"{k}={v}" for k, v in zip(keys, values, strict=True)]
-        points.append(([str(v) for v in values], axis + list(spec.fixed)))
+    for arm, arm_overrides in (spec.arms or {None: []}).items():
+        for values in itertools.product(*(spec.axes[k] for k in keys)):
+            axis = [f"{k}={v}" for k, v in zip(keys, values, strict=True)]
+            named = [arm] if arm else []
+            points.append(([*named, *(str(v) for v in values)], axis + list(arm_overrides) + list(spec.fixed)))
     return spec.name, points
 
 

@@ -7,11 +7,14 @@ and resumes interrupted ones. Each job leaves `sweep_job.json` beside its run di
 the sweep saw it, even when the job failed before training started); the parent gathers them
 into `sweep.json` at the sweep root. Exit code: 0 when every job completed (now or earlier), else 1.
 A file with `search:` (a space) instead of `axes:` is an Optuna study: `vicuna_exp.sweep_search`.
+A sweep whose settings are not a product of axes names its arms instead (`arms:`, see `load_arms`):
+each arm is its own multirun into `arm=NAME/` of the same sweep dir, gathered into one sweep.json.
 
     vicuna-exp sweep context_length
     vicuna-exp sweep context_length experiment=vicuna-7b model.path=/path/to/llama-7b-hf
     vicuna-exp sweep backend hydra/launcher=joblib hydra.launcher.n_jobs=2
     vicuna-exp sweep lr_search trainer.max_steps=20                 # a search: 8 trials of a study
+    vicuna-exp sweep finetune_method trainer.max_steps=8            # named arms: full, LoRA r=8, r=64
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import sys
 import time
 import traceback
@@ -39,8 +43,9 @@ log = logging.getLogger(__name__)
 JOB_RECORD = "sweep_job.json"
 SWEEP_RECORD = "sweep.json"
 _RUN_ENV = "VICUNA_EXP_SWEEP_RUN"  # set in every job by Hydra (hydra.job.env_set): which invocation ran it
-_SPEC_KEYS = {"description", "axes", "fixed", "held_constant"}
+_SPEC_KEYS = {"description", "axes", "arms", "fixed", "held_constant"}
 _SEARCH_KEYS = {"search", "n_trials", "objective", "direction"}  # a search (vicuna_exp.sweep_search) instead of axes
+ARM_KEY = "arm"  # how sweep.json, job dirs and reports name the arm of a sweep with `arms`
 
 @dataclass
 class SweepSpec:
@@ -54,6 +59,9 @@ class SweepSpec:
     n_trials: int | None = None
     objective: str | None = None
     direction: str | None = None
+    # Named arms, each a list of overrides, for settings that are not a product of axes (`load_arms`);
+    # crossed with `axes` when both are given.
+    arms: dict[str, list[str]] = field(default_factory=dict)
 
 def sweeps_dir() -> Path:
     """`sweeps/` beside `conf/` in a checkout, or shipped inside the package."""
@@ -87,9 +95,10 @@ def load_spec(name: str) -> SweepSpec:
         raise UsageError(f"{path}: unknown key(s) {', '.join(sorted(unknown))}; valid: {valid}")
     searched = load_search_keys(path, raw)
     axes = raw.get("axes") or {}
-    if searched and axes:
-        raise UsageError(f"{path}: `axes` (a grid) and `search` (a study) exclude each other; keep one")
-    if not searched and (not isinstance(axes, dict) or not axes):
+    arms = load_arms(path, raw.get("arms"))
+    if searched and (axes or arms):
+        raise UsageError(f"{path}: `axes` or `arms` (a grid) and `search` (a study) exclude each other; keep one")
+    if not searched and (not isinstance(axes, dict) or not (axes or arms)):
         raise UsageError(f"{path}: `axes` must map an override key to a list of values, e.g. context: [512, 2048]")
     for key, values in axes.items():
         if not isinstance(values, list) or not values or any(isinstance(v, (dict, list)) for v in values):
@@ -103,6 +112,7 @@ def load_spec(name: str) -> SweepSpec:
         axes={str(k): [_value(v) for v in vs] for k, vs in axes.items()},
         fixed=list(fixed), held_constant=[str(h) for h in held] if isinstance(held, list) else [str(held)],
         **searched,
+        arms=arms,
     )
 
 def load_search_keys(path: Path, raw: dict[str, Any]) -> dict[str, Any]:
@@ -147,12 +157,16 @@ class Plan:
     hydra_overrides: list[str]
     jobs: list[list[str]]  # each job's task overrides, exactly as Hydra will pass them
     name_keys: list[str]  # the keys that name a job's dir
+    arms: list[Plan] = field(default_factory=list)  # a sweep with `arms`: one multirun per arm (`plan_arm_sweep`)
+    arm: str | None = None  # the arm this plan runs, in an arm's own plan
 
 def plan_sweep(spec: SweepSpec, overrides: list[str]) -> Plan:
     from vicuna_exp.hydra_app import expand_sweep, quote_numeric_choices
 
     if spec.search:
         raise UsageError(f"{spec.path}: a search (`search:`), not a grid; `vicuna-exp sweep {spec.name}` runs it")
+    if spec.arms:
+        return plan_arm_sweep(spec, overrides)
 
     user_hydra = [o for o in overrides if _key(o).startswith(("hydra.", "hydra/")) or o.startswith("-")]
     user_app = [o for o in overrides if o not in user_hydra]
@@ -227,7 +241,7 @@ def run_sweep_job(cfg: DictConfig) -> int:
     from hydra.core.hydra_config import HydraConfig
 
     from vicuna_exp import job
-    from vicuna_exp.config import config_hash
+    from vicuna_exp.config import config_hash, with_lr_in_force
     from vicuna_exp.rundir import completed_summary
 
     hc = HydraConfig.get()
@@ -236,6 +250,7 @@ def run_sweep_job(cfg: DictConfig) -> int:
                               "run_dir": str(run_dir), "started_at": time.time(), "pid": os.getpid()}
     code, error, outcome = EXIT_FAILED, None, "ran"
     try:
+        with_lr_in_force(cfg, list(hc.overrides.task))  # as `vicuna-exp train` does: a method's own lr
         chash = config_hash(cfg)
         record["config_hash"] = chash
         if cfg.trainer.resume == ResumeMode.auto and completed_summary(run_dir, chash) is not None:
@@ -262,6 +277,10 @@ def run_multirun(plan: Plan) -> None:
 
     from vicuna_exp.config import conf_dir, register_configs
 
+    if plan.arms:
+        for arm in plan.arms:
+            run_multirun(arm)
+        return
     register_configs()
     app = hydra.main(version_base="1.3", config_path=str(conf_dir()), config_name="config")(run_sweep_job)
     saved = sys.argv
@@ -298,7 +317,7 @@ def gather(plan: Plan, started_at: float, finished_at: float) -> dict[str, Any]:
                          config_hash=rec.get("config_hash"), wall_s=_wall(rec))
             entry.update(_status(job_dir, rec))
         jobs.append(entry)
-    return {
+    result = {
         "name": plan.spec.name, "description": plan.spec.description, "sweep_file": str(plan.spec.path),
         "group": plan.group, "run_id": plan.run_id, "sweep_dir": str(plan.sweep_dir),
         "axes": {k: _axis_values(plan, k) for k in plan.name_keys},
@@ -306,6 +325,7 @@ def gather(plan: Plan, started_at: float, finished_at: float) -> dict[str, Any]:
         "overrides": plan.app_overrides, "hydra_overrides": plan.hydra_overrides,
         "started_at": started_at, "finished_at": finished_at, "jobs": jobs,
     }
+    return with_arms(plan, result) if plan.arms else result
 
 def _axis_values(plan: Plan, key: str) -> list[str]:
     out: list[str] = []
@@ -349,6 +369,107 @@ def run_sweep(spec: SweepSpec, overrides: list[str]) -> tuple[int, dict[str, Any
         _write_json(plan.sweep_dir / SWEEP_RECORD, result)
     done = all(j["status"] in ("completed", "skipped") for j in result["jobs"])
     return (EXIT_OK if done else EXIT_FAILED), result
+
+# ---------------------------------------------------------------- arms: sweeps that are not a product
+
+_ARM_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]*")
+
+
+def load_arms(path: Path, raw: Any) -> dict[str, list[str]]:
+    """`arms:` of a sweep file: arm name -> its overrides (`lora_r8: [finetune=lora, finetune.r=8]`).
+    Each arm is one point, so its overrides must not sweep; two arms must differ. UsageError (exit 2)
+    names the arm at fault."""
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict) or not raw:
+        raise UsageError(f"{path}: `arms` must map an arm name to a list of overrides, "
+                         "e.g. lora_r8: [finetune=lora, finetune.r=8]")
+    from vicuna_exp.hydra_app import expand_sweep
+
+    arms: dict[str, list[str]] = {}
+    for name, overrides in raw.items():
+        name = str(name)
+        if not _ARM_NAME.fullmatch(name):
+            raise UsageError(f"{path}: arms.{name}: an arm name is letters, digits, '_', '.' or '-' (it names a job dir)")
+        if overrides is None:
+            overrides = []
+        if not isinstance(overrides, list) or any(not isinstance(o, str) or "=" not in o for o in overrides):
+            raise UsageError(f"{path}: arms.{name} must be a list of overrides `key=value`")
+        keys = [_key(o) for o in overrides]
+        if len(set(keys)) != len(keys):
+            raise UsageError(f"{path}: arms.{name} sets {', '.join(sorted({k for k in keys if keys.count(k) > 1}))} twice")
+        if overrides and len(expand_sweep(overrides)) != 1:
+            raise UsageError(f"{path}: arms.{name} sweeps ({', '.join(overrides)}); an arm is one point: "
+                             "put a swept key under `axes`")
+        arms[name] = list(overrides)
+    seen: dict[tuple[str, ...], str] = {}
+    for name, overrides in arms.items():
+        same = seen.setdefault(tuple(sorted(overrides)), name)
+        if same != name:
+            raise UsageError(f"{path}: arms.{name} and arms.{same} have the same overrides")
+    return arms
+
+
+def plan_arm_sweep(spec: SweepSpec, overrides: list[str]) -> Plan:
+    """A sweep with `arms`: each arm's overrides (crossed with the axes) are planned as their own
+    multirun into `arm=NAME[,<axis values>]/` of the one sweep dir, sharing the run id and wandb
+    group, so skip-completed, sweep.json and the report work as for a product sweep."""
+    if set(spec.axes) & {_key(o) for arm in spec.arms.values() for o in arm}:
+        raise UsageError(f"{spec.path}: a key is both an axis and set by an arm: "
+                         f"{', '.join(sorted(set(spec.axes) & {_key(o) for a in spec.arms.values() for o in a}))}")
+    definition = json.dumps({"arms": spec.arms, "axes": spec.axes, "fixed": spec.fixed,
+                             "user": sorted(o for o in overrides if not _key(o).startswith("hydra"))}, sort_keys=True)
+    group = f"logger.group={spec.name}-{hashlib.sha256(definition.encode()).hexdigest()[:6]}"
+    run_id = uuid.uuid4().hex[:12]
+    arm_plans = []
+    for name, arm_overrides in spec.arms.items():
+        point = SweepSpec(name=spec.name, path=spec.path, description=spec.description, axes=spec.axes,
+                          fixed=[*arm_overrides, *spec.fixed], held_constant=spec.held_constant)
+        arm_plan = plan_sweep(point, [group, *overrides])  # the arm's point as fixed settings; the user's win
+        arm_plan.arm, arm_plan.run_id = name, run_id
+        arm_plans.append(arm_plan)
+    arm_keys = {_key(o) for arm in spec.arms.values() for o in arm}
+    jobs = [job for p in arm_plans for job in p.jobs]
+    name_keys = [k for k in dict.fromkeys(k for p in arm_plans for k in p.name_keys) if k not in arm_keys]
+    for p in arm_plans:
+        p.name_keys = name_keys
+        p.hydra_overrides = [_arm_subdir(o, p.arm, name_keys, arm_keys) for o in p.hydra_overrides]
+        p.hydra_overrides = [f"++hydra.job.env_set.{_RUN_ENV}={run_id}" if _key(o) == f"hydra.job.env_set.{_RUN_ENV}"
+                             else o for o in p.hydra_overrides]
+    first = arm_plans[0]
+    return Plan(spec=spec, sweep_dir=first.sweep_dir, group=first.group, run_id=run_id,
+                app_overrides=[o for o in first.app_overrides if _key(o) not in arm_keys],
+                hydra_overrides=first.hydra_overrides, jobs=jobs, name_keys=name_keys, arms=arm_plans)
+
+
+def _arm_subdir(override: str, arm: str | None, name_keys: list[str], arm_keys: set[str]) -> str:
+    """An arm's job dir is `arm=NAME`, then the values of the other named keys (if any); the arm's
+    own keys never name the dir (its name does)."""
+    key = _key(override)
+    if key == "hydra.sweep.subdir":
+        rest = f",${{{JOB_DIRNAME_RESOLVER}:${{hydra.job.override_dirname}}}}" if name_keys else ""
+        return f"hydra.sweep.subdir='{ARM_KEY}={arm}{rest}'"
+    if key == "hydra.job.config.override_dirname.exclude_keys":
+        excluded = set(override.partition("=")[2].strip("[]").split(",")) | arm_keys
+        return f"{key}=[{','.join(sorted(k for k in excluded if k))}]"
+    return override
+
+
+def job_arms(plan: Plan) -> list[str | None]:
+    """The arm of each of `plan.jobs` (None throughout for a sweep without arms)."""
+    by_job = {tuple(job): p.arm for p in plan.arms for job in p.jobs}
+    return [by_job.get(tuple(job)) for job in plan.jobs]
+
+
+def with_arms(plan: Plan, result: dict[str, Any]) -> dict[str, Any]:
+    """sweep.json of a sweep with arms: the arms' overrides, `arm` first among the axes, and each
+    job's arm."""
+    for entry, arm in zip(result["jobs"], job_arms(plan), strict=True):
+        entry[ARM_KEY] = arm
+    result["axes"] = {ARM_KEY: list(plan.spec.arms), **{k: _axis_values(plan, k) for k in plan.name_keys}}
+    result["arms"] = plan.spec.arms
+    return result
+
 
 def main(argv: list[str]) -> int:
     if not argv or argv[0] in ("-h", "--help"):

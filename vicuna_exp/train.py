@@ -26,7 +26,7 @@ import torch
 from omegaconf import DictConfig
 
 from vicuna_exp import distributed as D
-from vicuna_exp import heartbeat
+from vicuna_exp import heartbeat, text_budget
 from vicuna_exp.backends import Backend, OptimizerSpec, backend_class, lr_multiplier
 from vicuna_exp.batch_split import loss_chunk_count
 from vicuna_exp.checkpoint import CHECKPOINTS_DIR, CheckpointManager, TrainerState
@@ -126,6 +126,7 @@ class Recipe:
         self.facts: ModelFacts
         self.peak_tflops: float
         self.data: PreparedData | None = None
+        self.text_budget: dict[str, Any] = {}  # trainer.bytes_per_step: the measured ratio and what was held
         self.plan: StepPlan | None = None
         self.backend: Backend | None = None
         self.model: torch.nn.Module
@@ -154,6 +155,7 @@ class Recipe:
         self.peak_tflops = peak_tflops(cfg.hardware, self.precision)
         heartbeat.beat("prepare_data")
         self.data = self._setup_data(cfg.data, cfg.template)
+        self.text_budget = self._setup_text_budget(cfg.trainer)
         heartbeat.beat("setup")
         D.init_process_group(self.dist, self.device, cfg.launcher.dist_backend, cfg.launcher.collective_timeout_s)
         self.started = True
@@ -188,10 +190,17 @@ class Recipe:
     def _setup_data(self, data_cfg: DictConfig, template_cfg: DictConfig) -> PreparedData:
         cfg = self.cfg
         prepared = prepare(data_cfg, template_cfg, cfg.context.length, self.tokenizer,
-                           cfg.model.tokenizer or cfg.model.path)
+                           cfg.model.tokenizer or cfg.model.path, count_text=cfg.trainer.bytes_per_step is not None)
         if len(prepared.train) == 0:
             raise UsageError(f"data: nothing left to train on after filtering ({prepared.path}/stats.json)")
         return prepared
+
+    def _setup_text_budget(self, trainer_cfg: DictConfig) -> dict[str, Any]:
+        """Under `trainer.bytes_per_step`, the tokens per step that carry that much text with this
+        tokenizer, measured on the prepared train split (`vicuna_exp.text_budget`)."""
+        if trainer_cfg.bytes_per_step is None:
+            return {}
+        return text_budget.derive(self.cfg, self.data.stats, self.dist.world_size)
 
     def _setup_plan(self, trainer_cfg: DictConfig) -> StepPlan:
         t = trainer_cfg
@@ -239,7 +248,8 @@ class Recipe:
                 "total_steps": self.plan.total, "device": str(self.device),
                 "finetune": choice_str(cfg.finetune.name), "trainable_params": self.n_trainable,
                 "lr": cfg.optim.lr, "lr_source": cfg.optim.lr_source,
-                "packing_efficiency": self.data.stats.get("packing_efficiency"), "data_hash": self.data.data_hash}
+                "packing_efficiency": self.data.stats.get("packing_efficiency"), "data_hash": self.data.data_hash,
+                **self.text_budget}
 
     # ---- the loop ------------------------------------------------------------------------------------
     def train(self) -> None:

@@ -10,7 +10,7 @@ from vicuna_exp import sweep
 from vicuna_exp.config import conf_dir
 from vicuna_exp.errors import UsageError
 
-SHIPPED = ["backend", "context_length", "model_size", "recipe_grid"]
+SHIPPED = ["backend", "base_model", "context_length", "finetune_method", "model_size", "recipe_grid"]
 SEARCHES = ["lr_search"]  # Optuna studies: tests/sweep/test_search.py
 
 
@@ -44,7 +44,7 @@ def test_every_shipped_sweep_plans_and_composes(name: str, monkeypatch: pytest.M
         assert not missing, f"sweeps/{name}.yaml: conf/{key}/ has no {', '.join(missing)}"
     monkeypatch.setenv("LLAMA_ROOT", "/weights")
     plan = sweep.plan_sweep(spec, [])
-    n_jobs = 1
+    n_jobs = max(1, len(spec.arms))
     for values in spec.axes.values():
         n_jobs *= len(values)
     assert len(plan.jobs) == n_jobs
@@ -91,7 +91,7 @@ def test_unknown_sweep_lists_the_available_ones(capsys: pytest.CaptureFixture[st
     assert sweep.main(["context_lenght"]) == 2
     err = capsys.readouterr().err
     assert "unknown sweep 'context_lenght'" in err
-    assert "context_length, lr_search, model_size, recipe_grid" in err.replace("backend, ", "")
+    assert "available sweeps: " + ", ".join(sorted(SHIPPED + SEARCHES)) in err
     assert sweep.main([]) == 2
     assert sweep.main(["--help"]) == 0
 

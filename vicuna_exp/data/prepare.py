@@ -34,9 +34,12 @@ if TYPE_CHECKING:
     from omegaconf import DictConfig
     from transformers import PreTrainedTokenizerFast
 
+    from vicuna_exp.data.clean import Conversation
+
 log = logging.getLogger("vicuna_exp.data")
 
 PIPELINE_VERSION = 1  # bump when the code changes what a preparation contains
+TEXT_BYTES = "text_bytes"  # per split in stats.json: the UTF-8 bytes of its conversations
 
 
 @dataclass
@@ -64,11 +67,15 @@ def prepare(
     context_length: int,
     tokenizer: PreTrainedTokenizerFast,
     tokenizer_dir: str | None,
+    *,
+    count_text: bool = False,
 ) -> PreparedData:
     """The prepared dataset for these settings: from the cache, or built (once, under a lock) and cached.
 
     The sections are the schema's objects, or the composed config's nodes of those schemas
     (`cfg.data`); either is checked against the schema again, so no key is lost on the way.
+    `count_text`: the caller needs each split's text bytes, so a cached entry prepared before they
+    were counted is prepared again (same key, same rows; its stats gain the count).
     """
     from vicuna_exp.config import as_schema
     from vicuna_exp.data.clean import check_config
@@ -105,7 +112,8 @@ def prepare(
     def waiting() -> None:
         log.info("another job is preparing %s; waiting for it", name)
 
-    prepared, built = cache.get_or_build(root, name, key, build, on_wait=waiting, open_entry=open_prepared)
+    opener = _open_with_text_bytes if count_text else open_prepared
+    prepared, built = cache.get_or_build(root, name, key, build, on_wait=waiting, open_entry=opener)
     prepared.from_cache = not built
     return prepared
 
@@ -127,6 +135,14 @@ def open_prepared(path: str | Path) -> PreparedData:
             files = ", ".join(f["filename"] for f in dd[split].cache_files) or str(path / split)
             raise cache.CorruptEntry(f"{files}: {len(dd[split])} rows, but {written['kept_examples']} when written")
     return PreparedData(path, dd["train"], dd["eval"], stats, stats["data_hash"])
+
+
+def _open_with_text_bytes(path: str | Path) -> PreparedData:
+    prepared = open_prepared(path)
+    if not has_text_bytes(prepared.stats):
+        raise cache.CorruptEntry(f"{Path(path) / 'stats.json'}: no {TEXT_BYTES} (prepared before text was counted; "
+                                 "trainer.bytes_per_step needs it)")
+    return prepared
 
 
 # ----------------------------------------------------------------------------------------- build
@@ -155,6 +171,7 @@ def _build(tmp: Path, raw_path: Path, data: DataConfig, template: TemplateConfig
             if examples:
                 name = "eval" if in_eval_split(res.convs[ci].id, data.seed, data.eval_fraction) else "train"
                 columns[name].add(res.convs[ci].id, examples)
+                columns[name].text_bytes += conversation_bytes(res.convs[ci])
                 conv_splits[name].append(ci)
         for c in columns.values():
             c.close_chunk()
@@ -188,7 +205,8 @@ def _build(tmp: Path, raw_path: Path, data: DataConfig, template: TemplateConfig
             # one shard per split: datasets writes an empty split with zero shards and cannot reopen it
             saved = writer.submit(dd.save_to_disk, str(tmp), num_shards={name: 1 for name in dd})
             split_stats = {name: _split_stats(np.asarray(columns[name].lengths, dtype=np.int64),
-                                              columns[name].supervised, idx, source_tokens, data, context)
+                                              columns[name].supervised, idx, source_tokens, data, context,
+                                              columns[name].text_bytes)
                            for name, idx in conv_splits.items()}
             saved.result()
     finally:
@@ -259,6 +277,7 @@ class _Columns:
         self.conversation_ids: list[str] = []
         self.supervised = 0  # labels that are not IGNORE
         self.tokens = 0
+        self.text_bytes = 0  # UTF-8 bytes of the split's conversations (`conversation_bytes`)
 
     def add(self, conversation_id: str, examples: list[tuple[np.ndarray, np.ndarray]]) -> None:
         for ids, labels in examples:
@@ -303,7 +322,7 @@ class _Columns:
 
 
 def _split_stats(lengths: np.ndarray, supervised: int, conv_indices: list[int], source_tokens: np.ndarray,
-                 data: DataConfig, context: int) -> dict[str, Any]:
+                 data: DataConfig, context: int, text_bytes: int) -> dict[str, Any]:
     """One split's figures, from its examples' lengths (the packing plan is the first epoch's)."""
     from vicuna_exp.data.batching import epoch_rows
 
@@ -320,7 +339,22 @@ def _split_stats(lengths: np.ndarray, supervised: int, conv_indices: list[int], 
         "token_slots": len(rows) * context,
         "packing_efficiency": total / (len(rows) * context) if rows else 0.0,
         "retention": supervised / source if source else 0.0,
+        # The text the examples were cut from, whatever the tokenizer: `trainer.bytes_per_step` divides it
+        # by total_tokens to hold text per step equal across vocabularies.
+        TEXT_BYTES: text_bytes,
     }
+
+
+def conversation_bytes(conv: Conversation) -> int:
+    """UTF-8 bytes of a cleaned conversation's messages (system prompt included, template left out):
+    the same for every tokenizer, so it measures how much text a token carries."""
+    text = sum(len(u.encode()) + len(a.encode()) for u, a in conv.turns)
+    return text + (len(conv.system.encode()) if conv.system else 0)
+
+
+def has_text_bytes(stats: dict[str, Any]) -> bool:
+    """Whether a preparation counted its text (one written before `TEXT_BYTES` existed did not)."""
+    return all(TEXT_BYTES in s for s in stats.get("splits", {}).values())
 
 
 # ------------------------------------------------------------------------------------------ task

@@ -48,6 +48,9 @@ class PlanConfig:
     tokens_per_epoch: int | None = None
     conversations: int = 70_000  # Vicuna's ShareGPT set: ~70K user-shared conversations
     tokens_per_conversation: int = 1_200  # rough LLaMA-tokenizer mean for a cleaned ShareGPT conversation
+    # UTF-8 bytes of conversation per token, for planning a run under `trainer.bytes_per_step` (training
+    # measures its own on the prepared data and records it in summary.json's `derived`).
+    bytes_per_token: float = 3.8  # LLaMA-2's 32k vocabulary: 3.81 on ShareGPT V3 (Llama-3's 128k: 4.46)
     cuda_context_gb: float = 1.0  # per-process CUDA context + kernels, GiB (0 on a CPU device)
     fragmentation: float = 0.10  # allocator overhead, as a fraction of the tensors it holds
     tight_margin: float = 0.05  # a plan that fits with less than this fraction free says "tight"

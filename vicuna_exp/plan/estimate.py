@@ -37,6 +37,7 @@ from vicuna_exp.hardware import Resolved, resolve_precision, with_resolved_hardw
 from vicuna_exp.plan.adapters import AdapterFacts, activation_terms, adapter_facts, adapter_state_bytes
 from vicuna_exp.plan.facts import ModelFacts, model_facts
 from vicuna_exp.plan.flops import flops_per_token, peak_tflops
+from vicuna_exp.text_budget import tokens_for_bytes
 
 GIB = 2**30
 REPLICATED = (BackendName.single, BackendName.ddp)  # every rank holds the whole state
@@ -111,6 +112,15 @@ class Setup:
         return str(self.backend)
 
 
+def planned_tokens_for_bytes(cfg: Any, world: int) -> int:
+    """Tokens per step under `trainer.bytes_per_step` at the assumed `plan.bytes_per_token` (training
+    measures the ratio on its prepared data instead)."""
+    ratio = float(cfg.plan.bytes_per_token)
+    if not ratio > 0:
+        raise UsageError(f"plan.bytes_per_token: must be > 0, got {ratio}")
+    return tokens_for_bytes(int(cfg.trainer.bytes_per_step), ratio, int(cfg.context.length), world)
+
+
 def _validate_hardware(hw: Any) -> None:
     for key in ("gpu_memory_gb", "bf16_tflops", "fp32_tflops", "cpu_memory_gb"):
         if key.endswith("_tflops") and hw[key] is None:  # a GPU whose peak is not known: no time estimate
@@ -142,10 +152,12 @@ def setup_from_config(cfg: Any) -> Setup:
     if cap < 1 or seq_len < 1:
         raise UsageError(f"trainer.micro_batch_size and context.length must be >= 1, got {cap} and {seq_len}")
     tokens_per_step = t.tokens_per_step if "tokens_per_step" in t else None
+    source = "trainer.tokens_per_step" if tokens_per_step else "trainer.global_batch_size"
+    if not tokens_per_step and t.get("bytes_per_step") is not None:
+        tokens_per_step, source = planned_tokens_for_bytes(cfg, world), "trainer.bytes_per_step"
     global_batch = int(tokens_per_step) // seq_len if tokens_per_step else int(t.global_batch_size)
     if global_batch < 1:
         raise UsageError(f"trainer.global_batch_size: must be >= 1, got {global_batch}")
-    source = "trainer.tokens_per_step" if tokens_per_step else "trainer.global_batch_size"
     split = split_error(global_batch, nproc, nnodes, source=source)
     if split:
         raise UsageError(split)
@@ -462,6 +474,10 @@ def plan_on(cfg: Any, resolved: Resolved, dataset_tokens: int | None = None) -> 
                      f"uses the {hw.bf16_tflops:g} TFLOP/s bf16 peak")
     if s.adapters is not None:
         notes += adapter_notes(s)
+    if not cfg.trainer.get("tokens_per_step") and cfg.trainer.get("bytes_per_step") is not None:
+        notes.append(f"trainer.bytes_per_step={int(cfg.trainer.bytes_per_step):,}: {s.global_batch * s.seq_len:,} "
+                     f"tokens per step at the assumed plan.bytes_per_token={float(p.bytes_per_token):g}; training "
+                     "measures bytes per token on its prepared data and sets its own")
     if s.model.attn_implementation == AttnImpl.eager:
         notes.append("eager attention stores seq x seq scores per head: use sdpa or flash_attention_2")
     return Plan(

@@ -13,7 +13,7 @@ def wants_table(argv: list[str]) -> bool:
 def main(argv: list[str]) -> int:
     from vicuna_exp.hydra_app import compose, expand_sweep, explain_config_error, quote_numeric_choices
     from vicuna_exp.plan.report import table
-    from vicuna_exp.sweep import load_spec, plan_sweep
+    from vicuna_exp.sweep import job_arms, load_spec, plan_sweep
 
     named = [a.partition("=")[2] for a in argv if a.startswith("sweep=")]
     rest = [a for a in argv if not a.startswith("sweep=") and a not in ("-m", "--multirun")]
@@ -28,18 +28,21 @@ def main(argv: list[str]) -> int:
         return EXIT_OK
     if named:
         plan = plan_sweep(load_spec(named[0]), rest)
-        jobs, keys = plan.jobs, plan.name_keys
+        jobs, keys, arms = plan.jobs, plan.name_keys, job_arms(plan)
     else:
         jobs = expand_sweep(quote_numeric_choices(rest))
         keys = sorted({o.partition("=")[0] for job in jobs for o in job
                        if len({x for j in jobs for x in j if x.partition("=")[0] == o.partition("=")[0]}) > 1})
+        arms = [None] * len(jobs)
     cfgs, labels = [], []
-    for job in jobs:
+    for job, arm in zip(jobs, arms, strict=True):
         try:
             cfgs.append(compose(job))
         except Exception as e:  # noqa: BLE001 - composition errors: one line, exit 2
             raise UsageError(f"job {' '.join(job)}: {explain_config_error(e)}") from None
-        labels.append(",".join(o.replace("'", "") for o in job if o.partition("=")[0] in keys) or "default")
+        named_by = [f"arm={arm}"] if arm else []
+        named_by += [o.replace("'", "") for o in job if o.partition("=")[0] in keys]
+        labels.append(",".join(named_by) or "default")
     print(table(cfgs, labels))
     return EXIT_OK
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+ARM = "arm"  # the axis of a sweep with `arms` (vicuna_exp.sweep.ARM_KEY)
 # A directory holding any of these is a job's run dir.
 _JOB_MARKERS = ("summary.json", "metrics.jsonl", ".hydra")
 # Where a job dir's own outputs live: never searched for nested jobs.
@@ -36,6 +37,7 @@ class Job:
     evals: list[dict[str, Any]] = field(default_factory=list)  # metrics lines with `eval_loss`
     config: dict[str, Any] = field(default_factory=dict)  # flattened .hydra/config.yaml
     eval_summary: dict[str, Any] = field(default_factory=dict)  # from vicuna_exp.eval.report
+    arm: str | None = None  # a sweep with `arms`: the arm's name (sweep.json, else the `arm=NAME` dir)
 
     @property
     def readable(self) -> bool:
@@ -70,7 +72,7 @@ def job_label(sweep: Sweep, job: Job) -> str:
     Each axis goes by its last key component unless two axes share it; booleans read as YAML
     writes them. What every job shares is listed once, as the sweep's held-constant overrides.
     """
-    m = job.override_map
+    m = {ARM: job.arm or "", **job.override_map}
     short = {a: a.rsplit(".", 1)[-1] for a in sweep.axes}
     names = {a: short[a] if list(short.values()).count(short[a]) == 1 else a for a in sweep.axes}
     parts = [f"{names[a]}={_yaml_word(m[a])}" for a in sweep.axes if a in m]
@@ -129,7 +131,23 @@ def load_sweep(root: Path) -> Sweep:
 
     readable = [j for j in jobs if j.readable]
     axes, constant = _split_overrides(readable, preferred=list(meta.get("axes") or []))
+    axes = _arm_axes(jobs, meta, axes)
     return Sweep(root=root, jobs=jobs, meta=meta, axes=axes, constant_overrides=constant, warnings=warnings)
+
+
+def _arm_axes(jobs: list[Job], meta: dict[str, Any], axes: list[str]) -> list[str]:
+    """A sweep with `arms` (`vicuna_exp.sweep.load_arms`): the arm is the first axis, and the keys
+    the arms set are not axes of their own (the arm's name stands for them)."""
+    arms = meta.get("arms")
+    for j in jobs:
+        top = j.name.split("/", 1)[0]
+        listed = next((e.get(ARM) for e in meta.get("jobs") or [] if isinstance(e, dict) and e.get("name") == j.name),
+                      None)
+        j.arm = str(listed) if listed else (top.partition("=")[2].split(",")[0] if top.startswith(f"{ARM}=") else None)
+    if not any(j.arm for j in jobs):
+        return axes
+    arm_keys = {parse_override(o)[0] for ovs in arms.values() for o in ovs} if isinstance(arms, dict) else set()
+    return [ARM, *(a for a in axes if a not in arm_keys)]
 
 
 def find_job_dirs(root: Path) -> list[Path]:

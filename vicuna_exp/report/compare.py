@@ -11,7 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from vicuna_exp.report.collect import Job, Sweep, job_label, max_metric, median_metric
+from vicuna_exp.report.collect import ARM, Job, Sweep, job_label, max_metric, median_metric
 
 
 @dataclass(frozen=True)
@@ -21,10 +21,18 @@ class Column:
     kind: str  # text | int | loss | tokens | rate | seconds | float | percent | gb
     get: Callable[[Job], Any]
     optional: bool = False  # shown only when some job has a value
+    only_if_varied: bool = False  # shown only when two jobs have different values
 
 
 def _axis_getter(key: str) -> Callable[[Job], Any]:
+    if key == ARM:
+        return lambda j: j.arm
     return lambda j: j.override_map.get(key)
+
+
+def _derived(key: str) -> Callable[[Job], Any]:
+    """A fact the run derived (summary.json `derived`: trainable parameters, the measured bytes per token)."""
+    return lambda j: (j.summary.get("derived") or {}).get(key)
 
 
 def _eval_getter(key: str) -> Callable[[Job], Any]:
@@ -43,6 +51,10 @@ _FIXED_COLUMNS = [
     Column("packing_efficiency", "packing eff.", "percent", lambda j: median_metric(j, "packing_efficiency", False), True),
     Column("mfu", "MFU", "percent", lambda j: median_metric(j, "mfu"), True),
     Column("peak_mem_gb", "peak mem", "gb", lambda j: max_metric(j, "peak_mem_gb"), True),
+    # What a sweep of methods or bases varies besides its axes: shown only where the arms differ.
+    Column("trainable_params", "trainable", "tokens", _derived("trainable_params"), True, only_if_varied=True),
+    Column("tokens_per_step", "tokens/step", "int", _derived("tokens_per_step"), True, only_if_varied=True),
+    Column("bytes_per_token", "bytes/token", "float", _derived("bytes_per_token"), True),
 ]
 
 
@@ -77,6 +89,7 @@ def build_table(sweep: Sweep) -> Table:
     hidden += [Column(f"axis:{a}", a, "text", _axis_getter(a)) for a in sweep.axes]
     rows = [{c.key: _safe(c.get, j) for c in [*columns, *hidden]} for j in sweep.jobs]
     columns = [c for c in columns if not c.optional or any(r.get(c.key) is not None for r in rows)]
+    columns = [c for c in columns if not c.only_if_varied or len(_distinct([r.get(c.key) for r in rows])) > 1]
     return Table(columns=columns, rows=rows)
 
 
@@ -163,6 +176,9 @@ FAIRNESS_KEYS = (
 _IGNORED_PREFIXES = ("hydra.", "logger.", "launcher.rdzv", "launcher.node_rank", "trainer.resume", "plan.", "hardware.")
 
 
+# Under trainer.bytes_per_step each run sets these from its measured bytes per token (`_text_per_step`).
+_SET_BY_TEXT = ("trainer.tokens_per_step", "trainer.global_batch_size")
+
 # Real tokens differ a little between arms with equal tokens per step: packing leaves different gaps.
 TOKEN_TOLERANCE = 0.05
 
@@ -188,8 +204,9 @@ def assess_fairness(sweep: Sweep) -> Fairness:
     def values(key: str) -> list[Any]:
         return [j.config.get(key) for j in with_cfg]
 
+    by_text = any(j.config.get("trainer.bytes_per_step") is not None for j in with_cfg)
     for key in keys:
-        if key.startswith(_IGNORED_PREFIXES):
+        if key.startswith(_IGNORED_PREFIXES) or (by_text and key in _SET_BY_TEXT):
             continue
         vals = values(key)
         distinct = _distinct(vals)
@@ -200,6 +217,7 @@ def assess_fairness(sweep: Sweep) -> Fairness:
     _eval_split(values, out)
 
     _token_budget(sweep, jobs, out)
+    _text_per_step(sweep, with_cfg, out)
     _config_caveats(with_cfg, values, out)
     for j in jobs:
         stats = j.summary.get("data_stats")
@@ -237,19 +255,47 @@ def _distinct(vals: list[Any]) -> list[Any]:
 
 
 def _token_budget(sweep: Sweep, jobs: list[Job], out: Fairness) -> None:
-    seen = [(job_label(sweep, j), j.stat("tokens_seen")) for j in jobs if j.status == "completed"]
+    done = [j for j in jobs if j.status == "completed"]
+    ratios = [(j.summary.get("derived") or {}).get("bytes_per_token") for j in done]
+    if done and all(_is_num(r) for r in ratios):  # trainer.bytes_per_step: the text is what was held
+        what, unit, budget = "text", " bytes", "Text budget"
+        seen = [(job_label(sweep, j), j.stat("tokens_seen") * r if _is_num(j.stat("tokens_seen")) else None)
+                for j, r in zip(done, ratios, strict=True)]
+    else:
+        what, unit, budget = "real tokens", "", "Token budget"
+        seen = [(job_label(sweep, j), j.stat("tokens_seen")) for j in done]
     seen = [(n, float(t)) for n, t in seen if _is_num(t)]
     if len(seen) < 2:
         return
     lo, hi = min(t for _, t in seen), max(t for _, t in seen)
     spread = (hi - lo) / lo if lo > 0 else float("inf")
     if spread <= TOKEN_TOLERANCE:
-        span = _si(lo) if lo == hi else f"{_si(lo)} to {_si(hi)} ({100 * spread:.1f}% apart: packing fills rows differently)"
-        out.held.append(f"real tokens seen by every completed job: {span}")
+        why = "whole rows per step, and packing fills them differently" if unit else "packing fills rows differently"
+        span = _si(lo) + unit if lo == hi else f"{_si(lo)}{unit} to {_si(hi)}{unit} ({100 * spread:.1f}% apart: {why})"
+        out.held.append(f"{what} seen by every completed job: {span}"
+                        + (" (tokens seen x the arm's measured bytes per token)" if unit else ""))
     else:
         detail = ", ".join(f"{n}: {_si(t)}" for n, t in seen)
-        out.caveats.append(f"Token budget differed between completed jobs by {100 * spread:.0f}% ({detail}); "
+        out.caveats.append(f"{budget} differed between completed jobs by {100 * spread:.0f}% ({detail}); "
                            "compare eval_loss at equal tokens in the plot, not the final values.")
+
+
+def _text_per_step(sweep: Sweep, jobs: list[Job], out: Fairness) -> None:
+    """Under `trainer.bytes_per_step`: the text held per step, and each arm's measured bytes per token
+    and the tokens per step it gave (`vicuna_exp.text_budget`)."""
+    held = _distinct([j.config.get("trainer.bytes_per_step") for j in jobs])
+    if held == [None]:
+        return
+    measured = [(job_label(sweep, j), (j.summary.get("derived") or {})) for j in jobs]
+    per_arm = "; ".join(f"{name}: {d['bytes_per_token']:.3f} bytes/token, {d.get('tokens_per_step', 0):,} tokens/step"
+                        for name, d in measured if _is_num(d.get("bytes_per_token")))
+    if len(held) == 1:
+        out.held.append(f"text per optimizer step: trainer.bytes_per_step = {held[0]:,} bytes of conversation in "
+                        "every arm; each arm's tokens per step come from the bytes per token measured on its "
+                        f"own prepared train split ({per_arm or 'not measured: no job got that far'})")
+    else:
+        out.caveats.append("trainer.bytes_per_step differs between arms (" + " | ".join(str(v) for v in held)
+                           + "): the arms step over different amounts of text.")
 
 
 def _config_caveats(with_cfg: list[Job], values: Callable[[str], list[Any]], out: Fairness) -> None:

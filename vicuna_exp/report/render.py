@@ -49,6 +49,10 @@ def build_document(sweep: Sweep, table: Table, fairness: Fairness, plots: list[P
     doc.append(Block("h2", "Results"))
     if sweep.axes:
         doc.append(Block("p", "Swept axes (overrides that differ between jobs): " + ", ".join(sweep.axes) + "."))
+    arms = sweep.meta.get("arms")
+    if isinstance(arms, dict) and arms:
+        doc.append(Block("p", "Arms: " + "; ".join(f"{name} = {' '.join(map(str, o or [])) or '(the defaults)'}"
+                                                    for name, o in arms.items()) + "."))
     doc.append(Block("p", "tokens/s is the median over logged steps after the first (all ranks together); "
                           "eval_loss is per supervised token."))
     doc.append(Block("table", header=[c.title for c in table.columns],
