@@ -40,6 +40,10 @@ class CorruptEntry(Exception):
     """An entry whose files are not what was written; the message names the file."""
 
 
+class StaleEntry(CorruptEntry):
+    """A sound entry written before it recorded something a run now needs: rebuilt, as a corrupt one is."""
+
+
 def cache_root(cache_dir: str | None) -> Path:
     """`data.cache_dir`, else $VICUNA_EXP_CACHE, else ~/.cache/vicuna-exp."""
     if cache_dir:
@@ -188,5 +192,6 @@ def _open_if_sound(entry: Path, open_entry: Callable[[Path], Any], quiet: bool =
         return open_entry(entry)
     except CorruptEntry as e:
         if not quiet:
-            log.warning("prepared cache entry is corrupt: %s; rebuilding it", e)
+            log.warning("prepared cache entry is %s: %s; rebuilding it",
+                        "out of date" if isinstance(e, StaleEntry) else "corrupt", e)
         return None

@@ -140,7 +140,7 @@ def open_prepared(path: str | Path) -> PreparedData:
 def _open_with_text_bytes(path: str | Path) -> PreparedData:
     prepared = open_prepared(path)
     if not has_text_bytes(prepared.stats):
-        raise cache.CorruptEntry(f"{Path(path) / 'stats.json'}: no {TEXT_BYTES} (prepared before text was counted; "
+        raise cache.StaleEntry(f"{Path(path) / 'stats.json'}: no {TEXT_BYTES} (prepared before text was counted; "
                                  "trainer.bytes_per_step needs it)")
     return prepared
 
