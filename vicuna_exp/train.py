@@ -52,6 +52,7 @@ from vicuna_exp.loss import chunked_loss_sum, full_loss_sum, output_head
 from vicuna_exp.memory import PeakMemory
 from vicuna_exp.model import ModelSpec, make_model_spec, model_facts_of, resolve_precision
 from vicuna_exp.plan import check_fits
+from vicuna_exp.plan.adapters import AdapterFacts, adapter_facts
 from vicuna_exp.plan.facts import ModelFacts
 from vicuna_exp.plan.flops import achieved_tflops, batch_flops, mfu, peak_tflops
 from vicuna_exp.preemption import StopFlags, StopNow
@@ -124,6 +125,7 @@ class Recipe:
         self.tokenizer: PreTrainedTokenizerFast
         self.spec: ModelSpec
         self.facts: ModelFacts
+        self.adapter_facts: AdapterFacts | None  # finetune=lora/qlora: the frozen base and what trains
         self.peak_tflops: float
         self.data: PreparedData | None = None
         self.text_budget: dict[str, Any] = {}  # trainer.bytes_per_step: the measured ratio and what was held
@@ -150,6 +152,7 @@ class Recipe:
         check_fits(cfg, self.hardware)  # refuse what cannot fit the hardware, before anything is built
         self.spec = self._setup_model_spec(cfg.model)
         self.facts = model_facts_of(self.spec, cfg.model)
+        self.adapter_facts = adapter_facts(self.facts, cfg.finetune)  # a frozen base costs 4N, not 6N
         if cfg.trainer.loss_chunk_tokens:  # the chunked loss calls the head: refuse a model without one now (exit 2)
             output_head(self.spec.build_meta())
         self.peak_tflops = peak_tflops(cfg.hardware, self.precision)
@@ -371,7 +374,8 @@ class Recipe:
         out["num_supervised"] = n_supervised
         out["num_tokens"] = int(seq_lens.sum())
         head_tokens = n_supervised if self.loss_chunks else None  # the full path projects every token
-        out["model_flops"] = batch_flops(self.facts, seq_lens.tolist(), head_tokens=head_tokens)
+        out["model_flops"] = batch_flops(self.facts, seq_lens.tolist(), head_tokens=head_tokens,
+                                         adapters=self.adapter_facts)
         return out
 
     def lengths(self, dataset: Any) -> np.ndarray:

@@ -150,6 +150,27 @@ def test_flops_per_token_is_6n_plus_attention_over_each_example():
     assert flops_per_token(make_cfg("llama-7b").model, [2048]) == flops_per_token(m, [2048])
 
 
+def test_a_frozen_base_costs_4n_per_token_and_its_adapters_6_each():
+    """LoRA computes no gradient of the base's own weights, only of their inputs: 4 FLOPs per base
+    parameter and token, 6 per adapter parameter; a head trained in full (train_lm_head) costs 6. So
+    the plan of a LoRA run is faster than full fine-tuning's at the same assumed MFU."""
+    from vicuna_exp.plan.adapters import adapter_facts
+
+    full = make_cfg("llama-7b", backend__name="fsdp", launcher__nproc_per_node=8, context__length=2048)
+    m = model_facts(full.model)
+    attention = 12 * 32 * 4096 * 2048
+    for switches in ({}, {"finetune__train_lm_head": True}):
+        lora = make_cfg("llama-7b", backend__name="fsdp", launcher__nproc_per_node=8, context__length=2048,
+                        finetune="lora", **switches)
+        a = adapter_facts(m, lora.finetune)
+        head = 6 if switches else 4
+        want = 4 * (m.matmul_params - m.embedding_params) + head * m.embedding_params + 6 * a.adapter_params
+        assert flops_per_token(m, [2048], adapters=a) == pytest.approx(want + attention)
+        assert make_plan(lora).tokens_per_s == pytest.approx(
+            make_plan(full).tokens_per_s * flops_per_token(m, [2048]) / (want + attention))
+    assert make_plan(lora).tokens_per_s > 1.3 * make_plan(full).tokens_per_s
+
+
 def test_mfu_from_step_flops_time_and_devices():
     m = model_facts(make_cfg("llama-7b").model)
     fpt = flops_per_token(m, [2048])

@@ -54,6 +54,7 @@ class AdapterFacts:
     adapter_params: int  # low-rank matrices (+ DoRA magnitudes), fp32
     saved_module_params: int  # embeddings / LM head trained in full beside them (trainable copies)
     double_quant: bool | None = None  # qlora: the base's decoder linears in 4 bits (None: not quantised)
+    lm_head_trained: bool = False  # train_lm_head: the head trains in full (6 FLOPs per weight, not 4)
 
     @property
     def quantized(self) -> bool:
@@ -78,7 +79,8 @@ def adapter_facts(m: ModelFacts, finetune: Any) -> AdapterFacts | None:
     double = bool(finetune.bnb_4bit_use_double_quant) if method == FinetuneMethod.qlora else None
     return AdapterFacts(method=method, r=r, dropout=float(finetune.lora_dropout) > 0,
                         all_linear=targets == [ALL_LINEAR], adapter_params=m.num_hidden_layers * per_layer,
-                        saved_module_params=saved, double_quant=double)
+                        saved_module_params=saved, double_quant=double,
+                        lm_head_trained=bool(finetune.train_lm_head))
 
 
 def base_bytes_per_param(precision: Precision) -> float:

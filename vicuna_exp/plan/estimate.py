@@ -459,7 +459,7 @@ def plan_on(cfg: Any, resolved: Resolved, dataset_tokens: int | None = None) -> 
     if not 0 < float(p.assumed_mfu) <= 1:
         raise UsageError(f"plan.assumed_mfu: must be in (0, 1], got {p.assumed_mfu}")
     mem = memory(s, hw, p)
-    fpt = flops_per_token(s.model, [s.seq_len])
+    fpt = flops_per_token(s.model, [s.seq_len], adapters=s.adapters)
     peak = peak_tflops(hw, s.precision)
     tps = float(p.assumed_mfu) * peak * 1e12 / fpt * s.world
     tokens, source = tokens_per_epoch(cfg, dataset_tokens)

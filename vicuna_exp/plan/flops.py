@@ -5,6 +5,10 @@ plus 12 * L * h * s for attention over a sequence of s tokens (QK^T and AV, forw
 backward, counted in full although causal kernels skip half). The LM head's share of N
 (vocab x hidden) counts only at the positions it projects (see `batch_flops`). Recomputation by activation
 checkpointing is not counted: MFU measures useful model work, not hardware work.
+
+A frozen base (LoRA, QLoRA) needs no gradient of its own weights, only of their inputs: 4 FLOPs per
+parameter and token (forward 2, input gradient 2) instead of 6, plus 6 per adapter parameter. The
+LM head counts 6 when it is trained in full (`train_lm_head`). Attention's cost does not change.
 """
 
 from __future__ import annotations
@@ -22,7 +26,8 @@ def _facts(model: ModelLike) -> ModelFacts:
     return model if isinstance(model, ModelFacts) else model_facts(model)
 
 
-def batch_flops(model: ModelLike, seq_lens: Sequence[int], head_tokens: int | None = None) -> float:
+def batch_flops(model: ModelLike, seq_lens: Sequence[int], head_tokens: int | None = None,
+                adapters: Any = None) -> float:
     """Training FLOPs (forward + backward) of examples of these lengths.
 
     In a padding-free packed row each example attends only to itself, so pass the lengths of the
@@ -31,23 +36,28 @@ def batch_flops(model: ModelLike, seq_lens: Sequence[int], head_tokens: int | No
     The LM head counts where it is applied: at `head_tokens` positions (the chunked loss projects
     only the supervised ones), or at every token when None (the full-logits loss, and the
     planner, which does not know the data). Its recomputation in the chunked loss's backward is not
-    counted, as activation checkpointing's is not.
+    counted, as activation checkpointing's is not. `adapters` (plan.adapters.AdapterFacts): the base
+    is frozen and these train (None: full fine-tuning).
     """
     m = _facts(model)
     tokens = sum(seq_lens)
     head = tokens if head_tokens is None else head_tokens
     squares = sum(s * s for s in seq_lens)
     body = m.matmul_params - m.embedding_params
-    return (6.0 * body * tokens + 6.0 * m.embedding_params * head
+    per_body, per_head, adapter = 6.0, 6.0, 0.0
+    if adapters is not None:  # frozen weights: forward and the input's gradient only
+        per_body, per_head = 4.0, (6.0 if adapters.lm_head_trained else 4.0)
+        adapter = 6.0 * adapters.adapter_params * tokens
+    return (per_body * body * tokens + per_head * m.embedding_params * head + adapter
             + 12.0 * m.num_hidden_layers * m.hidden_size * squares)
 
 
-def flops_per_token(model: ModelLike, seq_lens: Sequence[int]) -> float:
+def flops_per_token(model: ModelLike, seq_lens: Sequence[int], adapters: Any = None) -> float:
     """Mean training FLOPs per real token for examples of these lengths (see `batch_flops`)."""
     tokens = sum(seq_lens)
     if tokens <= 0:
         raise ValueError("flops_per_token needs at least one token")
-    return batch_flops(model, seq_lens) / tokens
+    return batch_flops(model, seq_lens, adapters=adapters) / tokens
 
 
 def peak_tflops(hardware: Any, precision: str) -> float:

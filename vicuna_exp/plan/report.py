@@ -148,8 +148,10 @@ def render(plan: Plan) -> str:
         lines += ["To make it fit, try:"] + [f"  - {tip}" for tip in suggestions(plan)]
     lines += [
         "",
-        f"Compute: {plan.flops_per_token:.3g} FLOPs per token (6N with N={_num(m.matmul_params)} matmul params, "
-        f"+ attention at {s.seq_len:,} tokens)",
+        f"Compute: {plan.flops_per_token:.3g} FLOPs per token ("
+        + (f"6N with N={_num(m.matmul_params)} matmul params" if s.adapters is None else
+           f"4N over the frozen N={_num(m.matmul_params)} matmul params, 6 per adapter parameter")
+        + f", + attention at {s.seq_len:,} tokens)",
         f"         peak {plan.peak_tflops:g} TFLOP/s per GPU ({'fp32' if s.precision == 'fp32' else 'bf16'}), "
         f"assumed MFU {plan.assumed_mfu:.0%} (plan.assumed_mfu) -> {_num(plan.tokens_per_s)} tokens/s "
         f"on {s.world} GPUs",
