@@ -75,6 +75,9 @@ def test_finetune_method_arms_complete_and_report_by_arm(methods: tuple[int, dic
     md = (out / "report.md").read_text()
     assert "| arm=lora_r8 | completed |" in md and "lora_r8 = finetune=lora finetune.r=8" in md
     assert "| trainable |" in md or "trainable |" in md
+    held = md.split("## What was held constant", 1)[1].split("## Plots", 1)[0]
+    assert "optim.lr = " not in held and "- optim.lr: " in held  # each arm's rate in force, not the preset's
+    assert held.count("trainer.max_steps") == 1  # a shared override is listed once
 
 
 def test_a_rerun_skips_every_completed_arm(methods: tuple[int, dict, Path]) -> None:

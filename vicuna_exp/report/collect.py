@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from vicuna_exp.rundir import RESOLVED_CONFIG
+
 ARM = "arm"  # the axis of a sweep with `arms` (vicuna_exp.sweep.ARM_KEY)
 # A directory holding any of these is a job's run dir.
 _JOB_MARKERS = ("summary.json", "metrics.jsonl", ".hydra")
@@ -350,7 +352,20 @@ def _read_config(path: Path) -> tuple[dict[str, Any], str | None]:
         return {}, f".hydra/config.yaml unreadable ({type(e).__name__})"
     if not isinstance(data, dict):
         return {}, ".hydra/config.yaml is not a mapping"
-    return flatten(data), None
+    return {**flatten(data), **_lr_in_force(path)}, None
+
+
+def _lr_in_force(path: Path) -> dict[str, Any]:
+    """`optim.lr` as the run trained with it: the method's own rate (finetune.lr, lr_by_method) is set
+    after composing, so .hydra/config.yaml holds the preset's; the run dir's resolved config has it."""
+    f = path / RESOLVED_CONFIG
+    try:
+        import yaml
+
+        optim = (yaml.safe_load(f.read_text()) or {}).get("config", {}).get("optim", {})
+    except Exception:  # noqa: BLE001 - absent or unreadable: the composed config's value stands
+        return {}
+    return {f"optim.{k}": optim[k] for k in ("lr", "lr_source") if isinstance(optim, dict) and k in optim}
 
 
 def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:

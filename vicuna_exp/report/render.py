@@ -61,7 +61,8 @@ def build_document(sweep: Sweep, table: Table, fairness: Fairness, plots: list[P
                      numeric=[c.kind != "text" for c in table.columns]))
 
     held = [f"Overrides shared by every job: {', '.join(sweep.constant_overrides)}"] if sweep.constant_overrides else []
-    held += fairness.held
+    shared = {o.partition("=")[0].lstrip("+~") for o in sweep.constant_overrides}
+    held += [h for h in fairness.held if h.partition(" = ")[0] not in shared]  # each setting once
     notes = sweep.meta.get("held_constant")
     if isinstance(notes, list):
         held += [f"Declared by the sweep: {n}" for n in notes]
