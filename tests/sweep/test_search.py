@@ -31,11 +31,7 @@ def study_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("search") / "lr_search"
 
 
-@pytest.fixture(autouse=True)
-def _env(monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPathFactory) -> None:
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    monkeypatch.setenv("VICUNA_EXP_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
-    monkeypatch.setenv("WANDB_MODE", "disabled")
+pytestmark = pytest.mark.usefixtures("tiny_sweep_env")  # tests/sweep/conftest.py
 
 
 def _args(study_dir: Path, n_trials: int, *extra: str) -> list[str]:

@@ -29,11 +29,7 @@ def sweep_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("sweeps") / "context_length"
 
 
-@pytest.fixture(autouse=True)
-def _env(monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPathFactory) -> None:
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    monkeypatch.setenv("VICUNA_EXP_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
-    monkeypatch.setenv("WANDB_MODE", "disabled")
+pytestmark = pytest.mark.usefixtures("tiny_sweep_env")  # tests/sweep/conftest.py
 
 
 def _run(sweep_dir: Path, *overrides: str) -> tuple[int, dict]:
